@@ -1,0 +1,38 @@
+//! Tokenizers, token shards, built-in datasets and seeded window loaders.
+
+pub mod datasets;
+pub mod loader;
+pub mod prepare;
+pub mod shard;
+pub mod tokenizer;
+
+pub use loader::{Batch, WindowSampler};
+pub use shard::{Shard, TokenDtype};
+
+/// Errors from the data layer; each names the file (and line) it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a taper token shard ({reason})")]
+    BadShard { path: String, reason: String },
+    #[error("{path}:{line}: {reason}")]
+    BadLine { path: String, line: usize, reason: String },
+    #[error("tokenizer {path}: {reason}")]
+    Tokenizer { path: String, reason: String },
+    #[error("{path} holds {tokens} tokens, fewer than one window of {needed} (block_size + 1)")]
+    TooShort { path: String, tokens: usize, needed: usize },
+    #[error("dataset {name}: {reason}")]
+    Dataset { name: String, reason: String },
+}
+
+pub type Result<T> = std::result::Result<T, DataError>;
+
+pub(crate) fn io_err(path: impl AsRef<std::path::Path>) -> impl FnOnce(std::io::Error) -> DataError {
+    let path = path.as_ref().display().to_string();
+    move |source| DataError::Io { path, source }
+}

@@ -1,0 +1,150 @@
+//! The model's hyper-parameters: one struct covers GPT-2 style and Llama style decoders.
+
+use serde::{Deserialize, Serialize};
+
+/// How token positions enter the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PosEmb {
+    /// A learned table added to the token embeddings (GPT-2).
+    Learned,
+    /// Fixed sines and cosines added to the embeddings ("Attention Is All You Need", 3.5).
+    Sinusoidal,
+    /// Rotary embeddings on queries and keys (RoFormer; Llama's rotate-half layout).
+    Rope,
+    /// No positional signal besides the causal mask.
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Norm {
+    LayerNorm,
+    RmsNorm,
+}
+
+/// The feed-forward block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mlp {
+    /// down(gelu(up(x))) with the exact erf GELU (nanoGPT, BERT).
+    Gelu,
+    /// down(gelu_tanh(up(x))), the tanh approximation (GPT-2's `gelu_new`).
+    GeluTanh,
+    /// down(relu(up(x))) ("Attention Is All You Need").
+    Relu,
+    /// down(silu(gate(x)) * up(x)) (Shazeer 2020; Llama).
+    Swiglu,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// 0 takes the tokenizer's vocabulary size; a larger value pads the embedding table.
+    pub vocab_size: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    /// Key/value heads for grouped-query attention; 0 means n_head (multi-head attention).
+    pub n_kv_head: usize,
+    pub n_embd: usize,
+    /// Hidden width of the MLP; 0 means 4 x n_embd, or 8/3 x n_embd (rounded up to 32) for SwiGLU.
+    pub intermediate_size: usize,
+    /// The context length: the most positions the model sees at once.
+    pub block_size: usize,
+    pub pos_emb: PosEmb,
+    pub rope_theta: f64,
+    pub norm: Norm,
+    pub norm_eps: f64,
+    pub mlp: Mlp,
+    /// Biases on every linear layer and norm.
+    pub bias: bool,
+    /// The output head shares the token embedding matrix.
+    pub tie_embeddings: bool,
+    pub dropout: f64,
+    pub init_std: f64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 0,
+            n_layer: 4,
+            n_head: 4,
+            n_kv_head: 0,
+            n_embd: 128,
+            intermediate_size: 0,
+            block_size: 64,
+            pos_emb: PosEmb::Learned,
+            rope_theta: 10_000.0,
+            norm: Norm::LayerNorm,
+            norm_eps: 1e-5,
+            mlp: Mlp::Gelu,
+            bias: true,
+            tie_embeddings: true,
+            dropout: 0.0,
+            init_std: 0.02,
+        }
+    }
+}
+
+impl ModelConfig {
+    pub fn kv_heads(&self) -> usize {
+        if self.n_kv_head == 0 {
+            self.n_head
+        } else {
+            self.n_kv_head
+        }
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.n_embd / self.n_head.max(1)
+    }
+
+    pub fn hidden(&self) -> usize {
+        match (self.intermediate_size, self.mlp) {
+            (0, Mlp::Swiglu) => (8 * self.n_embd / 3).div_ceil(32) * 32,
+            (0, _) => 4 * self.n_embd,
+            (n, _) => n,
+        }
+    }
+
+    /// Every problem with the config, not just the first.
+    pub fn validate(&self) -> Vec<String> {
+        let mut errs = Vec::new();
+        for (k, v) in [
+            ("n_layer", self.n_layer),
+            ("n_head", self.n_head),
+            ("n_embd", self.n_embd),
+            ("block_size", self.block_size),
+        ] {
+            if v == 0 {
+                errs.push(format!("model.{k} must be > 0"));
+            }
+        }
+        if self.n_head > 0 && self.n_embd % self.n_head != 0 {
+            errs.push(format!(
+                "model.n_embd = {} is not divisible by model.n_head = {}",
+                self.n_embd, self.n_head
+            ));
+        }
+        if self.n_head > 0 && self.n_head % self.kv_heads() != 0 {
+            errs.push(format!(
+                "model.n_head = {} is not a multiple of model.n_kv_head = {}",
+                self.n_head, self.n_kv_head
+            ));
+        }
+        if self.pos_emb == PosEmb::Rope && self.n_head > 0 && self.head_dim() % 2 != 0 {
+            errs.push(format!("rope needs an even head size, found {}", self.head_dim()));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            errs.push(format!("model.dropout = {} must be in [0, 1)", self.dropout));
+        }
+        if self.init_std <= 0.0 {
+            errs.push(format!("model.init_std = {} must be > 0", self.init_std));
+        }
+        if self.norm_eps <= 0.0 {
+            errs.push(format!("model.norm_eps = {} must be > 0", self.norm_eps));
+        }
+        errs
+    }
+}

@@ -1,0 +1,575 @@
+//! A decoder-only transformer covering two families through [`ModelConfig`]:
+//! - GPT-2 style (Radford et al. 2019; nanoGPT's `model.py`): learned positions, LayerNorm,
+//!   GELU MLP, biases, tied embeddings.
+//! - Llama style (Touvron et al. 2023; HF `modeling_llama.py`): RoPE, RMSNorm, SwiGLU,
+//!   grouped-query attention, no biases.
+//!
+//! Tensor names mirror HF's Llama layout (`model.layers.{i}.self_attn.q_proj.weight`); one
+//! place ([`param_specs`]) lists them all with their shapes.
+
+use crate::config::{Mlp, ModelConfig, Norm, PosEmb};
+use crate::nn;
+use crate::rng::Rng;
+use crate::weights::Weights;
+use crate::{ModelError, Result};
+use candle_core::{DType, Device, Tensor, D};
+
+/// How a parameter is initialised.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Init {
+    Normal(f64),
+    Zeros,
+    Ones,
+}
+
+/// Every parameter of the model: (name, shape, init), in a fixed order.
+pub fn param_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
+    let (v, c, h) = (cfg.vocab_size, cfg.n_embd, cfg.hidden());
+    let kv = cfg.kv_heads() * cfg.head_dim();
+    let std = cfg.init_std;
+    // GPT-2's scaled init: projections into the residual stream shrink with depth.
+    let resid_std = std / (2.0 * cfg.n_layer as f64).sqrt();
+    let mut specs = vec![("model.embed_tokens.weight".to_string(), vec![v, c], Init::Normal(std))];
+    if cfg.pos_emb == PosEmb::Learned {
+        specs.push(("model.embed_positions.weight".into(), vec![cfg.block_size, c], Init::Normal(std)));
+    }
+    let norm = |specs: &mut Vec<_>, name: String| {
+        specs.push((format!("{name}.weight"), vec![c], Init::Ones));
+        if cfg.bias && cfg.norm == Norm::LayerNorm {
+            specs.push((format!("{name}.bias"), vec![c], Init::Zeros));
+        }
+    };
+    let linear = |specs: &mut Vec<_>, name: String, out: usize, inp: usize, s: f64| {
+        specs.push((format!("{name}.weight"), vec![out, inp], Init::Normal(s)));
+        if cfg.bias {
+            specs.push((format!("{name}.bias"), vec![out], Init::Zeros));
+        }
+    };
+    for i in 0..cfg.n_layer {
+        let p = format!("model.layers.{i}");
+        norm(&mut specs, format!("{p}.input_layernorm"));
+        linear(&mut specs, format!("{p}.self_attn.q_proj"), c, c, std);
+        linear(&mut specs, format!("{p}.self_attn.k_proj"), kv, c, std);
+        linear(&mut specs, format!("{p}.self_attn.v_proj"), kv, c, std);
+        linear(&mut specs, format!("{p}.self_attn.o_proj"), c, c, resid_std);
+        norm(&mut specs, format!("{p}.post_attention_layernorm"));
+        if cfg.mlp == Mlp::Swiglu {
+            linear(&mut specs, format!("{p}.mlp.gate_proj"), h, c, std);
+        }
+        linear(&mut specs, format!("{p}.mlp.up_proj"), h, c, std);
+        linear(&mut specs, format!("{p}.mlp.down_proj"), c, h, resid_std);
+    }
+    norm(&mut specs, "model.norm".into());
+    if !cfg.tie_embeddings {
+        specs.push(("lm_head.weight".into(), vec![v, c], Init::Normal(std)));
+    }
+    specs
+}
+
+/// Fresh weights drawn from our seeded RNG, in [`param_specs`] order.
+pub fn init_weights(cfg: &ModelConfig, seed: u64, dev: &Device) -> Result<Vec<(String, Tensor)>> {
+    check(cfg)?;
+    let mut rng = Rng::new(seed);
+    param_specs(cfg)
+        .into_iter()
+        .map(|(name, shape, init)| {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = match init {
+                Init::Normal(s) => (0..n).map(|_| (rng.normal() * s) as f32).collect(),
+                Init::Zeros => vec![0.0; n],
+                Init::Ones => vec![1.0; n],
+            };
+            Ok((name, Tensor::from_vec(data, shape, dev)?))
+        })
+        .collect()
+}
+
+fn check(cfg: &ModelConfig) -> Result<()> {
+    let mut errs = cfg.validate();
+    if cfg.vocab_size == 0 {
+        errs.push("model.vocab_size is 0 (it should have been taken from the tokenizer)".into());
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(ModelError::Config(errs.join("; ")))
+    }
+}
+
+struct Linear {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    fn load(w: &Weights, name: &str, out: usize, inp: usize, bias: bool) -> Result<Self> {
+        Ok(Self {
+            w: w.get(&format!("{name}.weight"), &[out, inp])?,
+            b: if bias { Some(w.get(&format!("{name}.bias"), &[out])?) } else { None },
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        nn::linear(x, &self.w, self.b.as_ref())
+    }
+}
+
+struct NormLayer {
+    w: Tensor,
+    b: Option<Tensor>,
+    kind: Norm,
+    eps: f64,
+}
+
+impl NormLayer {
+    fn load(w: &Weights, name: &str, cfg: &ModelConfig) -> Result<Self> {
+        let c = cfg.n_embd;
+        let has_bias = cfg.bias && cfg.norm == Norm::LayerNorm;
+        Ok(Self {
+            w: w.get(&format!("{name}.weight"), &[c])?,
+            b: if has_bias { Some(w.get(&format!("{name}.bias"), &[c])?) } else { None },
+            kind: cfg.norm,
+            eps: cfg.norm_eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self.kind {
+            Norm::LayerNorm => nn::layer_norm(x, &self.w, self.b.as_ref(), self.eps),
+            Norm::RmsNorm => nn::rms_norm(x, &self.w, self.eps),
+        }
+    }
+}
+
+struct Block {
+    input_layernorm: NormLayer,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    post_attention_layernorm: NormLayer,
+    gate_proj: Option<Linear>,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+/// Keys and values of the positions seen so far, per layer: (B, KV, L, D) each.
+#[derive(Default, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(n_layer: usize) -> Self {
+        Self { layers: vec![None; n_layer] }
+    }
+
+    /// Number of positions cached.
+    pub fn len(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|l| *l = None);
+    }
+}
+
+pub struct Decoder {
+    cfg: ModelConfig,
+    embed_tokens: Tensor,
+    /// Learned (a parameter) or sinusoidal (a fixed table): (block_size, C).
+    embed_positions: Option<Tensor>,
+    layers: Vec<Block>,
+    norm: NormLayer,
+    lm_head: Tensor,
+    /// RoPE cos and sin tables, (block_size, head_dim).
+    rope: Option<(Tensor, Tensor)>,
+}
+
+impl Decoder {
+    /// Builds the model over `w`. Gradients flow to whichever tensors in `w` are variables;
+    /// pass [`Weights::detached`] for inference without a graph.
+    pub fn load(w: &Weights, cfg: &ModelConfig) -> Result<Self> {
+        check(cfg)?;
+        let (c, v, kv) = (cfg.n_embd, cfg.vocab_size, cfg.kv_heads() * cfg.head_dim());
+        let embed_tokens = w.get("model.embed_tokens.weight", &[v, c])?;
+        let dev = embed_tokens.device().clone();
+        let embed_positions = match cfg.pos_emb {
+            PosEmb::Learned => Some(w.get("model.embed_positions.weight", &[cfg.block_size, c])?),
+            PosEmb::Sinusoidal => Some(nn::sinusoidal_table(c, cfg.block_size, &dev)?),
+            PosEmb::Rope | PosEmb::None => None,
+        };
+        let rope = match cfg.pos_emb {
+            PosEmb::Rope => Some(nn::rope_tables(cfg.head_dim(), cfg.block_size, cfg.rope_theta, &dev)?),
+            _ => None,
+        };
+        let h = cfg.hidden();
+        let layers = (0..cfg.n_layer)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                Ok(Block {
+                    input_layernorm: NormLayer::load(w, &format!("{p}.input_layernorm"), cfg)?,
+                    q_proj: Linear::load(w, &format!("{p}.self_attn.q_proj"), c, c, cfg.bias)?,
+                    k_proj: Linear::load(w, &format!("{p}.self_attn.k_proj"), kv, c, cfg.bias)?,
+                    v_proj: Linear::load(w, &format!("{p}.self_attn.v_proj"), kv, c, cfg.bias)?,
+                    o_proj: Linear::load(w, &format!("{p}.self_attn.o_proj"), c, c, cfg.bias)?,
+                    post_attention_layernorm: NormLayer::load(w, &format!("{p}.post_attention_layernorm"), cfg)?,
+                    gate_proj: if cfg.mlp == Mlp::Swiglu {
+                        Some(Linear::load(w, &format!("{p}.mlp.gate_proj"), h, c, cfg.bias)?)
+                    } else {
+                        None
+                    },
+                    up_proj: Linear::load(w, &format!("{p}.mlp.up_proj"), h, c, cfg.bias)?,
+                    down_proj: Linear::load(w, &format!("{p}.mlp.down_proj"), c, h, cfg.bias)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = if cfg.tie_embeddings {
+            embed_tokens.clone()
+        } else {
+            w.get("lm_head.weight", &[v, c])?
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed_tokens,
+            embed_positions,
+            layers,
+            norm: NormLayer::load(w, "model.norm", cfg)?,
+            lm_head,
+            rope,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    /// Logits (B, T, V) for token ids (B, T) at positions offset..offset+T.
+    /// `rng` enables dropout (training); `cache` extends and uses a KV cache (generation).
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        offset: usize,
+        cache: Option<&mut KvCache>,
+        rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        let h = self.forward_hidden(ids, offset, cache, rng)?; // (B, T, C)
+        Ok(nn::linear(&h, &self.lm_head, None)?) // (B, T, V)
+    }
+
+    /// The final normalised hidden states (B, T, C): the input of the LM head, and of any other
+    /// head (a reward or value head).
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        offset: usize,
+        mut cache: Option<&mut KvCache>,
+        mut rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (b, t) = ids.dims2()?;
+        if offset + t > cfg.block_size {
+            return Err(ModelError::TooLong { len: offset + t, max: cfg.block_size });
+        }
+        let c = cfg.n_embd;
+        let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, c))?;
+        if let Some(pos) = &self.embed_positions {
+            x = x.broadcast_add(&pos.narrow(0, offset, t)?)?;
+        }
+        if let Some(r) = rng.as_deref_mut() {
+            x = nn::dropout(&x, cfg.dropout, r)?;
+        }
+        let mask = nn::causal_mask(t, offset, x.device())?.to_dtype(x.dtype())?; // (T, L)
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = self.block(layer, &x, offset, &mask, layer_cache, rng.as_deref_mut())?;
+        }
+        Ok(self.norm.forward(&x)?)
+    }
+
+    fn block(
+        &self,
+        l: &Block,
+        x: &Tensor,
+        offset: usize,
+        mask: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        mut rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (b, t, c) = x.dims3()?;
+        let (nh, nkv, hd) = (cfg.n_head, cfg.kv_heads(), cfg.head_dim());
+
+        // Attention, pre-norm.
+        let hx = l.input_layernorm.forward(x)?;
+        let q = l.q_proj.forward(&hx)?.reshape((b, t, nh, hd))?.transpose(1, 2)?; // (B, H, T, D)
+        let k = l.k_proj.forward(&hx)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?; // (B, KV, T, D)
+        let v = l.v_proj.forward(&hx)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let (q, k) = match &self.rope {
+            Some((cos, sin)) => {
+                let (cos, sin) = (cos.narrow(0, offset, t)?, sin.narrow(0, offset, t)?);
+                (nn::rope(&q, &cos, &sin)?, nn::rope(&k, &cos, &sin)?)
+            }
+            None => (q.contiguous()?, k.contiguous()?),
+        };
+        let (k, v) = match cache {
+            Some(slot) => {
+                let kv = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some(kv.clone());
+                kv
+            }
+            None => (k, v),
+        };
+        let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?); // (B, H, L, D)
+        let scale = 1.0 / (hd as f64).sqrt();
+        let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?; // (B, H, T, L)
+        let mut att = nn::softmax(&att)?;
+        if let Some(r) = rng.as_deref_mut() {
+            att = nn::dropout(&att, cfg.dropout, r)?;
+        }
+        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C)
+        let mut y = l.o_proj.forward(&y)?;
+        if let Some(r) = rng.as_deref_mut() {
+            y = nn::dropout(&y, cfg.dropout, r)?;
+        }
+        let x = (x + y)?;
+
+        // MLP, pre-norm.
+        let hx = l.post_attention_layernorm.forward(&x)?;
+        let up = l.up_proj.forward(&hx)?;
+        let act = match (cfg.mlp, &l.gate_proj) {
+            (Mlp::Swiglu, Some(g)) => (g.forward(&hx)?.silu()? * up)?,
+            (Mlp::Gelu, _) => up.gelu_erf()?,
+            (Mlp::GeluTanh, _) => up.gelu()?,
+            (Mlp::Relu, _) => up.relu()?,
+            (Mlp::Swiglu, None) => unreachable!("gate_proj is loaded for swiglu"),
+        };
+        let mut y = l.down_proj.forward(&act)?;
+        if let Some(r) = rng.as_deref_mut() {
+            y = nn::dropout(&y, cfg.dropout, r)?;
+        }
+        Ok((x + y)?)
+    }
+}
+
+/// (B, KV, L, D) -> (B, KV * n_rep, L, D), each key/value head serving n_rep query heads.
+fn repeat_kv(x: &Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, l, d) = x.dims4()?;
+    x.unsqueeze(2)?.broadcast_as((b, kv, n_rep, l, d))?.contiguous()?.reshape((b, kv * n_rep, l, d))
+}
+
+/// Sampling settings for [`Decoder::generate`].
+#[derive(Debug, Clone)]
+pub struct Sampling {
+    /// 0 is greedy.
+    pub temperature: f64,
+    /// 0 disables top-k.
+    pub top_k: usize,
+    /// 1.0 disables nucleus sampling.
+    pub top_p: f64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self { temperature: 1.0, top_k: 0, top_p: 1.0 }
+    }
+}
+
+impl Decoder {
+    /// Continues `prompt` by up to `max_new` tokens, stopping after any of `stop`. Uses the KV
+    /// cache while the sequence fits the context; past it the window slides over the last
+    /// block_size tokens (recomputed, as in nanoGPT).
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        max_new: usize,
+        sampling: &Sampling,
+        stop: &[u32],
+        rng: &mut Rng,
+        mut on_token: impl FnMut(u32),
+    ) -> Result<Vec<u32>> {
+        let bs = self.cfg.block_size;
+        let mut tokens = prompt.to_vec();
+        if tokens.is_empty() {
+            return Err(ModelError::Config("generation needs a non-empty prompt".into()));
+        }
+        let mut cache = KvCache::new(self.cfg.n_layer);
+        let mut out = Vec::new();
+        for _ in 0..max_new {
+            let logits = if tokens.len() <= bs {
+                let fed = cache.len();
+                let new = Tensor::new(&tokens[fed..], self.device())?.unsqueeze(0)?;
+                self.forward(&new, fed, Some(&mut cache), None)?
+            } else {
+                let window = Tensor::new(&tokens[tokens.len() - bs..], self.device())?.unsqueeze(0)?;
+                self.forward(&window, 0, None, None)?
+            };
+            let last = logits.squeeze(0)?.get(logits.dim(1)? - 1)?; // (V,)
+            let last: Vec<f32> = last.to_dtype(DType::F32)?.to_vec1()?;
+            let next = sample(&last, sampling, rng);
+            tokens.push(next);
+            out.push(next);
+            on_token(next);
+            if stop.contains(&next) {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Draws a token from logits with temperature, top-k and top-p (nucleus) filtering.
+pub fn sample(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
+    let argmax = || {
+        logits
+            .iter()
+            .enumerate()
+            .fold((0, f32::NEG_INFINITY), |best, (i, &l)| if l > best.1 { (i, l) } else { best })
+            .0 as u32
+    };
+    if s.temperature <= 0.0 {
+        return argmax();
+    }
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if s.top_k > 0 {
+        idx.truncate(s.top_k);
+    }
+    let max = logits[idx[0]] as f64;
+    let mut probs: Vec<f64> = idx.iter().map(|&i| ((logits[i] as f64 - max) / s.temperature).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if s.top_p < 1.0 {
+        let mut acc = 0.0;
+        let keep = probs
+            .iter()
+            .position(|p| {
+                acc += p;
+                acc >= s.top_p
+            })
+            .map_or(probs.len(), |k| k + 1);
+        probs.truncate(keep);
+        idx.truncate(keep);
+    }
+    let total: f64 = probs.iter().sum();
+    let mut u = rng.uniform_f64() * total;
+    for (p, &i) in probs.iter().zip(&idx) {
+        u -= p;
+        if u < 0.0 {
+            return i as u32;
+        }
+    }
+    idx[idx.len() - 1] as u32
+}
+
+/// (B, T, V) -> (B * T, V), the shape [`nn::cross_entropy`] takes.
+pub fn flatten_logits(logits: &Tensor) -> candle_core::Result<Tensor> {
+    let v = logits.dim(D::Minus1)?;
+    logits.reshape(((), v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    fn tiny(style: &str) -> ModelConfig {
+        let mut cfg = ModelConfig { vocab_size: 17, n_layer: 2, n_head: 4, n_embd: 16, block_size: 12, ..Default::default() };
+        if style == "llama" {
+            cfg.pos_emb = PosEmb::Rope;
+            cfg.norm = Norm::RmsNorm;
+            cfg.mlp = Mlp::Swiglu;
+            cfg.bias = false;
+            cfg.tie_embeddings = false;
+            cfg.n_kv_head = 2;
+        }
+        cfg
+    }
+
+    #[test]
+    fn every_parameter_gets_a_nonzero_gradient() -> Result<()> {
+        for style in ["gpt2", "llama", "sinusoidal"] {
+            let mut cfg = tiny(style);
+            if style == "sinusoidal" {
+                cfg.pos_emb = PosEmb::Sinusoidal;
+                cfg.mlp = Mlp::Relu;
+                cfg.dropout = 0.1;
+            }
+            let dev = Device::Cpu;
+            let vars: Vec<(String, Var)> = init_weights(&cfg, 1, &dev)?
+                .into_iter()
+                .map(|(n, t)| Ok((n, Var::from_tensor(&t)?)))
+                .collect::<Result<_>>()?;
+            let w = Weights::from_pairs(vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())));
+            let model = Decoder::load(&w, &cfg)?;
+            let ids = Tensor::new(&[[1u32, 5, 3, 9, 2, 0, 16, 4], [3, 3, 2, 1, 0, 7, 8, 9]], &dev)?;
+            let targets = Tensor::new(&[[5i64, 3, 9, 2, 0, 16, 4, 1], [3, 2, 1, 0, 7, 8, 9, 10]], &dev)?;
+            let mut rng = Rng::new(0);
+            let logits = model.forward(&ids, 0, None, Some(&mut rng))?;
+            let (loss, _) = nn::cross_entropy(&flatten_logits(&logits)?, &targets.flatten_all()?, -100)?;
+            let grads = loss.backward()?;
+            for (name, var) in &vars {
+                let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{style}: no gradient for {name}"));
+                let norm = g.sqr()?.sum_all()?.to_scalar::<f32>()?;
+                assert!(norm > 0.0 && norm.is_finite(), "{style}: zero gradient for {name}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn kv_cache_matches_full_forward() -> Result<()> {
+        for style in ["gpt2", "llama"] {
+            let cfg = tiny(style);
+            let dev = Device::Cpu;
+            let model = Decoder::load(&Weights::from_pairs(init_weights(&cfg, 2, &dev)?), &cfg)?;
+            let ids = Tensor::new(&[[1u32, 5, 3, 9, 2, 0, 16]], &dev)?;
+            let full = model.forward(&ids, 0, None, None)?;
+            let mut cache = KvCache::new(cfg.n_layer);
+            let a = model.forward(&ids.narrow(1, 0, 4)?, 0, Some(&mut cache), None)?;
+            let b = model.forward(&ids.narrow(1, 4, 3)?, 4, Some(&mut cache), None)?;
+            let inc = Tensor::cat(&[&a, &b], 1)?;
+            let diff = (full - inc)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "{style}: {diff}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn shape_errors_name_the_tensor() {
+        let cfg = tiny("gpt2");
+        let mut pairs = init_weights(&cfg, 0, &Device::Cpu).unwrap();
+        pairs[3].1 = Tensor::zeros((3, 3), DType::F32, &Device::Cpu).unwrap();
+        let name = pairs[3].0.clone();
+        let err = Decoder::load(&Weights::from_pairs(pairs), &cfg).err().unwrap().to_string();
+        assert!(err.contains(&name) && err.contains("[3, 3]"), "{err}");
+    }
+
+    #[test]
+    fn sampling_respects_top_k_and_greedy() {
+        let logits = [0.0f32, 5.0, 4.9, -1.0];
+        let mut rng = Rng::new(0);
+        assert_eq!(sample(&logits, &Sampling { temperature: 0.0, ..Default::default() }, &mut rng), 1);
+        for _ in 0..100 {
+            let t = sample(&logits, &Sampling { temperature: 1.0, top_k: 2, top_p: 1.0 }, &mut rng);
+            assert!(t == 1 || t == 2);
+        }
+    }
+}

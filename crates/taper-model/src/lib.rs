@@ -1,0 +1,37 @@
+//! Decoder-only transformer language models that train.
+//!
+//! Unlike candle-transformers' inference models, every op here has a backward pass and the
+//! forward returns full logits. The ops live in [`nn`], composed from candle primitives so that
+//! gradients flow (candle-nn's fused softmax / norms / rope have no backward).
+
+pub mod config;
+pub mod decoder;
+pub mod nn;
+pub mod rng;
+pub mod weights;
+
+pub use config::{ModelConfig, Mlp, Norm, PosEmb};
+pub use decoder::{flatten_logits, init_weights, param_specs, sample, Decoder, KvCache, Sampling};
+pub use rng::Rng;
+pub use weights::{ParamKind, Weights};
+
+/// Errors from building, loading or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("invalid model config: {0}")]
+    Config(String),
+    #[error("tensor `{name}` is missing")]
+    MissingTensor { name: String },
+    #[error("tensor `{name}`: expected shape {expected:?}, found {found:?}")]
+    ShapeMismatch {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("input of {len} tokens exceeds the model's context of {max} positions")]
+    TooLong { len: usize, max: usize },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, ModelError>;

@@ -1,0 +1,232 @@
+//! Ops composed from candle primitives, each with a backward pass.
+//!
+//! candle-nn's `ops::softmax_last_dim`, `ops::rms_norm`, `ops::layer_norm` and
+//! `rotary_emb::rope*` are forward-only kernels: a graph through them silently loses its
+//! gradients. Everything here is built from primitives candle can differentiate.
+
+use crate::rng::Rng;
+use candle_core::{DType, Result, Tensor, D};
+
+/// y = x W^T + b, for x of any rank (.., in) and W of shape (out, in).
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (last, lead) = dims.split_last().expect("linear on a scalar");
+    let n: usize = lead.iter().product();
+    let y = x.reshape((n, *last))?.matmul(&w.t()?)?; // (N, out)
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out = lead.to_vec();
+    out.push(w.dim(0)?);
+    y.reshape(out)
+}
+
+/// Softmax over the last dim. The max is detached: softmax is shift-invariant, so the
+/// subtraction only guards against overflow and needs no gradient.
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// log(softmax(x)) over the last dim, without forming the softmax.
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
+/// LayerNorm over the last dim (Ba, Kiros & Hinton 2016), biased variance as in PyTorch.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)?;
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// RMSNorm over the last dim (Zhang & Sennrich 2019), as in HF's LlamaRMSNorm.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
+}
+
+/// Rotary embedding in the rotate-half layout of HF's Llama: x * cos + rotate_half(x) * sin.
+/// x: (B, H, T, D); cos, sin: (T, D), each half repeating the same frequencies.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+/// cos and sin tables of shape (max_pos, head_dim) for [`rope`].
+pub fn rope_tables(
+    head_dim: usize,
+    max_pos: usize,
+    theta: f64,
+    dev: &candle_core::Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    let inv: Vec<f64> =
+        (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)).collect();
+    let mut cos = Vec::with_capacity(max_pos * head_dim);
+    let mut sin = Vec::with_capacity(max_pos * head_dim);
+    for p in 0..max_pos {
+        for rep in 0..2 {
+            let _ = rep;
+            for f in &inv {
+                let a = p as f64 * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (max_pos, head_dim), dev)?,
+        Tensor::from_vec(sin, (max_pos, head_dim), dev)?,
+    ))
+}
+
+/// The fixed sinusoidal table of "Attention Is All You Need" (3.5): (max_pos, d).
+pub fn sinusoidal_table(d: usize, max_pos: usize, dev: &candle_core::Device) -> Result<Tensor> {
+    let mut v = Vec::with_capacity(max_pos * d);
+    for p in 0..max_pos {
+        for i in 0..d {
+            let a = p as f64 / 10_000f64.powf((2 * (i / 2)) as f64 / d as f64);
+            v.push(if i % 2 == 0 { a.sin() } else { a.cos() } as f32);
+        }
+    }
+    Tensor::from_vec(v, (max_pos, d), dev)
+}
+
+/// Additive causal mask (T, L) for T queries at positions offset..offset+T over L = offset+T
+/// keys: 0 where a query may look, -inf in the future.
+pub fn causal_mask(t: usize, offset: usize, dev: &candle_core::Device) -> Result<Tensor> {
+    let l = offset + t;
+    let v: Vec<f32> = (0..t)
+        .flat_map(|i| (0..l).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(v, (t, l), dev)
+}
+
+/// Inverted dropout with a mask drawn from our seeded RNG (candle's CPU RNG cannot be seeded).
+pub fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let scale = (1.0 / (1.0 - p)) as f32;
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if (rng.uniform() as f64) < p { 0.0 } else { scale })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x.mul(&mask)
+}
+
+/// Mean cross-entropy over the targets that are not `ignore_index`.
+/// logits: (N, V) any float dtype; targets: (N,) i64. Returns (loss, number of counted targets).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: i64) -> Result<(Tensor, usize)> {
+    let logits = logits.to_dtype(DType::F32)?;
+    let valid = targets.ne(ignore_index)?; // (N,) u8
+    let safe = valid.where_cond(targets, &targets.zeros_like()?)?.to_dtype(DType::U32)?;
+    let picked = log_softmax(&logits)?.gather(&safe.unsqueeze(1)?, 1)?.squeeze(1)?; // (N,)
+    let validf = valid.to_dtype(DType::F32)?;
+    let count = validf.sum_all()?.to_scalar::<f32>()? as usize;
+    let total = (picked * validf)?.sum_all()?.neg()?;
+    Ok(((total / count.max(1) as f64)?, count))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn close(a: &[f32], b: &[f32], tol: f32) {
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn composed_ops_match_candle_nn_forward() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut r = Rng::new(3);
+        let x: Vec<f32> = (0..2 * 3 * 8).map(|_| r.normal() as f32 * 3.0).collect();
+        let x = Tensor::from_vec(x, (2, 3, 8), &dev)?;
+        let w = Tensor::from_vec((0..8).map(|i| 0.5 + i as f32 * 0.1).collect(), 8, &dev)?;
+        let b = Tensor::from_vec((0..8).map(|i| i as f32 * -0.05).collect(), 8, &dev)?;
+        let f = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        close(&f(softmax(&x)?), &f(candle_nn::ops::softmax_last_dim(&x)?), 1e-6);
+        close(&f(log_softmax(&x)?.exp()?), &f(candle_nn::ops::softmax_last_dim(&x)?), 1e-6);
+        close(&f(layer_norm(&x, &w, Some(&b), 1e-5)?), &f(candle_nn::ops::layer_norm(&x, &w, &b, 1e-5)?), 1e-5);
+        close(&f(rms_norm(&x, &w, 1e-5)?), &f(candle_nn::ops::rms_norm(&x, &w, 1e-5)?), 1e-5);
+        // rope against candle's (forward-only) kernel on a (B, H, T, D) input.
+        let q = x.reshape((1, 2, 3, 8))?;
+        let (cos, sin) = rope_tables(8, 3, 10_000.0, &dev)?;
+        let ours = rope(&q, &cos, &sin)?;
+        let theirs = candle_nn::rotary_emb::rope(&q, &cos.narrow(1, 0, 4)?.contiguous()?, &sin.narrow(1, 0, 4)?.contiguous()?)?;
+        close(&f(ours), &f(theirs), 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn cross_entropy_ignores_and_matches_hand_value() -> Result<()> {
+        let dev = Device::Cpu;
+        let logits = Tensor::new(&[[1.0f32, 2.0, 3.0], [0.0, 0.0, 0.0], [5.0, 1.0, 1.0]], &dev)?;
+        let targets = Tensor::new(&[2i64, -100, 0], &dev)?;
+        let (loss, n) = cross_entropy(&logits, &targets, -100)?;
+        let l0 = -(3f64.exp() / (1f64.exp() + 2f64.exp() + 3f64.exp())).ln();
+        let l2 = -(5f64.exp() / (5f64.exp() + 2.0 * 1f64.exp())).ln();
+        assert_eq!(n, 2);
+        assert!((loss.to_scalar::<f32>()? as f64 - (l0 + l2) / 2.0).abs() < 1e-6);
+        Ok(())
+    }
+
+    /// Finite differences in f64 for the composed ops' gradients.
+    #[test]
+    fn composed_ops_gradients_match_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut r = Rng::new(11);
+        let xs: Vec<f64> = (0..2 * 2 * 3 * 4).map(|_| r.normal()).collect();
+        let w: Vec<f64> = (0..4).map(|_| 1.0 + 0.3 * r.normal()).collect();
+        let wt = Tensor::from_vec(w, 4, &dev)?;
+        let bt = wt.affine(0.5, -0.2)?;
+        let (cos, sin) = rope_tables(4, 3, 100.0, &dev)?;
+        let (cos, sin) = (cos.to_dtype(DType::F64)?, sin.to_dtype(DType::F64)?);
+        let probe = Tensor::from_vec((0..xs.len()).map(|i| (i as f64 * 0.37).sin()).collect::<Vec<_>>(), (2, 2, 3, 4), &dev)?;
+        type F = Box<dyn Fn(&Tensor) -> Result<Tensor>>;
+        let (w2, b2, w3) = (wt.clone(), bt.clone(), wt.clone());
+        let ops: Vec<(&str, F)> = vec![
+            ("softmax", Box::new(softmax)),
+            ("log_softmax", Box::new(log_softmax)),
+            ("layer_norm", Box::new(move |x| layer_norm(x, &w2, Some(&b2), 1e-5))),
+            ("rms_norm", Box::new(move |x| rms_norm(x, &w3, 1e-5))),
+            ("rope", Box::new(move |x| rope(x, &cos, &sin))),
+        ];
+        for (name, op) in ops {
+            let x = Var::from_tensor(&Tensor::from_vec(xs.clone(), (2, 2, 3, 4), &dev)?)?;
+            let loss = |t: &Tensor| -> Result<f64> { op(t)?.mul(&probe)?.sum_all()?.to_scalar::<f64>() };
+            let g = op(x.as_tensor())?.mul(&probe)?.sum_all()?.backward()?;
+            let g = g.get(x.as_tensor()).expect("grad").flatten_all()?.to_vec1::<f64>()?;
+            for i in 0..xs.len() {
+                let h = 1e-6;
+                let mut p = xs.clone();
+                p[i] += h;
+                let mut m = xs.clone();
+                m[i] -= h;
+                let fd = (loss(&Tensor::from_vec(p, (2, 2, 3, 4), &dev)?)?
+                    - loss(&Tensor::from_vec(m, (2, 2, 3, 4), &dev)?)?)
+                    / (2.0 * h);
+                assert!((fd - g[i]).abs() < 1e-6 * (1.0 + fd.abs()), "{name}[{i}]: fd {fd} vs {}", g[i]);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,77 @@
+//! Named tensors: the one place a model looks its weights up, with errors that name the tensor.
+
+use crate::{ModelError, Result};
+use candle_core::Tensor;
+use std::collections::HashMap;
+
+/// A flat map from HF-style names (`model.layers.0.self_attn.q_proj.weight`) to tensors.
+#[derive(Clone, Default)]
+pub struct Weights {
+    map: HashMap<String, Tensor>,
+}
+
+/// What a parameter is, for choices such as weight decay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamKind {
+    Weight,
+    Bias,
+    Norm,
+    Embedding,
+}
+
+impl ParamKind {
+    pub fn of(name: &str) -> Self {
+        if name.contains("embed_") {
+            ParamKind::Embedding
+        } else if name.contains("norm") {
+            ParamKind::Norm
+        } else if name.ends_with(".bias") {
+            ParamKind::Bias
+        } else {
+            ParamKind::Weight
+        }
+    }
+}
+
+impl Weights {
+    pub fn new(map: HashMap<String, Tensor>) -> Self {
+        Self { map }
+    }
+
+    pub fn from_pairs(pairs: impl IntoIterator<Item = (String, Tensor)>) -> Self {
+        Self { map: pairs.into_iter().collect() }
+    }
+
+    /// The same weights cut off from any graph: for eval and generation, so no backward graph
+    /// is recorded.
+    pub fn detached(&self) -> Self {
+        Self { map: self.map.iter().map(|(k, v)| (k.clone(), v.detach())).collect() }
+    }
+
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self
+            .map
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor { name: name.to_string() })?;
+        if t.dims() != shape {
+            return Err(ModelError::ShapeMismatch {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: t.dims().to_vec(),
+            });
+        }
+        Ok(t.clone())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.map.contains_key(name)
+    }
+
+    pub fn map(&self) -> &HashMap<String, Tensor> {
+        &self.map
+    }
+
+    pub fn into_map(self) -> HashMap<String, Tensor> {
+        self.map
+    }
+}

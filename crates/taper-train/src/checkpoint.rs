@@ -1,0 +1,199 @@
+//! Checkpoints: a directory per saved step, written atomically (a temp dir, then a rename),
+//! holding `model.safetensors`, `optimizer.safetensors`, `tokenizer.json` and
+//! `trainer_state.json`. The newest K are kept.
+
+use crate::{io_err, Result, TrainError};
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    pub format_version: u32,
+    /// Optimizer steps completed.
+    pub step: u64,
+    pub tokens_seen: u64,
+    /// The next step's batches are `sampler.batch(data_cursor, micro)`.
+    pub data_cursor: u64,
+    /// Dropout streams are `Rng::derive(rng_seed, [step, micro])`: the seed is the whole state.
+    pub rng_seed: u64,
+    pub skipped_steps: u64,
+    pub val_loss: Option<f64>,
+    pub tokenizer_sha256: String,
+    /// The resolved run config, TOML.
+    pub config: String,
+    /// sha256 of every other file in the checkpoint.
+    pub files: BTreeMap<String, String>,
+}
+
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub model: HashMap<String, Tensor>,
+    pub optimizer: HashMap<String, Tensor>,
+    pub state: TrainerState,
+}
+
+fn ck_err(dir: &Path, reason: impl Into<String>) -> TrainError {
+    TrainError::Checkpoint { path: dir.display().to_string(), reason: reason.into() }
+}
+
+pub fn step_dir_name(step: u64) -> String {
+    format!("step_{step:08}")
+}
+
+fn sha256(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    Ok(format!("{:x}", Sha256::digest(std::fs::read(path).map_err(io_err(path))?)))
+}
+
+fn fsync(path: &Path) -> Result<()> {
+    std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(io_err(path))
+}
+
+/// A fault-injection point for the crash tests: `TAPER_FAULT_KILL_IN_CHECKPOINT=<step>` makes
+/// the process SIGKILL itself half-way through writing that step's checkpoint.
+fn maybe_die_mid_write(step: u64) {
+    if std::env::var("TAPER_FAULT_KILL_IN_CHECKPOINT").ok().and_then(|s| s.parse::<u64>().ok()) == Some(step) {
+        #[cfg(unix)]
+        // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+        std::process::abort();
+    }
+}
+
+/// Writes a checkpoint for `state.step` under `root` and returns its directory.
+pub fn save(
+    root: &Path,
+    model: &HashMap<String, Tensor>,
+    optimizer: &HashMap<String, Tensor>,
+    tokenizer: &Path,
+    mut state: TrainerState,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(root).map_err(io_err(root))?;
+    let name = step_dir_name(state.step);
+    let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+    let write_st = |file: &str, tensors: &HashMap<String, Tensor>| -> Result<String> {
+        let p = tmp.join(file);
+        candle_core::safetensors::save(tensors, &p)?;
+        fsync(&p)?;
+        sha256(&p)
+    };
+    state.files.insert("model.safetensors".into(), write_st("model.safetensors", model)?);
+    maybe_die_mid_write(state.step);
+    state.files.insert("optimizer.safetensors".into(), write_st("optimizer.safetensors", optimizer)?);
+    let tok = tmp.join("tokenizer.json");
+    std::fs::copy(tokenizer, &tok).map_err(io_err(&tok))?;
+    fsync(&tok)?;
+    state.files.insert("tokenizer.json".into(), sha256(&tok)?);
+    let st = tmp.join("trainer_state.json");
+    std::fs::write(&st, serde_json::to_string_pretty(&state).expect("state serialises")).map_err(io_err(&st))?;
+    fsync(&st)?;
+    let dest = root.join(&name);
+    if dest.exists() {
+        std::fs::remove_dir_all(&dest).map_err(io_err(&dest))?;
+    }
+    std::fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
+    fsync(root)?;
+    Ok(dest)
+}
+
+/// Complete checkpoints under `root`, oldest first. Half-written temp dirs are not listed.
+pub fn list(root: &Path) -> Vec<(u64, PathBuf)> {
+    let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step = name.strip_prefix("step_")?.parse().ok()?;
+            e.path().join("trainer_state.json").exists().then(|| (step, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+pub fn latest(root: &Path) -> Option<PathBuf> {
+    list(root).pop().map(|(_, p)| p)
+}
+
+/// Deletes all but the newest `keep` checkpoints, and temp dirs left by a crash.
+pub fn prune(root: &Path, keep: usize) -> Result<()> {
+    let all = list(root);
+    for (_, p) in all.iter().take(all.len().saturating_sub(keep)) {
+        std::fs::remove_dir_all(p).map_err(io_err(p))?;
+    }
+    for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with(".tmp-") {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    Ok(())
+}
+
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
+    let p = dir.join("trainer_state.json");
+    if !dir.is_dir() {
+        return Err(ck_err(dir, "not a directory"));
+    }
+    let s = std::fs::read_to_string(&p).map_err(|e| ck_err(dir, format!("trainer_state.json: {e}")))?;
+    let state: TrainerState = serde_json::from_str(&s).map_err(|e| ck_err(dir, format!("trainer_state.json is corrupt: {e}")))?;
+    if state.format_version != FORMAT_VERSION {
+        return Err(ck_err(dir, format!("format version {}, this taper reads {FORMAT_VERSION}", state.format_version)));
+    }
+    Ok(state)
+}
+
+/// Loads and verifies (sha256 of every file) a checkpoint directory.
+pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint> {
+    let state = read_state(dir)?;
+    for (file, want) in &state.files {
+        let p = dir.join(file);
+        if !p.exists() {
+            return Err(ck_err(dir, format!("{file} is missing")));
+        }
+        let got = sha256(&p)?;
+        if &got != want {
+            return Err(ck_err(dir, format!("{file} is corrupt (sha256 {got}, expected {want})")));
+        }
+    }
+    let read = |file: &str| {
+        candle_core::safetensors::load(dir.join(file), device).map_err(|e| ck_err(dir, format!("{file}: {e}")))
+    };
+    Ok(Checkpoint { dir: dir.to_path_buf(), model: read("model.safetensors")?, optimizer: read("optimizer.safetensors")?, state })
+}
+
+/// A checkpoint directory, or the newest checkpoint of a run directory.
+pub fn resolve(path: &Path) -> Result<PathBuf> {
+    if path.join("trainer_state.json").exists() {
+        return Ok(path.to_path_buf());
+    }
+    if !path.exists() {
+        return Err(ck_err(path, "does not exist"));
+    }
+    latest(&path.join("checkpoints")).ok_or_else(|| ck_err(path, "neither a checkpoint (no trainer_state.json) nor a run dir with complete checkpoints"))
+}
+
+/// The run config and weights of a checkpoint, verified, without the optimizer state.
+pub fn load_model(dir: &Path, device: &Device) -> Result<(crate::RunConfig, HashMap<String, Tensor>)> {
+    let state = read_state(dir)?;
+    let cfg: crate::RunConfig = toml::from_str(&state.config).map_err(|e| ck_err(dir, format!("saved config: {e}")))?;
+    let p = dir.join("model.safetensors");
+    if let Some(want) = state.files.get("model.safetensors") {
+        let got = sha256(&p).map_err(|_| ck_err(dir, "model.safetensors is missing"))?;
+        if &got != want {
+            return Err(ck_err(dir, format!("model.safetensors is corrupt (sha256 {got}, expected {want})")));
+        }
+    }
+    let model = candle_core::safetensors::load(&p, device).map_err(|e| ck_err(dir, format!("model.safetensors: {e}")))?;
+    Ok((cfg, model))
+}

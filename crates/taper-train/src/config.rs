@@ -1,0 +1,295 @@
+//! One TOML file per run: plain serde structs with defaults, unknown keys rejected,
+//! `--set a.b=v` overrides type-checked, and every problem reported at once.
+
+use crate::optim::OptimConfig;
+use crate::schedule::ScheduleConfig;
+use crate::{Result, TrainError};
+use serde::{Deserialize, Serialize};
+use taper_model::ModelConfig;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    pub seed: u64,
+    /// "auto", "cpu", "cuda:N" or "metal".
+    pub device: String,
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub train: TrainConfig,
+    pub optim: OptimConfig,
+    pub schedule: ScheduleConfig,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            seed: 1337,
+            device: "auto".into(),
+            model: ModelConfig::default(),
+            data: DataConfig::default(),
+            train: TrainConfig::default(),
+            optim: OptimConfig::default(),
+            schedule: ScheduleConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// A built-in dataset ("tinyshakespeare").
+    pub dataset: Option<String>,
+    /// Text or JSONL files (used when `dataset` is not set).
+    pub files: Vec<String>,
+    /// A directory written by `taper prepare` (train.bin, val.bin, tokenizer.json); when set,
+    /// `dataset`, `files` and `tokenizer` are not used.
+    pub shards: Option<String>,
+    /// "char", "bpe" (trained on the data) or the path of a tokenizer.json.
+    pub tokenizer: String,
+    /// Target vocabulary for a trained BPE tokenizer.
+    pub tokenizer_vocab_size: usize,
+    pub special_tokens: Vec<String>,
+    pub val_fraction: f64,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            dataset: None,
+            files: Vec::new(),
+            shards: None,
+            tokenizer: "char".into(),
+            tokenizer_vocab_size: 4096,
+            special_tokens: vec![taper_data::tokenizer::DEFAULT_EOS.to_string()],
+            val_fraction: 0.1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnNonFinite {
+    Stop,
+    Skip,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub max_steps: u64,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum_steps: usize,
+    /// 0 disables clipping.
+    pub grad_clip: f64,
+    pub log_every: u64,
+    /// 0 evaluates only at the end.
+    pub eval_every: u64,
+    pub eval_batches: usize,
+    /// 0 checkpoints only at the end.
+    pub checkpoint_every: u64,
+    /// How many checkpoints to keep (the newest).
+    pub keep_checkpoints: usize,
+    pub on_nonfinite: OnNonFinite,
+    /// Stop (with a checkpoint) after this step without changing the schedule, for runs split
+    /// across jobs; 0 runs to max_steps.
+    pub stop_at_step: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            max_steps: 1000,
+            batch_size: 12,
+            grad_accum_steps: 1,
+            grad_clip: 1.0,
+            log_every: 10,
+            eval_every: 250,
+            eval_batches: 50,
+            checkpoint_every: 500,
+            keep_checkpoints: 3,
+            on_nonfinite: OnNonFinite::Stop,
+            stop_at_step: 0,
+        }
+    }
+}
+
+impl RunConfig {
+    /// Semantic checks across sections; every problem, not the first.
+    pub fn validate(&self) -> Vec<String> {
+        let mut e = self.model.validate();
+        let t = &self.train;
+        for (k, v) in [("max_steps", t.max_steps as usize), ("batch_size", t.batch_size), ("grad_accum_steps", t.grad_accum_steps), ("eval_batches", t.eval_batches), ("keep_checkpoints", t.keep_checkpoints), ("log_every", t.log_every as usize)] {
+            if v == 0 {
+                e.push(format!("train.{k} must be > 0"));
+            }
+        }
+        if t.grad_clip < 0.0 {
+            e.push(format!("train.grad_clip = {} must be >= 0", t.grad_clip));
+        }
+        e.extend(self.optim.validate());
+        e.extend(self.schedule.validate(t.max_steps));
+        if self.schedule.min_lr > self.optim.lr {
+            e.push(format!("schedule.min_lr = {} exceeds optim.lr = {}", self.schedule.min_lr, self.optim.lr));
+        }
+        let d = &self.data;
+        if d.shards.is_none() && d.dataset.is_none() && d.files.is_empty() {
+            e.push("data: set one of `dataset`, `files` or `shards`".into());
+        }
+        if let Some(name) = &d.dataset {
+            if taper_data::datasets::find(name).is_none() {
+                let known: Vec<_> = taper_data::datasets::BUILTINS.iter().map(|b| b.name).collect();
+                e.push(format!("data.dataset = {name:?} is not a built-in dataset (known: {})", known.join(", ")));
+            }
+        }
+        if !(0.0..1.0).contains(&d.val_fraction) || d.val_fraction == 0.0 {
+            e.push(format!("data.val_fraction = {} must be in (0, 1)", d.val_fraction));
+        }
+        if !(self.device == "auto" || self.device == "cpu" || self.device == "metal" || self.device.starts_with("cuda")) {
+            e.push(format!("device = {:?}: expected \"auto\", \"cpu\", \"cuda:N\" or \"metal\"", self.device));
+        }
+        e
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("RunConfig serialises to TOML")
+    }
+}
+
+/// Parses TOML text, applies `key=value` overrides, and checks everything: unknown keys and
+/// wrong types (each key on its own, so all are found), then cross-field rules.
+/// `origin` names the file in messages.
+pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<RunConfig> {
+    let mut root: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        let msg = e.message().to_string();
+        let line = e.span().map(|s| text[..s.start].lines().count().max(1));
+        TrainError::Config(vec![match line {
+            Some(l) => format!("{origin}:{l}: {msg}"),
+            None => format!("{origin}: {msg}"),
+        }])
+    })?;
+    let mut errs = Vec::new();
+    for o in overrides {
+        if let Err(e) = apply_override(&mut root, o) {
+            errs.push(format!("--set {o}: {e}"));
+        }
+    }
+    for (key, value) in &root {
+        match value {
+            toml::Value::Table(section) if !section.is_empty() => {
+                for (sub, v) in section {
+                    let mut inner = toml::Table::new();
+                    inner.insert(sub.clone(), v.clone());
+                    let mut one = toml::Table::new();
+                    one.insert(key.clone(), toml::Value::Table(inner));
+                    if let Err(e) = toml::Value::Table(one).try_into::<RunConfig>() {
+                        errs.push(format!("{origin}{}: {key}.{sub}: {}", line_of(text, key, sub), first_line(&e.to_string())));
+                    }
+                }
+            }
+            _ => {
+                let mut one = toml::Table::new();
+                one.insert(key.clone(), value.clone());
+                if let Err(e) = toml::Value::Table(one).try_into::<RunConfig>() {
+                    errs.push(format!("{origin}{}: {key}: {}", line_of(text, "", key), first_line(&e.to_string())));
+                }
+            }
+        }
+    }
+    if !errs.is_empty() {
+        return Err(TrainError::Config(errs));
+    }
+    let cfg: RunConfig = toml::Value::Table(root)
+        .try_into()
+        .map_err(|e: toml::de::Error| TrainError::Config(vec![format!("{origin}: {}", first_line(&e.to_string()))]))?;
+    let errs: Vec<String> = cfg.validate().into_iter().map(|e| format!("{origin}: {e}")).collect();
+    if errs.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(TrainError::Config(errs))
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
+}
+
+/// ":N" for the line where `key` is set inside `[section]` (or at top level), if found.
+fn line_of(text: &str, section: &str, key: &str) -> String {
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if l.starts_with('[') {
+            current = l.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+        } else if current == section && l.split('=').next().map(str::trim) == Some(key) {
+            return format!(":{}", i + 1);
+        }
+    }
+    String::new()
+}
+
+/// Sets `a.b.c = value` in the table; the value is TOML (`3`, `1e-3`, `true`, `"x"`, `[1, 2]`)
+/// or, failing that, a bare string.
+pub fn apply_override(root: &mut toml::Table, spec: &str) -> std::result::Result<(), String> {
+    let (path, raw) = spec.split_once('=').ok_or("expected key=value")?;
+    let path: Vec<&str> = path.trim().split('.').collect();
+    if path.iter().any(|p| p.is_empty()) {
+        return Err("empty key".into());
+    }
+    let value = match format!("v = {}", raw.trim()).parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").expect("parsed v"),
+        Err(_) => toml::Value::String(raw.trim().to_string()),
+    };
+    let (last, parents) = path.split_last().expect("non-empty");
+    let mut t = root;
+    for p in parents {
+        let entry = t.entry(p.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        t = entry.as_table_mut().ok_or_else(|| format!("`{p}` is not a table"))?;
+    }
+    t.insert(last.to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = "seed = 1\n[train]\nmax_step = 10\nbatch_size = \"big\"\n[modle]\nn_layer = 2\n[data]\ndataset = \"tinyshakespeare\"\n";
+        let err = parse(text, "x.toml", &[]).unwrap_err().to_string();
+        assert!(err.contains("x.toml:3: train.max_step: unknown field `max_step`"), "{err}");
+        assert!(err.contains("x.toml:4: train.batch_size"), "{err}");
+        assert!(err.contains("modle"), "{err}");
+        assert_eq!(err.lines().count(), 3, "{err}");
+    }
+
+    #[test]
+    fn overrides_are_type_checked() {
+        let text = "[data]\ndataset = \"tinyshakespeare\"\n";
+        let cfg = parse(text, "x", &["train.max_steps=7".into(), "optim.lr=3e-4".into(), "model.pos_emb=rope".into()]).unwrap();
+        assert_eq!(cfg.train.max_steps, 7);
+        assert_eq!(cfg.optim.lr, 3e-4);
+        assert_eq!(cfg.model.pos_emb, taper_model::PosEmb::Rope);
+        let err = parse(text, "x", &["train.max_steps=lots".into()]).unwrap_err().to_string();
+        assert!(err.contains("train.max_steps"), "{err}");
+        let err = parse(text, "x", &["train.nope=1".into()]).unwrap_err().to_string();
+        assert!(err.contains("unknown field `nope`"), "{err}");
+    }
+
+    #[test]
+    fn cross_field_rules() {
+        let text = "[model]\nn_embd = 130\nn_head = 4\n[data]\ndataset = \"nope\"\n[schedule]\nwarmup_steps = 5000\n";
+        let err = parse(text, "x", &[]).unwrap_err().to_string();
+        assert!(err.contains("not divisible"), "{err}");
+        assert!(err.contains("not a built-in dataset"), "{err}");
+        assert!(err.contains("warmup_steps"), "{err}");
+    }
+
+    #[test]
+    fn resolved_config_round_trips() {
+        let cfg = RunConfig { data: DataConfig { dataset: Some("tinyshakespeare".into()), ..Default::default() }, ..Default::default() };
+        assert_eq!(parse(&cfg.to_toml(), "x", &[]).unwrap(), cfg);
+    }
+}

@@ -1,0 +1,41 @@
+//! Optimizers, LR schedules, the training loop (the pretrain recipe) and checkpoints.
+
+pub mod checkpoint;
+pub mod config;
+pub mod optim;
+pub mod pretrain;
+pub mod schedule;
+
+pub use config::RunConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// Every problem found in a config, one per line.
+    #[error("{}", .0.join("\n"))]
+    Config(Vec<String>),
+    #[error(transparent)]
+    Data(#[from] taper_data::DataError),
+    #[error(transparent)]
+    Model(#[from] taper_model::ModelError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint { path: String, reason: String },
+    #[error("step {step}: {what} is not finite ({value}); set train.on_nonfinite = \"skip\" to skip such steps")]
+    NonFinite { step: u64, what: &'static str, value: f64 },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T> = std::result::Result<T, TrainError>;
+
+pub(crate) fn io_err(path: impl AsRef<std::path::Path>) -> impl FnOnce(std::io::Error) -> TrainError {
+    let path = path.as_ref().display().to_string();
+    move |source| TrainError::Io { path, source }
+}

@@ -1,0 +1,372 @@
+//! The pretraining recipe, top to bottom: data, model, optimizer, then the loop
+//! (forward, backward, accumulate, clip, update, log, eval, checkpoint).
+
+use crate::checkpoint::{self, TrainerState, FORMAT_VERSION};
+use crate::config::{DataConfig, OnNonFinite, RunConfig};
+use crate::optim::{global_norm, Optimizer};
+use crate::{io_err, Result, TrainError};
+use candle_core::{DType, Device, Tensor, Var};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use taper_data::{datasets, prepare, tokenizer, Shard, WindowSampler};
+use taper_model::{flatten_logits, init_weights, nn::cross_entropy, Decoder, Rng, Weights};
+
+/// What the loop reports as it goes; the CLI draws a progress bar from it.
+pub trait Observer {
+    fn started(&mut self, _info: &RunInfo) {}
+    fn step(&mut self, _log: &StepLog) {}
+    fn eval(&mut self, _step: u64, _val_loss: f64) {}
+    fn checkpoint(&mut self, _dir: &Path) {}
+    fn message(&mut self, _msg: &str) {}
+    fn download(&mut self, _done: u64, _total: u64) {}
+}
+
+/// An observer that ignores everything (tests, library use).
+pub struct Quiet;
+impl Observer for Quiet {}
+
+#[derive(Debug, Clone)]
+pub struct RunInfo {
+    pub start_step: u64,
+    pub end_step: u64,
+    pub params: usize,
+    pub vocab_size: usize,
+    pub train_tokens: usize,
+    pub val_tokens: usize,
+    pub device: String,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepLog {
+    pub step: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens_per_sec: f64,
+    pub tokens: u64,
+    pub elapsed_s: f64,
+    pub skipped_steps: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub step: u64,
+    pub train_loss: f64,
+    pub val_loss: Option<f64>,
+    pub elapsed_s: f64,
+    pub checkpoint: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resume {
+    No,
+    /// The newest checkpoint in the run dir.
+    Latest,
+    Dir(PathBuf),
+}
+
+/// "auto" picks CUDA, then Metal, then the CPU.
+pub fn select_device(spec: &str) -> Result<Device> {
+    let dev = match spec {
+        "cpu" => Device::Cpu,
+        "metal" => Device::new_metal(0)?,
+        "auto" => {
+            if candle_core::utils::cuda_is_available() {
+                Device::new_cuda(0)?
+            } else if candle_core::utils::metal_is_available() {
+                Device::new_metal(0)?
+            } else {
+                Device::Cpu
+            }
+        }
+        s => {
+            let n = s.strip_prefix("cuda").map(|r| r.trim_start_matches(':')).unwrap_or("x");
+            let n: usize = if n.is_empty() { 0 } else { n.parse().map_err(|_| TrainError::Invalid(format!("device {s:?}: expected cuda:N")))? };
+            Device::new_cuda(n)?
+        }
+    };
+    Ok(dev)
+}
+
+pub struct PreparedData {
+    pub dir: PathBuf,
+    pub tokenizer: PathBuf,
+    pub meta: prepare::Meta,
+}
+
+/// Finds or builds the token shards the config asks for. Built shards go to `run_dir/data`
+/// and are reused while the data settings are unchanged.
+pub fn prepare_data(cfg: &DataConfig, run_dir: &Path, obs: &mut dyn Observer) -> Result<PreparedData> {
+    if let Some(dir) = &cfg.shards {
+        let dir = PathBuf::from(dir);
+        let meta = prepare::read_meta(&dir)?;
+        return Ok(PreparedData { tokenizer: dir.join("tokenizer.json"), dir, meta });
+    }
+    let dir = run_dir.join("data");
+    let key = serde_json::to_string(cfg).expect("data config serialises");
+    let key_path = dir.join("prepared_from.json");
+    if std::fs::read_to_string(&key_path).ok().as_deref() == Some(key.as_str()) {
+        if let Ok(meta) = prepare::read_meta(&dir) {
+            return Ok(PreparedData { tokenizer: dir.join("tokenizer.json"), dir, meta });
+        }
+    }
+    let files: Vec<PathBuf> = match &cfg.dataset {
+        Some(name) => {
+            let b = datasets::find(name).ok_or_else(|| TrainError::Invalid(format!("unknown dataset {name:?}")))?;
+            vec![datasets::resolve(b, |d, t| obs.download(d, t))?]
+        }
+        None => cfg.files.iter().map(PathBuf::from).collect(),
+    };
+    for f in &files {
+        if !f.exists() {
+            return Err(TrainError::Invalid(format!("data file {} does not exist", f.display())));
+        }
+    }
+    let text_files: Vec<PathBuf> = files.iter().filter(|f| f.extension().is_none_or(|e| e != "jsonl")).cloned().collect();
+    let tok = match cfg.tokenizer.as_str() {
+        kind @ ("char" | "bpe") => {
+            let kind = if kind == "char" { tokenizer::TokenizerKind::Char } else { tokenizer::TokenizerKind::Bpe };
+            obs.message(&format!("training a {kind:?} tokenizer on {} file(s)", files.len()));
+            let train_on = if text_files.is_empty() { dump_jsonl_text(&files, &dir)? } else { text_files };
+            tokenizer::train(kind, &train_on, cfg.tokenizer_vocab_size, &cfg.special_tokens)?
+        }
+        path => tokenizer::load(Path::new(path))?,
+    };
+    let docs = prepare::read_documents(&files)?;
+    let sources: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    let meta = prepare::prepare(&tok, &docs, &sources, &dir, cfg.val_fraction)?;
+    std::fs::write(&key_path, key).map_err(io_err(&key_path))?;
+    obs.message(&format!("prepared {} train and {} val tokens in {}", meta.train_tokens, meta.val_tokens, dir.display()));
+    Ok(PreparedData { tokenizer: dir.join("tokenizer.json"), dir, meta })
+}
+
+/// Tokenizer training reads plain text files; JSONL documents are written out as one.
+fn dump_jsonl_text(files: &[PathBuf], dir: &Path) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let p = dir.join("tokenizer_corpus.txt");
+    let docs = prepare::read_documents(files)?;
+    std::fs::write(&p, docs.join("\n")).map_err(io_err(&p))?;
+    Ok(vec![p])
+}
+
+/// Batch (B, T) ids and (B*T,) targets as tensors.
+fn batch_tensors(b: &taper_data::Batch, dev: &Device) -> Result<(Tensor, Tensor)> {
+    let inputs = Tensor::from_vec(b.inputs.clone(), (b.batch, b.seq), dev)?;
+    let targets: Vec<i64> = b.targets.iter().map(|&t| t as i64).collect();
+    Ok((inputs, Tensor::from_vec(targets, b.batch * b.seq, dev)?))
+}
+
+/// Mean loss over `n` fixed validation batches, with no backward graph.
+pub fn evaluate(model: &Decoder, sampler: &WindowSampler, n: usize) -> Result<f64> {
+    let mut total = 0.0;
+    for i in 0..n {
+        let (x, y) = batch_tensors(&sampler.batch(i as u64, 0), model.device())?;
+        let logits = model.forward(&x, 0, None, None)?;
+        let (loss, _) = cross_entropy(&flatten_logits(&logits)?, &y, -100)?;
+        total += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    }
+    Ok(total / n as f64)
+}
+
+/// The model config with `vocab_size` taken from (and checked against) the tokenizer.
+pub fn resolve_vocab(cfg: &mut RunConfig, tokenizer_path: &Path, tok_vocab: usize) -> Result<()> {
+    if cfg.model.vocab_size == 0 {
+        cfg.model.vocab_size = tok_vocab;
+    } else if cfg.model.vocab_size < tok_vocab {
+        return Err(TrainError::Invalid(format!(
+            "tokenizer {} has {tok_vocab} tokens but model.vocab_size = {} (set it to 0 to follow the tokenizer)",
+            tokenizer_path.display(),
+            cfg.model.vocab_size
+        )));
+    }
+    Ok(())
+}
+
+pub fn pretrain(mut cfg: RunConfig, run_dir: &Path, resume: Resume, obs: &mut dyn Observer) -> Result<Summary> {
+    let started = Instant::now();
+    let device = select_device(&cfg.device)?;
+    std::fs::create_dir_all(run_dir).map_err(io_err(run_dir))?;
+    let ck_root = run_dir.join("checkpoints");
+    let resume_dir = match &resume {
+        Resume::No => None,
+        Resume::Latest => Some(checkpoint::latest(&ck_root).ok_or_else(|| {
+            TrainError::Invalid(format!("--resume: no complete checkpoint in {}", ck_root.display()))
+        })?),
+        Resume::Dir(d) => Some(d.clone()),
+    };
+
+    // Data and tokenizer.
+    let data = prepare_data(&cfg.data, run_dir, obs)?;
+    let tok = tokenizer::load(&data.tokenizer)?;
+    let tok_sha = tokenizer::sha256_file(&data.tokenizer)?;
+    resolve_vocab(&mut cfg, &data.tokenizer, tokenizer::vocab_size(&tok))?;
+    let t = cfg.model.block_size;
+    let train = WindowSampler::new(Shard::open(&data.dir.join("train.bin"))?, t, cfg.train.batch_size, cfg.seed)?;
+    let val = WindowSampler::new(Shard::open(&data.dir.join("val.bin"))?, t, cfg.train.batch_size, cfg.seed ^ 0x5641_4C49_4441_5445)?;
+
+    // Model and optimizer: fresh, or from the checkpoint.
+    let ck = match &resume_dir {
+        Some(d) => Some(checkpoint::load(d, &device)?),
+        None => None,
+    };
+    let named: Vec<(String, Tensor)> = match &ck {
+        None => init_weights(&cfg.model, cfg.seed, &device)?,
+        Some(ck) => {
+            let saved: RunConfig = toml::from_str(&ck.state.config).map_err(|e| TrainError::Checkpoint { path: ck.dir.display().to_string(), reason: format!("saved config: {e}") })?;
+            if saved.model != cfg.model {
+                return Err(TrainError::Checkpoint { path: ck.dir.display().to_string(), reason: "its [model] config differs from this run's".into() });
+            }
+            if ck.state.tokenizer_sha256 != tok_sha {
+                return Err(TrainError::Checkpoint { path: ck.dir.display().to_string(), reason: format!("trained with another tokenizer than {}", data.tokenizer.display()) });
+            }
+            taper_model::param_specs(&cfg.model)
+                .into_iter()
+                .map(|(name, _, _)| {
+                    let t = ck.model.get(&name).ok_or_else(|| TrainError::Checkpoint { path: ck.dir.display().to_string(), reason: format!("tensor `{name}` is missing") })?;
+                    Ok((name, t.clone()))
+                })
+                .collect::<Result<_>>()?
+        }
+    };
+    let vars: Vec<(String, Var)> = named.into_iter().map(|(n, t)| Ok((n, Var::from_tensor(&t)?))).collect::<Result<_>>()?;
+    let weights = Weights::from_pairs(vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())));
+    let model = Decoder::load(&weights, &cfg.model)?;
+    let eval_model = Decoder::load(&weights.detached(), &cfg.model)?;
+    let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    let mut opt = Optimizer::new(cfg.optim.clone(), vars)?;
+    let (mut step, mut tokens, mut skipped) = (0u64, 0u64, 0u64);
+    if let Some(ck) = ck {
+        opt.load_state(ck.optimizer, ck.state.step - ck.state.skipped_steps, &ck.dir.display().to_string())?;
+        step = ck.state.data_cursor;
+        tokens = ck.state.tokens_seen;
+        skipped = ck.state.skipped_steps;
+        obs.message(&format!("resumed from {} at step {step}", ck.dir.display()));
+    }
+
+    // The run dir: resolved config and metrics (cut back to the resumed step).
+    let cfg_path = run_dir.join("config.toml");
+    std::fs::write(&cfg_path, cfg.to_toml()).map_err(io_err(&cfg_path))?;
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let kept = match std::fs::read_to_string(&metrics_path) {
+        Ok(s) if step > 0 => s
+            .lines()
+            .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step))
+            .map(|l| format!("{l}\n"))
+            .collect(),
+        _ => String::new(),
+    };
+    std::fs::write(&metrics_path, kept).map_err(io_err(&metrics_path))?;
+    let mut metrics = std::fs::OpenOptions::new().append(true).open(&metrics_path).map_err(io_err(&metrics_path))?;
+
+    let tc = cfg.train.clone();
+    let end = if tc.stop_at_step > 0 { tc.stop_at_step.min(tc.max_steps) } else { tc.max_steps };
+    obs.started(&RunInfo {
+        start_step: step,
+        end_step: end,
+        params: n_params,
+        vocab_size: cfg.model.vocab_size,
+        train_tokens: data.meta.train_tokens,
+        val_tokens: data.meta.val_tokens,
+        device: format!("{device:?}"),
+    });
+
+    let tokens_per_step = (tc.batch_size * tc.grad_accum_steps * t) as u64;
+    let (mut last_loss, mut last_val, mut last_ck) = (f64::NAN, None, None);
+    let mut window = (Instant::now(), 0u64);
+    while step < end {
+        let lr = cfg.schedule.lr(step, cfg.optim.lr, tc.max_steps);
+        let mut grads: Vec<Option<Tensor>> = vec![None; opt.params().len()];
+        let mut loss_sum = 0.0;
+        for micro in 0..tc.grad_accum_steps as u64 {
+            let (x, y) = batch_tensors(&train.batch(step, micro), &device)?;
+            let mut rng = Rng::derive(cfg.seed, &[step, micro]);
+            let dropout = (cfg.model.dropout > 0.0).then_some(&mut rng);
+            let logits = model.forward(&x, 0, None, dropout)?; // (B, T, V)
+            let (loss, _) = cross_entropy(&flatten_logits(&logits)?, &y, -100)?;
+            loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let store = (loss / tc.grad_accum_steps as f64)?.backward()?;
+            for (acc, p) in grads.iter_mut().zip(opt.params()) {
+                let g = store.get(p.var.as_tensor()).ok_or_else(|| TrainError::Invalid(format!("no gradient reached `{}`", p.name)))?;
+                *acc = Some(match acc.take() {
+                    Some(a) => (a + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+        let mut grads: Vec<Tensor> = grads.into_iter().map(|g| g.expect("filled above")).collect();
+        let loss = loss_sum / tc.grad_accum_steps as f64;
+        let norm = global_norm(&grads)?;
+        let bad = if !loss.is_finite() { Some(("loss", loss)) } else if !norm.is_finite() { Some(("gradient norm", norm)) } else { None };
+        match (bad, tc.on_nonfinite) {
+            (Some((what, value)), OnNonFinite::Stop) => return Err(TrainError::NonFinite { step: step + 1, what, value }),
+            (Some((what, value)), OnNonFinite::Skip) => {
+                skipped += 1;
+                obs.message(&format!("step {}: {what} is {value}; skipped ({skipped} so far)", step + 1));
+            }
+            (None, _) => {
+                if tc.grad_clip > 0.0 && norm > tc.grad_clip {
+                    let scale = tc.grad_clip / (norm + 1e-6);
+                    grads = grads.iter().map(|g| g * scale).collect::<candle_core::Result<_>>()?;
+                }
+                opt.step(&grads, lr)?;
+            }
+        }
+        step += 1;
+        tokens += tokens_per_step;
+        window.1 += tokens_per_step;
+        last_loss = loss;
+
+        let is_last = step == end;
+        let val_loss = if (tc.eval_every > 0 && step % tc.eval_every == 0) || is_last {
+            let v = evaluate(&eval_model, &val, tc.eval_batches)?;
+            obs.eval(step, v);
+            last_val = Some(v);
+            Some(v)
+        } else {
+            None
+        };
+        if step % tc.log_every == 0 || val_loss.is_some() || is_last {
+            let secs = window.0.elapsed().as_secs_f64();
+            let log = StepLog {
+                step,
+                loss,
+                lr,
+                grad_norm: norm,
+                tokens_per_sec: window.1 as f64 / secs.max(1e-9),
+                tokens,
+                elapsed_s: started.elapsed().as_secs_f64(),
+                skipped_steps: skipped,
+                val_loss,
+            };
+            writeln!(metrics, "{}", serde_json::to_string(&log).expect("log serialises")).map_err(io_err(&metrics_path))?;
+            obs.step(&log);
+            window = (Instant::now(), 0);
+        }
+        if (tc.checkpoint_every > 0 && step % tc.checkpoint_every == 0) || is_last {
+            let model_tensors: HashMap<String, Tensor> = opt.params().iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect();
+            let state = TrainerState {
+                format_version: FORMAT_VERSION,
+                step,
+                tokens_seen: tokens,
+                data_cursor: step,
+                rng_seed: cfg.seed,
+                skipped_steps: skipped,
+                val_loss: last_val,
+                tokenizer_sha256: tok_sha.clone(),
+                config: cfg.to_toml(),
+                files: Default::default(),
+            };
+            let dir = checkpoint::save(&ck_root, &model_tensors, &opt.state_tensors(), &data.tokenizer, state)?;
+            checkpoint::prune(&ck_root, tc.keep_checkpoints)?;
+            obs.checkpoint(&dir);
+            last_ck = Some(dir);
+        }
+    }
+    Ok(Summary { step, train_loss: last_loss, val_loss: last_val, elapsed_s: started.elapsed().as_secs_f64(), checkpoint: last_ck })
+}
