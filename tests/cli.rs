@@ -1,0 +1,309 @@
+//! End-to-end tests through the real `taper` binary: a tiny pretraining run, bit-exact resume
+//! (clean stop, SIGKILL mid-run, SIGKILL mid-checkpoint), generation, and bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn taper() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_taper"));
+    c.env("TAPER_DATA_DIR", data_dir()).env_remove("TAPER_FAULT_KILL_IN_CHECKPOINT");
+    c
+}
+
+/// `$TAPER_DATA_DIR` (relative paths are taken from the workspace root), else ../shared/data.
+fn data_dir() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let d = std::env::var("TAPER_DATA_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("../shared/data"));
+    let d = if d.is_absolute() { d } else { root.join(d) };
+    assert!(
+        d.join("tinyshakespeare.txt").exists(),
+        "set TAPER_DATA_DIR to the folder holding tinyshakespeare.txt (tried {})",
+        d.display()
+    );
+    d.canonicalize().unwrap()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("taper-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+const TINY: &str = r#"
+seed = 7
+device = "cpu"
+[model]
+n_layer = 2
+n_head = 2
+n_embd = 32
+block_size = 16
+dropout = 0.1
+[data]
+dataset = "tinyshakespeare"
+tokenizer = "char"
+[train]
+max_steps = 8
+batch_size = 4
+grad_accum_steps = 2
+log_every = 1
+eval_every = 4
+eval_batches = 2
+checkpoint_every = 2
+keep_checkpoints = 10
+[optim]
+lr = 3e-3
+weight_decay = 0.1
+[schedule]
+warmup_steps = 2
+min_lr = 3e-4
+"#;
+
+fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let p = dir.join("run.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn ok(out: Output) -> Output {
+    assert!(
+        out.status.success(),
+        "taper failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn pretrain(cfg: &Path, run: &Path, extra: &[&str]) -> Output {
+    taper().arg("pretrain").arg("--config").arg(cfg).arg("--run-dir").arg(run).args(extra).output().unwrap()
+}
+
+/// (step, loss bits) of every metrics line.
+fn losses(run: &Path) -> Vec<(u64, u64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap().to_bits())
+        })
+        .collect()
+}
+
+fn final_weights(run: &Path, step: u64) -> Vec<u8> {
+    std::fs::read(run.join(format!("checkpoints/step_{step:08}/model.safetensors"))).unwrap()
+}
+
+fn optimizer_state(run: &Path, step: u64) -> Vec<u8> {
+    std::fs::read(run.join(format!("checkpoints/step_{step:08}/optimizer.safetensors"))).unwrap()
+}
+
+#[test]
+fn tiny_run_then_info_and_generate() {
+    let d = scratch("e2e");
+    let cfg = write_config(&d, TINY);
+    let run = d.join("run");
+    let out = ok(pretrain(&cfg, &run, &[]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("done: step 8"));
+    let resolved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(resolved.contains("vocab_size = 66"), "vocab resolved from the tokenizer: {resolved}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 8);
+    for k in ["step", "loss", "lr", "tokens_per_sec"] {
+        assert!(lines.iter().all(|l| l.get(k).is_some()), "{k} missing");
+    }
+    assert!(lines[3]["val_loss"].as_f64().is_some() && lines[7]["val_loss"].as_f64().is_some());
+    assert!(lines[7]["loss"].as_f64().unwrap() < lines[0]["loss"].as_f64().unwrap());
+
+    let info = ok(taper().arg("info").arg(&run).output().unwrap());
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(info.contains("step            8") && info.contains("vocab 66"), "{info}");
+
+    let gen = |seed: &str| {
+        let out = ok(taper()
+            .args(["generate", "--model"])
+            .arg(&run)
+            .args(["--prompt", "ROMEO:", "--max-tokens", "40", "--seed", seed])
+            .output()
+            .unwrap());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let a = gen("1");
+    // An 8-step model may well sample the end-of-text token early, which ends generation.
+    assert!(a.starts_with("ROMEO:") && a.ends_with('\n'), "{a:?}");
+    assert_eq!(a, gen("1"), "generation is seeded");
+}
+
+#[test]
+fn resume_is_bit_exact_after_a_clean_stop() {
+    let d = scratch("resume");
+    let cfg = write_config(&d, TINY);
+    let straight = d.join("straight");
+    ok(pretrain(&cfg, &straight, &[]));
+    let split = d.join("split");
+    ok(pretrain(&cfg, &split, &["--set", "train.stop_at_step=4"]));
+    assert!(split.join("checkpoints/step_00000004").exists());
+    assert!(!split.join("checkpoints/step_00000006").exists());
+    ok(pretrain(&cfg, &split, &["--resume"]));
+    assert_eq!(losses(&straight), losses(&split), "loss at every step");
+    assert_eq!(final_weights(&straight, 8), final_weights(&split, 8), "final weights, bit for bit");
+    assert_eq!(optimizer_state(&straight, 8), optimizer_state(&split, 8));
+}
+
+#[test]
+fn resume_after_sigkill_mid_run_and_mid_checkpoint() {
+    let d = scratch("kill");
+    let text = TINY.replace("max_steps = 8", "max_steps = 40");
+    let cfg = write_config(&d, &text);
+    let straight = d.join("straight");
+    ok(pretrain(&cfg, &straight, &[]));
+
+    // SIGKILL at an arbitrary point of the run, once a checkpoint exists.
+    let killed = d.join("killed");
+    let mut child = taper()
+        .arg("pretrain")
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--run-dir")
+        .arg(&killed)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !killed.join("checkpoints/step_00000006").exists() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL on unix
+    child.wait().unwrap();
+    ok(pretrain(&cfg, &killed, &["--resume"]));
+    assert_eq!(losses(&straight), losses(&killed));
+    assert_eq!(final_weights(&straight, 40), final_weights(&killed, 40));
+
+    // SIGKILL half-way through writing the step-10 checkpoint: the half-written one is never
+    // taken for complete, and the resume starts from step 8.
+    let torn = d.join("torn");
+    let out = taper()
+        .arg("pretrain")
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--run-dir")
+        .arg(&torn)
+        .env("TAPER_FAULT_KILL_IN_CHECKPOINT", "10")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(!torn.join("checkpoints/step_00000010").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(torn.join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(leftovers.iter().any(|n| n.starts_with(".tmp-step_00000010")), "{leftovers:?}");
+    let out = ok(pretrain(&cfg, &torn, &["--resume"]));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("step_00000008"));
+    assert_eq!(losses(&straight), losses(&torn));
+    assert_eq!(final_weights(&straight, 40), final_weights(&torn, 40));
+}
+
+/// One error line (or one per config problem), naming the problem; exit 1; no panic.
+fn fails_with(out: Output, needles: &[&str]) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked") && !err.contains("backtrace") && !err.contains("internal error"), "{err}");
+    for n in needles {
+        assert!(err.contains(n), "expected {n:?} in: {err}");
+    }
+    // Progress lines may come first; the error lines close the output.
+    let errors: Vec<&str> = err.lines().skip_while(|l| !l.starts_with("error: ")).collect();
+    assert!(!errors.is_empty() && errors.iter().all(|l| l.starts_with("error: ")), "{err}");
+    errors.join("\n")
+}
+
+#[test]
+fn bad_input_gets_one_clear_line() {
+    let d = scratch("bad");
+    // A config typo, and a wrong type, reported together with their lines.
+    let cfg = write_config(&d, &TINY.replace("max_steps = 8", "max_step = 8").replace("lr = 3e-3", "lr = \"fast\""));
+    let err = fails_with(
+        pretrain(&cfg, &d.join("r1"), &[]),
+        &["run.toml:14: train.max_step: unknown field `max_step`", "optim.lr"],
+    );
+    assert_eq!(err.lines().count(), 2, "{err}");
+    // A bad override.
+    let cfg = write_config(&d, TINY);
+    fails_with(pretrain(&cfg, &d.join("r1"), &["--set", "train.max_steps=-3"]), &["--set", "train.max_steps"]);
+    // A missing data file.
+    let missing = TINY.replace("dataset = \"tinyshakespeare\"", "files = [\"/nonexistent/corpus.txt\"]");
+    fails_with(pretrain(&write_config(&d, &missing), &d.join("r2"), &[]), &["/nonexistent/corpus.txt"]);
+    // A dataset shorter than one window.
+    let short = d.join("short.txt");
+    std::fs::write(&short, "To be, or not to be, that is the question.\n".repeat(3)).unwrap();
+    let cfg = write_config(&d, &TINY.replace("dataset = \"tinyshakespeare\"", &format!("files = [{:?}]", short)));
+    fails_with(pretrain(&cfg, &d.join("r3"), &[]), &["val.bin", "fewer than one window of 17"]);
+    // A tokenizer/model vocabulary mismatch.
+    let cfg = write_config(&d, &TINY.replace("n_layer = 2", "n_layer = 2\nvocab_size = 50"));
+    fails_with(pretrain(&cfg, &d.join("r4"), &[]), &["tokenizer", "66 tokens", "model.vocab_size = 50"]);
+    // A corrupt checkpoint.
+    let run = d.join("r5");
+    let cfg = write_config(&d, &TINY.replace("max_steps = 8", "max_steps = 2"));
+    ok(pretrain(&cfg, &run, &[]));
+    let model = run.join("checkpoints/step_00000002/model.safetensors");
+    let mut bytes = std::fs::read(&model).unwrap();
+    let n = bytes.len();
+    bytes[n - 5] ^= 0xFF;
+    std::fs::write(&model, &bytes).unwrap();
+    fails_with(
+        pretrain(&cfg, &run, &["--resume", "--set", "train.max_steps=4"]),
+        &["step_00000002", "model.safetensors is corrupt"],
+    );
+    fails_with(taper().args(["generate", "--model"]).arg(&run).output().unwrap(), &["model.safetensors is corrupt"]);
+    std::fs::write(&model, &bytes[..100]).unwrap();
+    fails_with(taper().arg("info").arg(&run).output().unwrap(), &["step_00000002"]);
+    // Resume with nothing to resume from; a missing config file.
+    fails_with(pretrain(&cfg, &d.join("empty"), &["--resume"]), &["no complete checkpoint"]);
+    fails_with(taper().args(["pretrain", "--config", "/nonexistent.toml"]).output().unwrap(), &["/nonexistent.toml"]);
+}
+
+#[test]
+fn tokenizer_and_prepare_commands() {
+    let d = scratch("prep");
+    let jsonl = d.join("docs.jsonl");
+    let docs: String = (0..60)
+        .map(|i| format!("{{\"text\": \"hello there, number {i}\"}}\n{{\"text\": \"general kenobi\"}}\n"))
+        .collect();
+    std::fs::write(&jsonl, docs).unwrap();
+    let tok = d.join("tok.json");
+    ok(taper()
+        .args(["tokenizer", "train", "--kind", "bpe", "--vocab-size", "300", "--dataset", "tinyshakespeare", "--out"])
+        .arg(&tok)
+        .output()
+        .unwrap());
+    let out = ok(taper()
+        .args(["prepare", "--tokenizer"])
+        .arg(&tok)
+        .arg("--out")
+        .arg(d.join("shards"))
+        .arg(&jsonl)
+        .output()
+        .unwrap());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("vocab 300"));
+    assert!(d.join("shards/train.bin").exists() && d.join("shards/val.bin").exists());
+    std::fs::write(&jsonl, "{\"text\": \"fine\"}\n{not json}\n").unwrap();
+    fails_with(
+        taper().args(["prepare", "--tokenizer"]).arg(&tok).arg("--out").arg(d.join("s2")).arg(&jsonl).output().unwrap(),
+        &["docs.jsonl:2: not valid JSON"],
+    );
+    // Pretraining from prepared shards.
+    let cfg = TINY
+        .replace("dataset = \"tinyshakespeare\"\ntokenizer = \"char\"", &format!("shards = {:?}", d.join("shards")));
+    let cfg = cfg
+        .replace("block_size = 16", "block_size = 2")
+        .replace("max_steps = 8", "max_steps = 2")
+        .replace("eval_every = 4", "eval_every = 0");
+    ok(pretrain(&write_config(&d, &cfg), &d.join("run"), &[]));
+}

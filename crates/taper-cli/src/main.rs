@@ -137,7 +137,13 @@ fn run(cli: Cli) -> Result<()> {
             let docs = prepare::read_documents(&files)?;
             let sources: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
             let meta = prepare::prepare(&tok, &docs, &sources, &a.out, a.val_fraction)?;
-            println!("wrote {}: {} train tokens, {} val tokens, vocab {}", a.out.display(), meta.train_tokens, meta.val_tokens, meta.vocab_size);
+            println!(
+                "wrote {}: {} train tokens, {} val tokens, vocab {}",
+                a.out.display(),
+                meta.train_tokens,
+                meta.val_tokens,
+                meta.vocab_size
+            );
         }
         Cmd::Pretrain(a) => pretrain_cmd(a)?,
         Cmd::Generate(a) => generate_cmd(a)?,
@@ -230,7 +236,9 @@ impl Observer for Progress {
             i.device
         ));
         let bar = ProgressBar::new(i.end_step);
-        bar.set_style(ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} eta {eta}").expect("valid template"));
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} eta {eta}").expect("valid template"),
+        );
         bar.set_position(i.start_step);
         if !self.tty {
             bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -264,7 +272,9 @@ impl Observer for Progress {
     fn download(&mut self, done: u64, total: u64) {
         if self.bar.is_none() {
             let b = ProgressBar::new(total);
-            b.set_style(ProgressStyle::with_template("downloading {bar:30} {bytes}/{total_bytes}").expect("valid template"));
+            b.set_style(
+                ProgressStyle::with_template("downloading {bar:30} {bytes}/{total_bytes}").expect("valid template"),
+            );
             self.bar = Some(b);
         }
         let b = self.bar.as_ref().expect("set above");
@@ -334,7 +344,10 @@ fn info_cmd(path: &Path) -> Result<()> {
         m.block_size,
         m.vocab_size
     );
-    println!("                pos {:?}, norm {:?}, mlp {:?}, bias {}, tied {}", m.pos_emb, m.norm, m.mlp, m.bias, m.tie_embeddings);
+    println!(
+        "                pos {:?}, norm {:?}, mlp {:?}, bias {}, tied {}",
+        m.pos_emb, m.norm, m.mlp, m.bias, m.tie_embeddings
+    );
     println!("optimizer       {:?} lr {} wd {}", cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay);
     println!("tokenizer       sha256 {}", state.tokenizer_sha256);
     for (f, h) in &state.files {

@@ -46,7 +46,13 @@ fn verify(b: &Builtin, path: &Path) -> Result<()> {
     if sum != b.md5 {
         return Err(DataError::Dataset {
             name: b.name.into(),
-            reason: format!("{}: md5 {sum}, expected {} ({} bytes, expected {})", path.display(), b.md5, bytes.len(), b.bytes),
+            reason: format!(
+                "{}: md5 {sum}, expected {} ({} bytes, expected {})",
+                path.display(),
+                b.md5,
+                bytes.len(),
+                b.bytes
+            ),
         });
     }
     Ok(())
@@ -63,7 +69,10 @@ pub fn resolve(b: &Builtin, mut progress: impl FnMut(u64, u64)) -> Result<PathBu
         }
     }
     let cache = cache_dir()
-        .ok_or_else(|| DataError::Dataset { name: b.name.into(), reason: "no TAPER_DATA_DIR and no HOME for a cache".into() })?
+        .ok_or_else(|| DataError::Dataset {
+            name: b.name.into(),
+            reason: "no TAPER_DATA_DIR and no HOME for a cache".into(),
+        })?
         .join("datasets");
     let p = cache.join(b.file);
     if p.exists() {
@@ -78,7 +87,9 @@ pub fn resolve(b: &Builtin, mut progress: impl FnMut(u64, u64)) -> Result<PathBu
 
 fn download(url: &str, dest: &Path, b: &Builtin, progress: &mut impl FnMut(u64, u64)) -> Result<()> {
     let fail = |reason: String| DataError::Dataset { name: b.name.into(), reason };
-    let mut resp = ureq::get(url).call().map_err(|e| fail(format!("download from {url} failed: {e} (set TAPER_DATA_DIR to a folder holding {})", b.file)))?;
+    let mut resp = ureq::get(url).call().map_err(|e| {
+        fail(format!("download from {url} failed: {e} (set TAPER_DATA_DIR to a folder holding {})", b.file))
+    })?;
     let mut reader = resp.body_mut().as_reader();
     let mut bytes = Vec::with_capacity(b.bytes as usize);
     let mut buf = [0u8; 1 << 16];

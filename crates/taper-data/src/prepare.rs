@@ -30,7 +30,8 @@ pub fn read_documents(files: &[PathBuf]) -> Result<Vec<String>> {
                     continue;
                 }
                 let bad = |reason: String| DataError::BadLine { path: f.display().to_string(), line: i + 1, reason };
-                let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+                let v: serde_json::Value =
+                    serde_json::from_str(line).map_err(|e| bad(format!("not valid JSON: {e}")))?;
                 match v.get("text") {
                     Some(serde_json::Value::String(s)) => docs.push(s.clone()),
                     Some(_) => return Err(bad("field `text` is not a string".into())),
@@ -81,5 +82,9 @@ pub fn prepare(tok: &Tokenizer, docs: &[String], sources: &[String], out: &Path,
 pub fn read_meta(dir: &Path) -> Result<Meta> {
     let p = dir.join("meta.json");
     let s = std::fs::read_to_string(&p).map_err(io_err(&p))?;
-    serde_json::from_str(&s).map_err(|e| DataError::BadLine { path: p.display().to_string(), line: e.line(), reason: e.to_string() })
+    serde_json::from_str(&s).map_err(|e| DataError::BadLine {
+        path: p.display().to_string(),
+        line: e.line(),
+        reason: e.to_string(),
+    })
 }

@@ -146,10 +146,9 @@ mod tests {
     fn round_trip_u16_and_u32() {
         let dir = std::env::temp_dir().join(format!("taper-shard-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        for (dtype, toks) in [
-            (TokenDtype::U16, vec![0u32, 1, 65535, 42, 7]),
-            (TokenDtype::U32, vec![0u32, 70000, u32::MAX, 3]),
-        ] {
+        for (dtype, toks) in
+            [(TokenDtype::U16, vec![0u32, 1, 65535, 42, 7]), (TokenDtype::U32, vec![0u32, 70000, u32::MAX, 3])]
+        {
             let p = dir.join(format!("{dtype:?}.bin"));
             write_shard(&p, &toks, dtype).unwrap();
             let s = Shard::open(&p).unwrap();

@@ -43,7 +43,13 @@ pub fn train(kind: TokenizerKind, files: &[PathBuf], vocab_size: usize, specials
         TokenizerKind::Bpe => {
             let min = 256 + specials.len();
             if vocab_size < min {
-                return Err(tok_err(&label, format!("BPE vocab_size {vocab_size} is below the 256 bytes plus {} special tokens", specials.len())));
+                return Err(tok_err(
+                    &label,
+                    format!(
+                        "BPE vocab_size {vocab_size} is below the 256 bytes plus {} special tokens",
+                        specials.len()
+                    ),
+                ));
             }
             let trainer = BpeTrainerBuilder::new()
                 .vocab_size(vocab_size)
@@ -158,7 +164,7 @@ mod tests {
         std::fs::write(&f, &text).unwrap();
         let specials = vec![DEFAULT_EOS.to_string()];
         for kind in [TokenizerKind::Char, TokenizerKind::Bpe] {
-            let tok = train(kind, &[f.clone()], 300, &specials).unwrap();
+            let tok = train(kind, std::slice::from_ref(&f), 300, &specials).unwrap();
             let p = dir.join(format!("{kind:?}.json"));
             save(&tok, &p).unwrap();
             let tok = load(&p).unwrap();

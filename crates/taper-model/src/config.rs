@@ -121,19 +121,16 @@ impl ModelConfig {
                 errs.push(format!("model.{k} must be > 0"));
             }
         }
-        if self.n_head > 0 && self.n_embd % self.n_head != 0 {
-            errs.push(format!(
-                "model.n_embd = {} is not divisible by model.n_head = {}",
-                self.n_embd, self.n_head
-            ));
+        if self.n_head > 0 && !self.n_embd.is_multiple_of(self.n_head) {
+            errs.push(format!("model.n_embd = {} is not divisible by model.n_head = {}", self.n_embd, self.n_head));
         }
-        if self.n_head > 0 && self.n_head % self.kv_heads() != 0 {
+        if self.n_head > 0 && !self.n_head.is_multiple_of(self.kv_heads()) {
             errs.push(format!(
                 "model.n_head = {} is not a multiple of model.n_kv_head = {}",
                 self.n_head, self.n_kv_head
             ));
         }
-        if self.pos_emb == PosEmb::Rope && self.n_head > 0 && self.head_dim() % 2 != 0 {
+        if self.pos_emb == PosEmb::Rope && self.n_head > 0 && !self.head_dim().is_multiple_of(2) {
             errs.push(format!("rope needs an even head size, found {}", self.head_dim()));
         }
         if !(0.0..1.0).contains(&self.dropout) {

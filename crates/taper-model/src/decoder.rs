@@ -231,11 +231,7 @@ impl Decoder {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let lm_head = if cfg.tie_embeddings {
-            embed_tokens.clone()
-        } else {
-            w.get("lm_head.weight", &[v, c])?
-        };
+        let lm_head = if cfg.tie_embeddings { embed_tokens.clone() } else { w.get("lm_head.weight", &[v, c])? };
         Ok(Self {
             cfg: cfg.clone(),
             embed_tokens,
@@ -359,7 +355,7 @@ impl Decoder {
             (Mlp::Swiglu, None) => unreachable!("gate_proj is loaded for swiglu"),
         };
         let mut y = l.down_proj.forward(&act)?;
-        if let Some(r) = rng.as_deref_mut() {
+        if let Some(r) = rng {
             y = nn::dropout(&y, cfg.dropout, r)?;
         }
         Ok((x + y)?)
@@ -438,11 +434,8 @@ impl Decoder {
 /// Draws a token from logits with temperature, top-k and top-p (nucleus) filtering.
 pub fn sample(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
     let argmax = || {
-        logits
-            .iter()
-            .enumerate()
-            .fold((0, f32::NEG_INFINITY), |best, (i, &l)| if l > best.1 { (i, l) } else { best })
-            .0 as u32
+        logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &l)| if l > best.1 { (i, l) } else { best }).0
+            as u32
     };
     if s.temperature <= 0.0 {
         return argmax();
@@ -491,7 +484,8 @@ mod tests {
     use candle_core::Var;
 
     fn tiny(style: &str) -> ModelConfig {
-        let mut cfg = ModelConfig { vocab_size: 17, n_layer: 2, n_head: 4, n_embd: 16, block_size: 12, ..Default::default() };
+        let mut cfg =
+            ModelConfig { vocab_size: 17, n_layer: 2, n_head: 4, n_embd: 16, block_size: 12, ..Default::default() };
         if style == "llama" {
             cfg.pos_emb = PosEmb::Rope;
             cfg.norm = Norm::RmsNorm;

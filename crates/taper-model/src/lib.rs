@@ -10,7 +10,7 @@ pub mod nn;
 pub mod rng;
 pub mod weights;
 
-pub use config::{ModelConfig, Mlp, Norm, PosEmb};
+pub use config::{Mlp, ModelConfig, Norm, PosEmb};
 pub use decoder::{flatten_logits, init_weights, param_specs, sample, Decoder, KvCache, Sampling};
 pub use rng::Rng;
 pub use weights::{ParamKind, Weights};
@@ -23,11 +23,7 @@ pub enum ModelError {
     #[error("tensor `{name}` is missing")]
     MissingTensor { name: String },
     #[error("tensor `{name}`: expected shape {expected:?}, found {found:?}")]
-    ShapeMismatch {
-        name: String,
-        expected: Vec<usize>,
-        found: Vec<usize>,
-    },
+    ShapeMismatch { name: String, expected: Vec<usize>, found: Vec<usize> },
     #[error("input of {len} tokens exceeds the model's context of {max} positions")]
     TooLong { len: usize, max: usize },
     #[error(transparent)]

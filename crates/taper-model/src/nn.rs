@@ -67,15 +67,9 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 }
 
 /// cos and sin tables of shape (max_pos, head_dim) for [`rope`].
-pub fn rope_tables(
-    head_dim: usize,
-    max_pos: usize,
-    theta: f64,
-    dev: &candle_core::Device,
-) -> Result<(Tensor, Tensor)> {
+pub fn rope_tables(head_dim: usize, max_pos: usize, theta: f64, dev: &candle_core::Device) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
-    let inv: Vec<f64> =
-        (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)).collect();
+    let inv: Vec<f64> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)).collect();
     let mut cos = Vec::with_capacity(max_pos * head_dim);
     let mut sin = Vec::with_capacity(max_pos * head_dim);
     for p in 0..max_pos {
@@ -88,10 +82,7 @@ pub fn rope_tables(
             }
         }
     }
-    Ok((
-        Tensor::from_vec(cos, (max_pos, head_dim), dev)?,
-        Tensor::from_vec(sin, (max_pos, head_dim), dev)?,
-    ))
+    Ok((Tensor::from_vec(cos, (max_pos, head_dim), dev)?, Tensor::from_vec(sin, (max_pos, head_dim), dev)?))
 }
 
 /// The fixed sinusoidal table of "Attention Is All You Need" (3.5): (max_pos, d).
@@ -110,9 +101,8 @@ pub fn sinusoidal_table(d: usize, max_pos: usize, dev: &candle_core::Device) -> 
 /// keys: 0 where a query may look, -inf in the future.
 pub fn causal_mask(t: usize, offset: usize, dev: &candle_core::Device) -> Result<Tensor> {
     let l = offset + t;
-    let v: Vec<f32> = (0..t)
-        .flat_map(|i| (0..l).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
+    let v: Vec<f32> =
+        (0..t).flat_map(|i| (0..l).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 })).collect();
     Tensor::from_vec(v, (t, l), dev)
 }
 
@@ -122,9 +112,7 @@ pub fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let scale = (1.0 / (1.0 - p)) as f32;
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| if (rng.uniform() as f64) < p { 0.0 } else { scale })
-        .collect();
+    let mask: Vec<f32> = (0..x.elem_count()).map(|_| if (rng.uniform() as f64) < p { 0.0 } else { scale }).collect();
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     x.mul(&mask)
 }
@@ -171,7 +159,8 @@ mod tests {
         let q = x.reshape((1, 2, 3, 8))?;
         let (cos, sin) = rope_tables(8, 3, 10_000.0, &dev)?;
         let ours = rope(&q, &cos, &sin)?;
-        let theirs = candle_nn::rotary_emb::rope(&q, &cos.narrow(1, 0, 4)?.contiguous()?, &sin.narrow(1, 0, 4)?.contiguous()?)?;
+        let theirs =
+            candle_nn::rotary_emb::rope(&q, &cos.narrow(1, 0, 4)?.contiguous()?, &sin.narrow(1, 0, 4)?.contiguous()?)?;
         close(&f(ours), &f(theirs), 1e-5);
         Ok(())
     }
@@ -200,7 +189,8 @@ mod tests {
         let bt = wt.affine(0.5, -0.2)?;
         let (cos, sin) = rope_tables(4, 3, 100.0, &dev)?;
         let (cos, sin) = (cos.to_dtype(DType::F64)?, sin.to_dtype(DType::F64)?);
-        let probe = Tensor::from_vec((0..xs.len()).map(|i| (i as f64 * 0.37).sin()).collect::<Vec<_>>(), (2, 2, 3, 4), &dev)?;
+        let probe =
+            Tensor::from_vec((0..xs.len()).map(|i| (i as f64 * 0.37).sin()).collect::<Vec<_>>(), (2, 2, 3, 4), &dev)?;
         type F = Box<dyn Fn(&Tensor) -> Result<Tensor>>;
         let (w2, b2, w3) = (wt.clone(), bt.clone(), wt.clone());
         let ops: Vec<(&str, F)> = vec![

@@ -49,10 +49,7 @@ impl Weights {
     }
 
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self
-            .map
-            .get(name)
-            .ok_or_else(|| ModelError::MissingTensor { name: name.to_string() })?;
+        let t = self.map.get(name).ok_or_else(|| ModelError::MissingTensor { name: name.to_string() })?;
         if t.dims() != shape {
             return Err(ModelError::ShapeMismatch {
                 name: name.to_string(),

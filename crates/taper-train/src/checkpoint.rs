@@ -146,7 +146,8 @@ pub fn read_state(dir: &Path) -> Result<TrainerState> {
         return Err(ck_err(dir, "not a directory"));
     }
     let s = std::fs::read_to_string(&p).map_err(|e| ck_err(dir, format!("trainer_state.json: {e}")))?;
-    let state: TrainerState = serde_json::from_str(&s).map_err(|e| ck_err(dir, format!("trainer_state.json is corrupt: {e}")))?;
+    let state: TrainerState =
+        serde_json::from_str(&s).map_err(|e| ck_err(dir, format!("trainer_state.json is corrupt: {e}")))?;
     if state.format_version != FORMAT_VERSION {
         return Err(ck_err(dir, format!("format version {}, this taper reads {FORMAT_VERSION}", state.format_version)));
     }
@@ -169,7 +170,12 @@ pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint> {
     let read = |file: &str| {
         candle_core::safetensors::load(dir.join(file), device).map_err(|e| ck_err(dir, format!("{file}: {e}")))
     };
-    Ok(Checkpoint { dir: dir.to_path_buf(), model: read("model.safetensors")?, optimizer: read("optimizer.safetensors")?, state })
+    Ok(Checkpoint {
+        dir: dir.to_path_buf(),
+        model: read("model.safetensors")?,
+        optimizer: read("optimizer.safetensors")?,
+        state,
+    })
 }
 
 /// A checkpoint directory, or the newest checkpoint of a run directory.
@@ -180,7 +186,9 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
     if !path.exists() {
         return Err(ck_err(path, "does not exist"));
     }
-    latest(&path.join("checkpoints")).ok_or_else(|| ck_err(path, "neither a checkpoint (no trainer_state.json) nor a run dir with complete checkpoints"))
+    latest(&path.join("checkpoints")).ok_or_else(|| {
+        ck_err(path, "neither a checkpoint (no trainer_state.json) nor a run dir with complete checkpoints")
+    })
 }
 
 /// The run config and weights of a checkpoint, verified, without the optimizer state.
@@ -194,6 +202,7 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<(crate::RunConfig, Hash
             return Err(ck_err(dir, format!("model.safetensors is corrupt (sha256 {got}, expected {want})")));
         }
     }
-    let model = candle_core::safetensors::load(&p, device).map_err(|e| ck_err(dir, format!("model.safetensors: {e}")))?;
+    let model =
+        candle_core::safetensors::load(&p, device).map_err(|e| ck_err(dir, format!("model.safetensors: {e}")))?;
     Ok((cfg, model))
 }

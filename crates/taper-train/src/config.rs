@@ -120,7 +120,14 @@ impl RunConfig {
     pub fn validate(&self) -> Vec<String> {
         let mut e = self.model.validate();
         let t = &self.train;
-        for (k, v) in [("max_steps", t.max_steps as usize), ("batch_size", t.batch_size), ("grad_accum_steps", t.grad_accum_steps), ("eval_batches", t.eval_batches), ("keep_checkpoints", t.keep_checkpoints), ("log_every", t.log_every as usize)] {
+        for (k, v) in [
+            ("max_steps", t.max_steps as usize),
+            ("batch_size", t.batch_size),
+            ("grad_accum_steps", t.grad_accum_steps),
+            ("eval_batches", t.eval_batches),
+            ("keep_checkpoints", t.keep_checkpoints),
+            ("log_every", t.log_every as usize),
+        ] {
             if v == 0 {
                 e.push(format!("train.{k} must be > 0"));
             }
@@ -146,7 +153,8 @@ impl RunConfig {
         if !(0.0..1.0).contains(&d.val_fraction) || d.val_fraction == 0.0 {
             e.push(format!("data.val_fraction = {} must be in (0, 1)", d.val_fraction));
         }
-        if !(self.device == "auto" || self.device == "cpu" || self.device == "metal" || self.device.starts_with("cuda")) {
+        if !(self.device == "auto" || self.device == "cpu" || self.device == "metal" || self.device.starts_with("cuda"))
+        {
             e.push(format!("device = {:?}: expected \"auto\", \"cpu\", \"cuda:N\" or \"metal\"", self.device));
         }
         e
@@ -170,6 +178,13 @@ pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<RunConfig
         }])
     })?;
     let mut errs = Vec::new();
+    // Where each key was set, for messages: the file and line, or the --set that replaced it.
+    let place = |path: &str, section: &str, key: &str| -> String {
+        match overrides.iter().rev().find(|o| o.split_once('=').is_some_and(|(k, _)| k.trim() == path)) {
+            Some(o) => format!("--set {o}"),
+            None => format!("{origin}{}", line_of(text, section, key)),
+        }
+    };
     for o in overrides {
         if let Err(e) = apply_override(&mut root, o) {
             errs.push(format!("--set {o}: {e}"));
@@ -184,7 +199,11 @@ pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<RunConfig
                     let mut one = toml::Table::new();
                     one.insert(key.clone(), toml::Value::Table(inner));
                     if let Err(e) = toml::Value::Table(one).try_into::<RunConfig>() {
-                        errs.push(format!("{origin}{}: {key}.{sub}: {}", line_of(text, key, sub), first_line(&e.to_string())));
+                        errs.push(format!(
+                            "{}: {key}.{sub}: {}",
+                            place(&format!("{key}.{sub}"), key, sub),
+                            first_line(&e.to_string())
+                        ));
                     }
                 }
             }
@@ -192,7 +211,7 @@ pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<RunConfig
                 let mut one = toml::Table::new();
                 one.insert(key.clone(), value.clone());
                 if let Err(e) = toml::Value::Table(one).try_into::<RunConfig>() {
-                    errs.push(format!("{origin}{}: {key}: {}", line_of(text, "", key), first_line(&e.to_string())));
+                    errs.push(format!("{}: {key}: {}", place(key, "", key), first_line(&e.to_string())));
                 }
             }
         }
@@ -268,7 +287,8 @@ mod tests {
     #[test]
     fn overrides_are_type_checked() {
         let text = "[data]\ndataset = \"tinyshakespeare\"\n";
-        let cfg = parse(text, "x", &["train.max_steps=7".into(), "optim.lr=3e-4".into(), "model.pos_emb=rope".into()]).unwrap();
+        let cfg = parse(text, "x", &["train.max_steps=7".into(), "optim.lr=3e-4".into(), "model.pos_emb=rope".into()])
+            .unwrap();
         assert_eq!(cfg.train.max_steps, 7);
         assert_eq!(cfg.optim.lr, 3e-4);
         assert_eq!(cfg.model.pos_emb, taper_model::PosEmb::Rope);
@@ -289,7 +309,10 @@ mod tests {
 
     #[test]
     fn resolved_config_round_trips() {
-        let cfg = RunConfig { data: DataConfig { dataset: Some("tinyshakespeare".into()), ..Default::default() }, ..Default::default() };
+        let cfg = RunConfig {
+            data: DataConfig { dataset: Some("tinyshakespeare".into()), ..Default::default() },
+            ..Default::default()
+        };
         assert_eq!(parse(&cfg.to_toml(), "x", &[]).unwrap(), cfg);
     }
 }

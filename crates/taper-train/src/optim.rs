@@ -105,10 +105,16 @@ fn slot_names(kind: OptimKind) -> &'static [&'static str] {
 
 impl Optimizer {
     pub fn new(cfg: OptimConfig, vars: Vec<(String, Var)>) -> Result<Self> {
-        let params: Vec<Param> = vars.into_iter().map(|(name, var)| Param { decay: cfg.decays(&name), name, var }).collect();
+        let params: Vec<Param> =
+            vars.into_iter().map(|(name, var)| Param { decay: cfg.decays(&name), name, var }).collect();
         let slots = params
             .iter()
-            .map(|p| slot_names(cfg.name).iter().map(|_| p.var.as_tensor().zeros_like()).collect::<candle_core::Result<Vec<_>>>())
+            .map(|p| {
+                slot_names(cfg.name)
+                    .iter()
+                    .map(|_| p.var.as_tensor().zeros_like())
+                    .collect::<candle_core::Result<Vec<_>>>()
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self { cfg, params, slots, step: 0 })
     }
@@ -185,9 +191,15 @@ impl Optimizer {
             for (n, slot) in names.iter().zip(slots.iter_mut()) {
                 let key = format!("{}.{n}", p.name);
                 let bad = |reason: String| TrainError::Checkpoint { path: origin.to_string(), reason };
-                let t = map.remove(&key).ok_or_else(|| bad(format!("optimizer state `{key}` is missing (was it saved by another optimizer?)")))?;
+                let t = map.remove(&key).ok_or_else(|| {
+                    bad(format!("optimizer state `{key}` is missing (was it saved by another optimizer?)"))
+                })?;
                 if t.dims() != slot.dims() {
-                    return Err(bad(format!("optimizer state `{key}`: expected shape {:?}, found {:?}", slot.dims(), t.dims())));
+                    return Err(bad(format!(
+                        "optimizer state `{key}`: expected shape {:?}, found {:?}",
+                        slot.dims(),
+                        t.dims()
+                    )));
                 }
                 *slot = t.to_device(slot.device())?.to_dtype(slot.dtype())?;
             }
@@ -212,7 +224,15 @@ mod tests {
     use candle_core::Device;
 
     fn run(kind: OptimKind, wd: f64, steps: usize) -> Vec<f32> {
-        let cfg = OptimConfig { name: kind, lr: 0.1, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: wd, ..Default::default() };
+        let cfg = OptimConfig {
+            name: kind,
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: wd,
+            ..Default::default()
+        };
         let w = Var::new(&[1.0f32, -2.0, 0.5], &Device::Cpu).unwrap();
         let mut opt = Optimizer::new(cfg, vec![("w.weight".into(), w.clone())]).unwrap();
         for s in 0..steps {
@@ -262,6 +282,9 @@ mod tests {
         // The middle weight: g2 = 0, so sign(0.9 * 0.01 * -1) = -1 moves it up again.
         close(&w2, &[0.8, -1.8, 0.3]);
         // SGD with momentum 0.9: buf1 = g1, buf2 = 0.9 g1 + g2; w -= lr * buf.
-        close(&run(OptimKind::Sgd, 0.0, 2), &[1.0 - 0.1 * 0.5 - 0.1 * 0.95, -2.0 + 0.1 - 0.1 * -0.9, 0.5 - 0.025 - 0.1 * 0.475]);
+        close(
+            &run(OptimKind::Sgd, 0.0, 2),
+            &[1.0 - 0.1 * 0.5 - 0.1 * 0.95, -2.0 + 0.1 - 0.1 * -0.9, 0.5 - 0.025 - 0.1 * 0.475],
+        );
     }
 }

@@ -3,7 +3,7 @@
 
 use crate::checkpoint::{self, TrainerState, FORMAT_VERSION};
 use crate::config::{DataConfig, OnNonFinite, RunConfig};
-use crate::optim::{global_norm, Optimizer};
+use crate::optim::{global_norm, Optimizer, Param};
 use crate::{io_err, Result, TrainError};
 use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
@@ -87,7 +87,11 @@ pub fn select_device(spec: &str) -> Result<Device> {
         }
         s => {
             let n = s.strip_prefix("cuda").map(|r| r.trim_start_matches(':')).unwrap_or("x");
-            let n: usize = if n.is_empty() { 0 } else { n.parse().map_err(|_| TrainError::Invalid(format!("device {s:?}: expected cuda:N")))? };
+            let n: usize = if n.is_empty() {
+                0
+            } else {
+                n.parse().map_err(|_| TrainError::Invalid(format!("device {s:?}: expected cuda:N")))?
+            };
             Device::new_cuda(n)?
         }
     };
@@ -128,7 +132,8 @@ pub fn prepare_data(cfg: &DataConfig, run_dir: &Path, obs: &mut dyn Observer) ->
             return Err(TrainError::Invalid(format!("data file {} does not exist", f.display())));
         }
     }
-    let text_files: Vec<PathBuf> = files.iter().filter(|f| f.extension().is_none_or(|e| e != "jsonl")).cloned().collect();
+    let text_files: Vec<PathBuf> =
+        files.iter().filter(|f| f.extension().is_none_or(|e| e != "jsonl")).cloned().collect();
     let tok = match cfg.tokenizer.as_str() {
         kind @ ("char" | "bpe") => {
             let kind = if kind == "char" { tokenizer::TokenizerKind::Char } else { tokenizer::TokenizerKind::Bpe };
@@ -142,7 +147,12 @@ pub fn prepare_data(cfg: &DataConfig, run_dir: &Path, obs: &mut dyn Observer) ->
     let sources: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
     let meta = prepare::prepare(&tok, &docs, &sources, &dir, cfg.val_fraction)?;
     std::fs::write(&key_path, key).map_err(io_err(&key_path))?;
-    obs.message(&format!("prepared {} train and {} val tokens in {}", meta.train_tokens, meta.val_tokens, dir.display()));
+    obs.message(&format!(
+        "prepared {} train and {} val tokens in {}",
+        meta.train_tokens,
+        meta.val_tokens,
+        dir.display()
+    ));
     Ok(PreparedData { tokenizer: dir.join("tokenizer.json"), dir, meta })
 }
 
@@ -160,6 +170,37 @@ fn batch_tensors(b: &taper_data::Batch, dev: &Device) -> Result<(Tensor, Tensor)
     let inputs = Tensor::from_vec(b.inputs.clone(), (b.batch, b.seq), dev)?;
     let targets: Vec<i64> = b.targets.iter().map(|&t| t as i64).collect();
     Ok((inputs, Tensor::from_vec(targets, b.batch * b.seq, dev)?))
+}
+
+/// The mean loss over micro-batches (input (B, T), targets (B*T,)) and, for each parameter, the
+/// gradient of that mean: each micro-batch backpropagates loss / n and the gradients add up.
+/// `rngs` (one per micro-batch) turns dropout on.
+pub fn loss_and_grads(
+    model: &Decoder,
+    params: &[Param],
+    micro: &[(Tensor, Tensor)],
+    mut rngs: Option<Vec<Rng>>,
+) -> Result<(f64, Vec<Tensor>)> {
+    let n = micro.len() as f64;
+    let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
+    let mut loss_sum = 0.0;
+    for (i, (x, y)) in micro.iter().enumerate() {
+        let rng = rngs.as_mut().map(|r| &mut r[i]);
+        let logits = model.forward(x, 0, None, rng)?; // (B, T, V)
+        let (loss, _) = cross_entropy(&flatten_logits(&logits)?, y, -100)?;
+        loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let store = (loss / n)?.backward()?;
+        for (acc, p) in grads.iter_mut().zip(params) {
+            let g = store
+                .get(p.var.as_tensor())
+                .ok_or_else(|| TrainError::Invalid(format!("no gradient reached `{}`", p.name)))?;
+            *acc = Some(match acc.take() {
+                Some(a) => (a + g)?,
+                None => g.clone(),
+            });
+        }
+    }
+    Ok((loss_sum / n, grads.into_iter().map(|g| g.expect("every micro-batch fills every slot")).collect()))
 }
 
 /// Mean loss over `n` fixed validation batches, with no backward graph.
@@ -208,7 +249,12 @@ pub fn pretrain(mut cfg: RunConfig, run_dir: &Path, resume: Resume, obs: &mut dy
     resolve_vocab(&mut cfg, &data.tokenizer, tokenizer::vocab_size(&tok))?;
     let t = cfg.model.block_size;
     let train = WindowSampler::new(Shard::open(&data.dir.join("train.bin"))?, t, cfg.train.batch_size, cfg.seed)?;
-    let val = WindowSampler::new(Shard::open(&data.dir.join("val.bin"))?, t, cfg.train.batch_size, cfg.seed ^ 0x5641_4C49_4441_5445)?;
+    let val = WindowSampler::new(
+        Shard::open(&data.dir.join("val.bin"))?,
+        t,
+        cfg.train.batch_size,
+        cfg.seed ^ 0x5641_4C49_4441_5445,
+    )?;
 
     // Model and optimizer: fresh, or from the checkpoint.
     let ck = match &resume_dir {
@@ -218,23 +264,36 @@ pub fn pretrain(mut cfg: RunConfig, run_dir: &Path, resume: Resume, obs: &mut dy
     let named: Vec<(String, Tensor)> = match &ck {
         None => init_weights(&cfg.model, cfg.seed, &device)?,
         Some(ck) => {
-            let saved: RunConfig = toml::from_str(&ck.state.config).map_err(|e| TrainError::Checkpoint { path: ck.dir.display().to_string(), reason: format!("saved config: {e}") })?;
+            let saved: RunConfig = toml::from_str(&ck.state.config).map_err(|e| TrainError::Checkpoint {
+                path: ck.dir.display().to_string(),
+                reason: format!("saved config: {e}"),
+            })?;
             if saved.model != cfg.model {
-                return Err(TrainError::Checkpoint { path: ck.dir.display().to_string(), reason: "its [model] config differs from this run's".into() });
+                return Err(TrainError::Checkpoint {
+                    path: ck.dir.display().to_string(),
+                    reason: "its [model] config differs from this run's".into(),
+                });
             }
             if ck.state.tokenizer_sha256 != tok_sha {
-                return Err(TrainError::Checkpoint { path: ck.dir.display().to_string(), reason: format!("trained with another tokenizer than {}", data.tokenizer.display()) });
+                return Err(TrainError::Checkpoint {
+                    path: ck.dir.display().to_string(),
+                    reason: format!("trained with another tokenizer than {}", data.tokenizer.display()),
+                });
             }
             taper_model::param_specs(&cfg.model)
                 .into_iter()
                 .map(|(name, _, _)| {
-                    let t = ck.model.get(&name).ok_or_else(|| TrainError::Checkpoint { path: ck.dir.display().to_string(), reason: format!("tensor `{name}` is missing") })?;
+                    let t = ck.model.get(&name).ok_or_else(|| TrainError::Checkpoint {
+                        path: ck.dir.display().to_string(),
+                        reason: format!("tensor `{name}` is missing"),
+                    })?;
                     Ok((name, t.clone()))
                 })
                 .collect::<Result<_>>()?
         }
     };
-    let vars: Vec<(String, Var)> = named.into_iter().map(|(n, t)| Ok((n, Var::from_tensor(&t)?))).collect::<Result<_>>()?;
+    let vars: Vec<(String, Var)> =
+        named.into_iter().map(|(n, t)| Ok((n, Var::from_tensor(&t)?))).collect::<Result<_>>()?;
     let weights = Weights::from_pairs(vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())));
     let model = Decoder::load(&weights, &cfg.model)?;
     let eval_model = Decoder::load(&weights.detached(), &cfg.model)?;
@@ -256,7 +315,12 @@ pub fn pretrain(mut cfg: RunConfig, run_dir: &Path, resume: Resume, obs: &mut dy
     let kept = match std::fs::read_to_string(&metrics_path) {
         Ok(s) if step > 0 => s
             .lines()
-            .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step))
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s <= step)
+            })
             .map(|l| format!("{l}\n"))
             .collect(),
         _ => String::new(),
@@ -281,30 +345,24 @@ pub fn pretrain(mut cfg: RunConfig, run_dir: &Path, resume: Resume, obs: &mut dy
     let mut window = (Instant::now(), 0u64);
     while step < end {
         let lr = cfg.schedule.lr(step, cfg.optim.lr, tc.max_steps);
-        let mut grads: Vec<Option<Tensor>> = vec![None; opt.params().len()];
-        let mut loss_sum = 0.0;
-        for micro in 0..tc.grad_accum_steps as u64 {
-            let (x, y) = batch_tensors(&train.batch(step, micro), &device)?;
-            let mut rng = Rng::derive(cfg.seed, &[step, micro]);
-            let dropout = (cfg.model.dropout > 0.0).then_some(&mut rng);
-            let logits = model.forward(&x, 0, None, dropout)?; // (B, T, V)
-            let (loss, _) = cross_entropy(&flatten_logits(&logits)?, &y, -100)?;
-            loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let store = (loss / tc.grad_accum_steps as f64)?.backward()?;
-            for (acc, p) in grads.iter_mut().zip(opt.params()) {
-                let g = store.get(p.var.as_tensor()).ok_or_else(|| TrainError::Invalid(format!("no gradient reached `{}`", p.name)))?;
-                *acc = Some(match acc.take() {
-                    Some(a) => (a + g)?,
-                    None => g.clone(),
-                });
-            }
-        }
-        let mut grads: Vec<Tensor> = grads.into_iter().map(|g| g.expect("filled above")).collect();
-        let loss = loss_sum / tc.grad_accum_steps as f64;
+        let micro: Vec<(Tensor, Tensor)> = (0..tc.grad_accum_steps as u64)
+            .map(|m| batch_tensors(&train.batch(step, m), &device))
+            .collect::<Result<_>>()?;
+        let rngs: Vec<Rng> = (0..tc.grad_accum_steps as u64).map(|m| Rng::derive(cfg.seed, &[step, m])).collect();
+        let dropout = cfg.model.dropout > 0.0;
+        let (loss, mut grads) = loss_and_grads(&model, opt.params(), &micro, dropout.then_some(rngs))?;
         let norm = global_norm(&grads)?;
-        let bad = if !loss.is_finite() { Some(("loss", loss)) } else if !norm.is_finite() { Some(("gradient norm", norm)) } else { None };
+        let bad = if !loss.is_finite() {
+            Some(("loss", loss))
+        } else if !norm.is_finite() {
+            Some(("gradient norm", norm))
+        } else {
+            None
+        };
         match (bad, tc.on_nonfinite) {
-            (Some((what, value)), OnNonFinite::Stop) => return Err(TrainError::NonFinite { step: step + 1, what, value }),
+            (Some((what, value)), OnNonFinite::Stop) => {
+                return Err(TrainError::NonFinite { step: step + 1, what, value })
+            }
             (Some((what, value)), OnNonFinite::Skip) => {
                 skipped += 1;
                 obs.message(&format!("step {}: {what} is {value}; skipped ({skipped} so far)", step + 1));
@@ -344,12 +402,14 @@ pub fn pretrain(mut cfg: RunConfig, run_dir: &Path, resume: Resume, obs: &mut dy
                 skipped_steps: skipped,
                 val_loss,
             };
-            writeln!(metrics, "{}", serde_json::to_string(&log).expect("log serialises")).map_err(io_err(&metrics_path))?;
+            writeln!(metrics, "{}", serde_json::to_string(&log).expect("log serialises"))
+                .map_err(io_err(&metrics_path))?;
             obs.step(&log);
             window = (Instant::now(), 0);
         }
         if (tc.checkpoint_every > 0 && step % tc.checkpoint_every == 0) || is_last {
-            let model_tensors: HashMap<String, Tensor> = opt.params().iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect();
+            let model_tensors: HashMap<String, Tensor> =
+                opt.params().iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect();
             let state = TrainerState {
                 format_version: FORMAT_VERSION,
                 step,
@@ -368,5 +428,49 @@ pub fn pretrain(mut cfg: RunConfig, run_dir: &Path, resume: Resume, obs: &mut dy
             last_ck = Some(dir);
         }
     }
-    Ok(Summary { step, train_loss: last_loss, val_loss: last_val, elapsed_s: started.elapsed().as_secs_f64(), checkpoint: last_ck })
+    Ok(Summary {
+        step,
+        train_loss: last_loss,
+        val_loss: last_val,
+        elapsed_s: started.elapsed().as_secs_f64(),
+        checkpoint: last_ck,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optim::OptimConfig;
+    use taper_model::ModelConfig;
+
+    /// 4 micro-batches of B/4 rows give the gradients of one batch of B rows.
+    #[test]
+    fn grad_accumulation_equals_one_big_batch() -> Result<()> {
+        let cfg =
+            ModelConfig { vocab_size: 23, n_layer: 2, n_head: 2, n_embd: 16, block_size: 8, ..Default::default() };
+        let dev = Device::Cpu;
+        let vars: Vec<(String, Var)> = init_weights(&cfg, 3, &dev)?
+            .into_iter()
+            .map(|(n, t)| Ok((n, Var::from_tensor(&t)?)))
+            .collect::<Result<_>>()?;
+        let w = Weights::from_pairs(vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())));
+        let model = Decoder::load(&w, &cfg)?;
+        let opt = Optimizer::new(OptimConfig::default(), vars)?;
+        let mut rng = Rng::new(9);
+        let ids: Vec<u32> = (0..8 * 8).map(|_| rng.below(23) as u32).collect();
+        let tg: Vec<i64> = (0..8 * 8).map(|_| rng.below(23) as i64).collect();
+        let x = Tensor::from_vec(ids, (8, 8), &dev)?;
+        let y = Tensor::from_vec(tg, 64, &dev)?;
+        let (big_loss, big) = loss_and_grads(&model, opt.params(), &[(x.clone(), y.clone())], None)?;
+        let micro: Vec<(Tensor, Tensor)> =
+            (0..4).map(|i| Ok((x.narrow(0, 2 * i, 2)?, y.narrow(0, 16 * i, 16)?))).collect::<Result<_>>()?;
+        let (acc_loss, acc) = loss_and_grads(&model, opt.params(), &micro, None)?;
+        assert!((big_loss - acc_loss).abs() < 1e-6, "{big_loss} vs {acc_loss}");
+        for ((a, b), p) in big.iter().zip(&acc).zip(opt.params()) {
+            let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let scale = a.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff <= 1e-6 * scale.max(1.0), "{}: max diff {diff} (scale {scale})", p.name);
+        }
+        Ok(())
+    }
 }

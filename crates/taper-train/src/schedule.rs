@@ -90,7 +90,13 @@ mod tests {
 
     #[test]
     fn schedule_values() {
-        let s = ScheduleConfig { decay: Decay::Cosine, warmup_steps: 10, min_lr: 1e-4, decay_steps: 0, wsd_decay_fraction: 0.2 };
+        let s = ScheduleConfig {
+            decay: Decay::Cosine,
+            warmup_steps: 10,
+            min_lr: 1e-4,
+            decay_steps: 0,
+            wsd_decay_fraction: 0.2,
+        };
         close(s.lr(0, 1e-3, 110), 1e-4);
         close(s.lr(4, 1e-3, 110), 5e-4);
         close(s.lr(9, 1e-3, 110), 1e-3);
@@ -102,7 +108,13 @@ mod tests {
         close(lin.lr(35, 1e-3, 110), 1e-4 + 0.75 * 9e-4);
         let c = ScheduleConfig { decay: Decay::Constant, ..s.clone() };
         close(c.lr(100, 1e-3, 110), 1e-3);
-        let wsd = ScheduleConfig { decay: Decay::Wsd, warmup_steps: 10, min_lr: 0.0, decay_steps: 100, wsd_decay_fraction: 0.2 };
+        let wsd = ScheduleConfig {
+            decay: Decay::Wsd,
+            warmup_steps: 10,
+            min_lr: 0.0,
+            decay_steps: 100,
+            wsd_decay_fraction: 0.2,
+        };
         close(wsd.lr(50, 1.0, 100), 1.0);
         close(wsd.lr(79, 1.0, 100), 1.0);
         close(wsd.lr(80, 1.0, 100), 1.0);
