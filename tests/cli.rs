@@ -307,3 +307,59 @@ fn tokenizer_and_prepare_commands() {
         .replace("eval_every = 4", "eval_every = 0");
     ok(pretrain(&write_config(&d, &cfg), &d.join("run"), &[]));
 }
+
+#[test]
+fn nonfinite_loss_stops_or_is_skipped() {
+    let d = scratch("nan");
+    // An absurd learning rate blows the weights up after the first update.
+    let text = TINY.replace("lr = 3e-3", "lr = 1e30").replace("max_steps = 8", "max_steps = 4");
+    let cfg = write_config(&d, &text);
+    fails_with(pretrain(&cfg, &d.join("stop"), &[]), &["step 2: loss is not finite", "on_nonfinite"]);
+    let out = ok(pretrain(&cfg, &d.join("skip"), &["--set", "train.on_nonfinite=\"skip\""]));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("skipped"));
+    let last = std::fs::read_to_string(d.join("skip/metrics.jsonl")).unwrap().lines().last().unwrap().to_string();
+    let v: serde_json::Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(v["skipped_steps"].as_u64(), Some(3), "{last}");
+}
+
+/// Serves `body` once per connection on 127.0.0.1, `n` times; returns the URL.
+fn serve(body: Vec<u8>, n: usize) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/input.txt", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(n) {
+            let mut s = stream.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+            let _ = s.write_all(head.as_bytes());
+            let _ = s.write_all(&body);
+        }
+    });
+    url
+}
+
+#[test]
+fn builtin_dataset_downloads_with_checksum_into_the_cache() {
+    let d = scratch("download");
+    let tok = d.join("tok.json");
+    let train = |url: &str| {
+        Command::new(env!("CARGO_BIN_EXE_taper"))
+            .env_remove("TAPER_DATA_DIR")
+            .env("XDG_CACHE_HOME", d.join("cache"))
+            .env("TAPER_TINYSHAKESPEARE_URL", url)
+            .args(["tokenizer", "train", "--kind", "char", "--dataset", "tinyshakespeare", "--out"])
+            .arg(&tok)
+            .output()
+            .unwrap()
+    };
+    // Wrong bytes: refused, nothing cached.
+    fails_with(train(&serve(b"not shakespeare".to_vec(), 1)), &["md5", "6fb458f1232090904fb40fe944165e91"]);
+    assert!(!d.join("cache/taper/datasets/tinyshakespeare.txt").exists());
+    // The right bytes: verified, cached, and the cache serves the next call without a server.
+    let real = std::fs::read(data_dir().join("tinyshakespeare.txt")).unwrap();
+    ok(train(&serve(real.clone(), 1)));
+    assert_eq!(std::fs::read(d.join("cache/taper/datasets/tinyshakespeare.txt")).unwrap(), real);
+    ok(train("http://127.0.0.1:9/unreachable"));
+}
