@@ -37,6 +37,19 @@ pub enum Mlp {
     Swiglu,
 }
 
+/// RoPE frequency scaling for long contexts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RopeScaling {
+    /// Only "llama3" (Llama 3.1's wavelength-dependent scaling, as in HF's
+    /// `_compute_llama3_parameters`).
+    pub rope_type: String,
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: usize,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
@@ -47,17 +60,30 @@ pub struct ModelConfig {
     /// Key/value heads for grouped-query attention; 0 means n_head (multi-head attention).
     pub n_kv_head: usize,
     pub n_embd: usize,
+    /// Width of one attention head; 0 means n_embd / n_head (Qwen3 sets it apart).
+    pub head_dim: usize,
     /// Hidden width of the MLP; 0 means 4 x n_embd, or 8/3 x n_embd (rounded up to 32) for SwiGLU.
     pub intermediate_size: usize,
     /// The context length: the most positions the model sees at once.
     pub block_size: usize,
     pub pos_emb: PosEmb,
     pub rope_theta: f64,
+    pub rope_scaling: Option<RopeScaling>,
+    /// Attention sees only the last `sliding_window` positions (Mistral); 0 means all.
+    pub sliding_window: usize,
     pub norm: Norm,
     pub norm_eps: f64,
     pub mlp: Mlp,
-    /// Biases on every linear layer and norm.
+    /// Biases on every linear layer and on LayerNorms.
     pub bias: bool,
+    /// Overrides `bias` for the q, k and v projections (Qwen2 has them, nothing else does).
+    pub qkv_bias: Option<bool>,
+    /// Overrides `bias` for the attention output projection.
+    pub o_bias: Option<bool>,
+    /// Overrides `bias` for the MLP projections.
+    pub mlp_bias: Option<bool>,
+    /// RMSNorm on each query and key head before RoPE (Qwen3).
+    pub qk_norm: bool,
     /// The output head shares the token embedding matrix.
     pub tie_embeddings: bool,
     pub dropout: f64,
@@ -72,14 +98,21 @@ impl Default for ModelConfig {
             n_head: 4,
             n_kv_head: 0,
             n_embd: 128,
+            head_dim: 0,
             intermediate_size: 0,
             block_size: 64,
             pos_emb: PosEmb::Learned,
             rope_theta: 10_000.0,
+            rope_scaling: None,
+            sliding_window: 0,
             norm: Norm::LayerNorm,
             norm_eps: 1e-5,
             mlp: Mlp::Gelu,
             bias: true,
+            qkv_bias: None,
+            o_bias: None,
+            mlp_bias: None,
+            qk_norm: false,
             tie_embeddings: true,
             dropout: 0.0,
             init_std: 0.02,
@@ -97,7 +130,23 @@ impl ModelConfig {
     }
 
     pub fn head_dim(&self) -> usize {
-        self.n_embd / self.n_head.max(1)
+        if self.head_dim > 0 {
+            self.head_dim
+        } else {
+            self.n_embd / self.n_head.max(1)
+        }
+    }
+
+    pub fn qkv_bias(&self) -> bool {
+        self.qkv_bias.unwrap_or(self.bias)
+    }
+
+    pub fn o_bias(&self) -> bool {
+        self.o_bias.unwrap_or(self.bias)
+    }
+
+    pub fn mlp_bias(&self) -> bool {
+        self.mlp_bias.unwrap_or(self.bias)
     }
 
     pub fn hidden(&self) -> usize {
@@ -121,7 +170,7 @@ impl ModelConfig {
                 errs.push(format!("model.{k} must be > 0"));
             }
         }
-        if self.n_head > 0 && !self.n_embd.is_multiple_of(self.n_head) {
+        if self.head_dim == 0 && self.n_head > 0 && !self.n_embd.is_multiple_of(self.n_head) {
             errs.push(format!("model.n_embd = {} is not divisible by model.n_head = {}", self.n_embd, self.n_head));
         }
         if self.n_head > 0 && !self.n_head.is_multiple_of(self.kv_heads()) {
@@ -132,6 +181,14 @@ impl ModelConfig {
         }
         if self.pos_emb == PosEmb::Rope && self.n_head > 0 && !self.head_dim().is_multiple_of(2) {
             errs.push(format!("rope needs an even head size, found {}", self.head_dim()));
+        }
+        if let Some(r) = &self.rope_scaling {
+            if r.rope_type != "llama3" {
+                errs.push(format!("model.rope_scaling.rope_type = {:?}: only \"llama3\" is supported", r.rope_type));
+            }
+            if self.pos_emb != PosEmb::Rope {
+                errs.push("model.rope_scaling needs pos_emb = \"rope\"".into());
+            }
         }
         if !(0.0..1.0).contains(&self.dropout) {
             errs.push(format!("model.dropout = {} must be in [0, 1)", self.dropout));

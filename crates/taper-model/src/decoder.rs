@@ -24,8 +24,8 @@ pub enum Init {
 
 /// Every parameter of the model: (name, shape, init), in a fixed order.
 pub fn param_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
-    let (v, c, h) = (cfg.vocab_size, cfg.n_embd, cfg.hidden());
-    let kv = cfg.kv_heads() * cfg.head_dim();
+    let (v, c, h, hd) = (cfg.vocab_size, cfg.n_embd, cfg.hidden(), cfg.head_dim());
+    let (q, kv) = (cfg.n_head * hd, cfg.kv_heads() * hd);
     let std = cfg.init_std;
     // GPT-2's scaled init: projections into the residual stream shrink with depth.
     let resid_std = std / (2.0 * cfg.n_layer as f64).sqrt();
@@ -39,25 +39,30 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
             specs.push((format!("{name}.bias"), vec![c], Init::Zeros));
         }
     };
-    let linear = |specs: &mut Vec<_>, name: String, out: usize, inp: usize, s: f64| {
+    let linear = |specs: &mut Vec<_>, name: String, out: usize, inp: usize, s: f64, bias: bool| {
         specs.push((format!("{name}.weight"), vec![out, inp], Init::Normal(s)));
-        if cfg.bias {
+        if bias {
             specs.push((format!("{name}.bias"), vec![out], Init::Zeros));
         }
     };
     for i in 0..cfg.n_layer {
         let p = format!("model.layers.{i}");
         norm(&mut specs, format!("{p}.input_layernorm"));
-        linear(&mut specs, format!("{p}.self_attn.q_proj"), c, c, std);
-        linear(&mut specs, format!("{p}.self_attn.k_proj"), kv, c, std);
-        linear(&mut specs, format!("{p}.self_attn.v_proj"), kv, c, std);
-        linear(&mut specs, format!("{p}.self_attn.o_proj"), c, c, resid_std);
+        let (qkv_b, o_b, mlp_b) = (cfg.qkv_bias(), cfg.o_bias(), cfg.mlp_bias());
+        linear(&mut specs, format!("{p}.self_attn.q_proj"), q, c, std, qkv_b);
+        linear(&mut specs, format!("{p}.self_attn.k_proj"), kv, c, std, qkv_b);
+        linear(&mut specs, format!("{p}.self_attn.v_proj"), kv, c, std, qkv_b);
+        linear(&mut specs, format!("{p}.self_attn.o_proj"), c, q, resid_std, o_b);
+        if cfg.qk_norm {
+            specs.push((format!("{p}.self_attn.q_norm.weight"), vec![hd], Init::Ones));
+            specs.push((format!("{p}.self_attn.k_norm.weight"), vec![hd], Init::Ones));
+        }
         norm(&mut specs, format!("{p}.post_attention_layernorm"));
         if cfg.mlp == Mlp::Swiglu {
-            linear(&mut specs, format!("{p}.mlp.gate_proj"), h, c, std);
+            linear(&mut specs, format!("{p}.mlp.gate_proj"), h, c, std, mlp_b);
         }
-        linear(&mut specs, format!("{p}.mlp.up_proj"), h, c, std);
-        linear(&mut specs, format!("{p}.mlp.down_proj"), c, h, resid_std);
+        linear(&mut specs, format!("{p}.mlp.up_proj"), h, c, std, mlp_b);
+        linear(&mut specs, format!("{p}.mlp.down_proj"), c, h, resid_std, mlp_b);
     }
     norm(&mut specs, "model.norm".into());
     if !cfg.tie_embeddings {
@@ -123,12 +128,15 @@ struct NormLayer {
 
 impl NormLayer {
     fn load(w: &Weights, name: &str, cfg: &ModelConfig) -> Result<Self> {
-        let c = cfg.n_embd;
-        let has_bias = cfg.bias && cfg.norm == Norm::LayerNorm;
+        Self::load_width(w, name, cfg, cfg.n_embd, cfg.norm)
+    }
+
+    fn load_width(w: &Weights, name: &str, cfg: &ModelConfig, c: usize, kind: Norm) -> Result<Self> {
+        let has_bias = cfg.bias && kind == Norm::LayerNorm;
         Ok(Self {
             w: w.get(&format!("{name}.weight"), &[c])?,
             b: if has_bias { Some(w.get(&format!("{name}.bias"), &[c])?) } else { None },
-            kind: cfg.norm,
+            kind,
             eps: cfg.norm_eps,
         })
     }
@@ -147,6 +155,8 @@ struct Block {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    q_norm: Option<NormLayer>,
+    k_norm: Option<NormLayer>,
     post_attention_layernorm: NormLayer,
     gate_proj: Option<Linear>,
     up_proj: Linear,
@@ -189,8 +199,8 @@ pub struct Decoder {
     layers: Vec<Block>,
     norm: NormLayer,
     lm_head: Tensor,
-    /// RoPE cos and sin tables, (block_size, head_dim).
-    rope: Option<(Tensor, Tensor)>,
+    /// RoPE inverse frequencies (head_dim / 2), scaled as the config says.
+    inv_freq: Option<Vec<f32>>,
 }
 
 impl Decoder {
@@ -206,28 +216,39 @@ impl Decoder {
             PosEmb::Sinusoidal => Some(nn::sinusoidal_table(c, cfg.block_size, &dev)?),
             PosEmb::Rope | PosEmb::None => None,
         };
-        let rope = match cfg.pos_emb {
-            PosEmb::Rope => Some(nn::rope_tables(cfg.head_dim(), cfg.block_size, cfg.rope_theta, &dev)?),
-            _ => None,
-        };
+        let inv_freq = (cfg.pos_emb == PosEmb::Rope).then(|| nn::rope_inv_freq(cfg));
         let h = cfg.hidden();
+        let (q, hd) = (cfg.n_head * cfg.head_dim(), cfg.head_dim());
+        let (qkv_b, o_b, mlp_b) = (cfg.qkv_bias(), cfg.o_bias(), cfg.mlp_bias());
         let layers = (0..cfg.n_layer)
             .map(|i| {
                 let p = format!("model.layers.{i}");
                 Ok(Block {
                     input_layernorm: NormLayer::load(w, &format!("{p}.input_layernorm"), cfg)?,
-                    q_proj: Linear::load(w, &format!("{p}.self_attn.q_proj"), c, c, cfg.bias)?,
-                    k_proj: Linear::load(w, &format!("{p}.self_attn.k_proj"), kv, c, cfg.bias)?,
-                    v_proj: Linear::load(w, &format!("{p}.self_attn.v_proj"), kv, c, cfg.bias)?,
-                    o_proj: Linear::load(w, &format!("{p}.self_attn.o_proj"), c, c, cfg.bias)?,
+                    q_proj: Linear::load(w, &format!("{p}.self_attn.q_proj"), q, c, qkv_b)?,
+                    k_proj: Linear::load(w, &format!("{p}.self_attn.k_proj"), kv, c, qkv_b)?,
+                    v_proj: Linear::load(w, &format!("{p}.self_attn.v_proj"), kv, c, qkv_b)?,
+                    o_proj: Linear::load(w, &format!("{p}.self_attn.o_proj"), c, q, o_b)?,
+                    q_norm: match cfg.qk_norm {
+                        true => {
+                            Some(NormLayer::load_width(w, &format!("{p}.self_attn.q_norm"), cfg, hd, Norm::RmsNorm)?)
+                        }
+                        false => None,
+                    },
+                    k_norm: match cfg.qk_norm {
+                        true => {
+                            Some(NormLayer::load_width(w, &format!("{p}.self_attn.k_norm"), cfg, hd, Norm::RmsNorm)?)
+                        }
+                        false => None,
+                    },
                     post_attention_layernorm: NormLayer::load(w, &format!("{p}.post_attention_layernorm"), cfg)?,
                     gate_proj: if cfg.mlp == Mlp::Swiglu {
-                        Some(Linear::load(w, &format!("{p}.mlp.gate_proj"), h, c, cfg.bias)?)
+                        Some(Linear::load(w, &format!("{p}.mlp.gate_proj"), h, c, mlp_b)?)
                     } else {
                         None
                     },
-                    up_proj: Linear::load(w, &format!("{p}.mlp.up_proj"), h, c, cfg.bias)?,
-                    down_proj: Linear::load(w, &format!("{p}.mlp.down_proj"), c, h, cfg.bias)?,
+                    up_proj: Linear::load(w, &format!("{p}.mlp.up_proj"), h, c, mlp_b)?,
+                    down_proj: Linear::load(w, &format!("{p}.mlp.down_proj"), c, h, mlp_b)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -239,7 +260,7 @@ impl Decoder {
             layers,
             norm: NormLayer::load(w, "model.norm", cfg)?,
             lm_head,
-            rope,
+            inv_freq,
         })
     }
 
@@ -286,10 +307,14 @@ impl Decoder {
         if let Some(r) = rng.as_deref_mut() {
             x = nn::dropout(&x, cfg.dropout, r)?;
         }
-        let mask = nn::causal_mask(t, offset, x.device())?.to_dtype(x.dtype())?; // (T, L)
+        let mask = nn::causal_mask(t, offset, cfg.sliding_window, x.device())?.to_dtype(x.dtype())?; // (T, L)
+        let rope = match &self.inv_freq {
+            Some(f) => Some(nn::rope_tables(f, offset, t, x.device())?), // (T, D) each
+            None => None,
+        };
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = self.block(layer, &x, offset, &mask, layer_cache, rng.as_deref_mut())?;
+            x = self.block(layer, &x, rope.as_ref(), &mask, layer_cache, rng.as_deref_mut())?;
         }
         Ok(self.norm.forward(&x)?)
     }
@@ -298,13 +323,13 @@ impl Decoder {
         &self,
         l: &Block,
         x: &Tensor,
-        offset: usize,
+        rope: Option<&(Tensor, Tensor)>,
         mask: &Tensor,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         mut rng: Option<&mut Rng>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let (b, t, c) = x.dims3()?;
+        let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (cfg.n_head, cfg.kv_heads(), cfg.head_dim());
 
         // Attention, pre-norm.
@@ -312,11 +337,12 @@ impl Decoder {
         let q = l.q_proj.forward(&hx)?.reshape((b, t, nh, hd))?.transpose(1, 2)?; // (B, H, T, D)
         let k = l.k_proj.forward(&hx)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?; // (B, KV, T, D)
         let v = l.v_proj.forward(&hx)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let (q, k) = match &self.rope {
-            Some((cos, sin)) => {
-                let (cos, sin) = (cos.narrow(0, offset, t)?, sin.narrow(0, offset, t)?);
-                (nn::rope(&q, &cos, &sin)?, nn::rope(&k, &cos, &sin)?)
-            }
+        let (q, k) = match (&l.q_norm, &l.k_norm) {
+            (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&k)?),
+            _ => (q, k),
+        };
+        let (q, k) = match rope {
+            Some((cos, sin)) => (nn::rope(&q, cos, sin)?, nn::rope(&k, cos, sin)?),
             None => (q.contiguous()?, k.contiguous()?),
         };
         let (k, v) = match cache {
@@ -337,7 +363,7 @@ impl Decoder {
         if let Some(r) = rng.as_deref_mut() {
             att = nn::dropout(&att, cfg.dropout, r)?;
         }
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C)
+        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?; // (B, T, H*D)
         let mut y = l.o_proj.forward(&y)?;
         if let Some(r) = rng.as_deref_mut() {
             y = nn::dropout(&y, cfg.dropout, r)?;

@@ -66,23 +66,47 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }
 
-/// cos and sin tables of shape (max_pos, head_dim) for [`rope`].
-pub fn rope_tables(head_dim: usize, max_pos: usize, theta: f64, dev: &candle_core::Device) -> Result<(Tensor, Tensor)> {
-    let half = head_dim / 2;
-    let inv: Vec<f64> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)).collect();
-    let mut cos = Vec::with_capacity(max_pos * head_dim);
-    let mut sin = Vec::with_capacity(max_pos * head_dim);
-    for p in 0..max_pos {
-        for rep in 0..2 {
-            let _ = rep;
-            for f in &inv {
-                let a = p as f64 * f;
+/// RoPE inverse frequencies theta^(-2i/d), in f32 as HF computes them, with Llama 3's
+/// wavelength-dependent scaling when configured (HF `_compute_llama3_parameters`).
+pub fn rope_inv_freq(cfg: &crate::ModelConfig) -> Vec<f32> {
+    let d = cfg.head_dim();
+    let base: Vec<f32> = (0..d / 2).map(|i| (1.0 / cfg.rope_theta.powf((2 * i) as f64 / d as f64)) as f32).collect();
+    let Some(r) = &cfg.rope_scaling else { return base };
+    let old = r.original_max_position_embeddings as f64;
+    let (low_wavelen, high_wavelen) = (old / r.low_freq_factor, old / r.high_freq_factor);
+    base.iter()
+        .map(|&f| {
+            let f = f as f64;
+            let wavelen = 2.0 * std::f64::consts::PI / f;
+            let out = if wavelen < high_wavelen {
+                f
+            } else if wavelen > low_wavelen {
+                f / r.factor
+            } else {
+                let smooth = (old / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
+                (1.0 - smooth) * f / r.factor + smooth * f
+            };
+            out as f32
+        })
+        .collect()
+}
+
+/// cos and sin tables (T, head_dim) for positions offset..offset+T, each half repeating the
+/// frequencies. The angle is an f32 product, as in HF, so positions far out round alike.
+pub fn rope_tables(inv_freq: &[f32], offset: usize, t: usize, dev: &candle_core::Device) -> Result<(Tensor, Tensor)> {
+    let d = inv_freq.len() * 2;
+    let mut cos = Vec::with_capacity(t * d);
+    let mut sin = Vec::with_capacity(t * d);
+    for p in offset..offset + t {
+        for _half in 0..2 {
+            for f in inv_freq {
+                let a = (p as f32 * f) as f64;
                 cos.push(a.cos() as f32);
                 sin.push(a.sin() as f32);
             }
         }
     }
-    Ok((Tensor::from_vec(cos, (max_pos, head_dim), dev)?, Tensor::from_vec(sin, (max_pos, head_dim), dev)?))
+    Ok((Tensor::from_vec(cos, (t, d), dev)?, Tensor::from_vec(sin, (t, d), dev)?))
 }
 
 /// The fixed sinusoidal table of "Attention Is All You Need" (3.5): (max_pos, d).
@@ -98,11 +122,16 @@ pub fn sinusoidal_table(d: usize, max_pos: usize, dev: &candle_core::Device) -> 
 }
 
 /// Additive causal mask (T, L) for T queries at positions offset..offset+T over L = offset+T
-/// keys: 0 where a query may look, -inf in the future.
-pub fn causal_mask(t: usize, offset: usize, dev: &candle_core::Device) -> Result<Tensor> {
+/// keys: 0 where a query may look, -inf in the future and, with a sliding `window` > 0, at
+/// `window` or more positions back (Mistral).
+pub fn causal_mask(t: usize, offset: usize, window: usize, dev: &candle_core::Device) -> Result<Tensor> {
     let l = offset + t;
-    let v: Vec<f32> =
-        (0..t).flat_map(|i| (0..l).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 })).collect();
+    let v: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            let q = offset + i;
+            (0..l).map(move |j| if j > q || (window > 0 && q - j >= window) { f32::NEG_INFINITY } else { 0.0 })
+        })
+        .collect();
     Tensor::from_vec(v, (t, l), dev)
 }
 
@@ -157,7 +186,8 @@ mod tests {
         close(&f(rms_norm(&x, &w, 1e-5)?), &f(candle_nn::ops::rms_norm(&x, &w, 1e-5)?), 1e-5);
         // rope against candle's (forward-only) kernel on a (B, H, T, D) input.
         let q = x.reshape((1, 2, 3, 8))?;
-        let (cos, sin) = rope_tables(8, 3, 10_000.0, &dev)?;
+        let cfg = crate::ModelConfig { n_embd: 16, n_head: 2, pos_emb: crate::PosEmb::Rope, ..Default::default() };
+        let (cos, sin) = rope_tables(&rope_inv_freq(&cfg), 0, 3, &dev)?;
         let ours = rope(&q, &cos, &sin)?;
         let theirs =
             candle_nn::rotary_emb::rope(&q, &cos.narrow(1, 0, 4)?.contiguous()?, &sin.narrow(1, 0, 4)?.contiguous()?)?;
@@ -187,7 +217,8 @@ mod tests {
         let w: Vec<f64> = (0..4).map(|_| 1.0 + 0.3 * r.normal()).collect();
         let wt = Tensor::from_vec(w, 4, &dev)?;
         let bt = wt.affine(0.5, -0.2)?;
-        let (cos, sin) = rope_tables(4, 3, 100.0, &dev)?;
+        let cfg = crate::ModelConfig { n_embd: 8, n_head: 2, rope_theta: 100.0, ..Default::default() };
+        let (cos, sin) = rope_tables(&rope_inv_freq(&cfg), 0, 3, &dev)?;
         let (cos, sin) = (cos.to_dtype(DType::F64)?, sin.to_dtype(DType::F64)?);
         let probe =
             Tensor::from_vec((0..xs.len()).map(|i| (i as f64 * 0.37).sin()).collect::<Vec<_>>(), (2, 2, 3, 4), &dev)?;
