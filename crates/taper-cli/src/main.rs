@@ -1,5 +1,7 @@
 //! `taper`: tokenizer training, data preparation, pretraining, generation and inspection.
 
+mod export;
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -7,8 +9,8 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use taper_data::{datasets, prepare, tokenizer};
 use taper_model::{Decoder, Rng, Sampling, Weights};
-use taper_train::checkpoint;
 use taper_train::pretrain::{self, Observer, Resume, RunInfo, StepLog};
+use taper_train::{checkpoint, source};
 
 #[derive(Parser)]
 #[command(name = "taper", version, about = "Train transformer language models in Rust")]
@@ -26,10 +28,43 @@ enum Cmd {
     Prepare(PrepareArgs),
     /// Pretrain a decoder language model from a TOML config.
     Pretrain(PretrainArgs),
-    /// Generate text from a checkpoint or run directory.
+    /// Generate text from any model source.
     Generate(GenerateArgs),
-    /// Describe a checkpoint or run directory.
-    Info { path: PathBuf },
+    /// Per-token log-probabilities of each JSONL line's `text` under a model.
+    Score(ScoreArgs),
+    /// Export a model source to Hugging Face (safetensors + config.json) or GGUF.
+    Export(ExportArgs),
+    /// Describe a model source.
+    Info { path: String },
+}
+
+#[derive(Args)]
+struct ScoreArgs {
+    /// A model source: checkpoint, run dir, HF model dir or hf://Org/Name[@rev].
+    #[arg(long)]
+    model: String,
+    #[arg(long)]
+    input: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// A model source: checkpoint, run dir, HF model dir or hf://Org/Name[@rev].
+    src: String,
+    #[arg(long, value_parser = ["hf", "gguf"])]
+    format: String,
+    #[arg(long)]
+    out: PathBuf,
+    /// GGUF tensor type.
+    #[arg(long, value_parser = ["f32", "f16", "q8_0"], default_value = "f16")]
+    gguf_type: String,
+    /// Shard HF safetensors above this many bytes.
+    #[arg(long, default_value_t = export::DEFAULT_MAX_SHARD_BYTES)]
+    max_shard_bytes: u64,
 }
 
 #[derive(Subcommand)]
@@ -83,19 +118,23 @@ struct PretrainArgs {
 
 #[derive(Args)]
 struct GenerateArgs {
-    /// A checkpoint dir or a run dir (its newest checkpoint).
+    /// A model source: checkpoint, run dir, HF model dir or hf://Org/Name[@rev].
     #[arg(long)]
-    model: PathBuf,
+    model: String,
     #[arg(long, default_value = "\n")]
     prompt: String,
-    #[arg(long, default_value_t = 200)]
-    max_tokens: usize,
-    #[arg(long, default_value_t = 0.8)]
-    temperature: f64,
-    #[arg(long, default_value_t = 200)]
-    top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f64,
+    /// Default: the model's generation_config, else 200.
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// 0 is greedy. Default: the model's generation_config, else 0.8.
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Default: the model's generation_config, else 200.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Default: the model's generation_config, else 1.0.
+    #[arg(long)]
+    top_p: Option<f64>,
     #[arg(long, default_value_t = 1337)]
     seed: u64,
     #[arg(long, default_value = "cpu")]
@@ -147,6 +186,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Pretrain(a) => pretrain_cmd(a)?,
         Cmd::Generate(a) => generate_cmd(a)?,
+        Cmd::Score(a) => score_cmd(a)?,
+        Cmd::Export(a) => export_cmd(a)?,
         Cmd::Info { path } => info_cmd(&path)?,
     }
     Ok(())
@@ -288,29 +329,36 @@ impl Observer for Progress {
 
 fn generate_cmd(a: GenerateArgs) -> Result<()> {
     let device = pretrain::select_device(&a.device)?;
-    let dir = checkpoint::resolve(&a.model)?;
-    let (cfg, tensors) = checkpoint::load_model(&dir, &device)?;
-    let tok = tokenizer::load(&dir.join("tokenizer.json"))?;
-    let model = Decoder::load(&Weights::new(tensors).detached(), &cfg.model)?;
-    let enc = tok.encode(a.prompt.as_str(), false).map_err(|e| anyhow::anyhow!("prompt: {e}"))?;
+    let src = source::load(&a.model, &device)?;
+    let model = Decoder::load(&Weights::new(src.weights.clone()).detached(), &src.config)?;
+    let tok = &src.tokenizer;
+    let enc = tok.encode(a.prompt.as_str(), true).map_err(|e| anyhow::anyhow!("prompt: {e}"))?;
     let prompt = enc.get_ids().to_vec();
     if prompt.is_empty() {
         bail!("the prompt is empty after tokenization");
     }
-    let sampling = Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p };
-    let stop: Vec<u32> = tokenizer::eos_id(&tok).into_iter().collect();
+    // Defaults: the model's generation_config (greedy unless it samples), else nanoGPT's.
+    let gen = &src.generation;
+    let greedy_default = gen.do_sample == Some(false);
+    let sampling = Sampling {
+        temperature: a.temperature.unwrap_or(if greedy_default { 0.0 } else { gen.temperature.unwrap_or(0.8) }),
+        top_k: a.top_k.or(gen.top_k).unwrap_or(200),
+        top_p: a.top_p.or(gen.top_p).unwrap_or(1.0),
+    };
+    let max_tokens = a.max_tokens.or(gen.max_new_tokens).unwrap_or(200);
+    let stop = src.eos_ids.clone();
     let mut rng = Rng::new(a.seed);
     let mut out = std::io::stdout();
     write!(out, "{}", a.prompt)?;
     let mut ids = Vec::new();
     let mut printed = 0;
     // Decode the growing sequence and print the new suffix: tokens can end mid-character.
-    let result = model.generate(&prompt, a.max_tokens, &sampling, &stop, &mut rng, |t| {
+    let result = model.generate(&prompt, max_tokens, &sampling, &stop, &mut rng, |t| {
         if stop.contains(&t) {
             return;
         }
         ids.push(t);
-        if let Ok(s) = tokenizer::decode(&tok, &ids) {
+        if let Ok(s) = tokenizer::decode(tok, &ids) {
             if s.len() > printed && s.is_char_boundary(printed) && !s.ends_with('\u{FFFD}') {
                 let _ = write!(out, "{}", &s[printed..]);
                 let _ = out.flush();
@@ -319,26 +367,91 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
         }
     });
     result?;
+    // Whatever is left, such as a trailing partial character, as a decoder shows it.
+    let s = tokenizer::decode(tok, &ids)?;
+    if s.len() > printed && s.is_char_boundary(printed) {
+        write!(out, "{}", &s[printed..])?;
+    }
     writeln!(out)?;
     Ok(())
 }
 
-fn info_cmd(path: &Path) -> Result<()> {
-    let dir = checkpoint::resolve(path)?;
-    let state = checkpoint::read_state(&dir)?;
-    let cfg: taper_train::RunConfig = toml::from_str(&state.config).context("saved config")?;
-    let (_, tensors) = checkpoint::load_model(&dir, &candle_core::Device::Cpu)?;
-    let params: usize = tensors.values().map(|t| t.elem_count()).sum();
-    let m = &cfg.model;
-    println!("checkpoint      {}", dir.display());
-    println!("step            {} ({} tokens seen, {} skipped)", state.step, state.tokens_seen, state.skipped_steps);
-    println!("val loss        {}", state.val_loss.map_or("-".into(), |v| format!("{v:.4}")));
-    println!("parameters      {params} ({:.2}M) in {} tensors", params as f64 / 1e6, tensors.len());
+fn score_cmd(a: ScoreArgs) -> Result<()> {
+    use candle_core::{DType, Tensor};
+    let device = pretrain::select_device(&a.device)?;
+    let src = source::load(&a.model, &device)?;
+    let model = Decoder::load(&Weights::new(src.weights.clone()).detached(), &src.config)?;
+    let text = std::fs::read_to_string(&a.input).with_context(|| a.input.display().to_string())?;
+    let mut out = String::new();
+    let mut n = 0;
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = format!("{}:{}", a.input.display(), i + 1);
+        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{at}: not valid JSON"))?;
+        let Some(t) = v.get("text").and_then(|t| t.as_str()) else { bail!("{at}: no string field `text`") };
+        let enc = src.tokenizer.encode(t, true).map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+        let mut ids = enc.get_ids().to_vec();
+        let truncated = ids.len() > src.config.block_size;
+        ids.truncate(src.config.block_size);
+        let mut logprobs = Vec::new();
+        if ids.len() > 1 {
+            let x = Tensor::new(ids.as_slice(), &device)?.unsqueeze(0)?;
+            let logits = model.forward(&x, 0, None, None)?.squeeze(0)?.to_dtype(DType::F32)?; // (T, V)
+            let lp = taper_model::nn::log_softmax(&logits)?;
+            let next = Tensor::new(&ids[1..], &device)?.unsqueeze(1)?;
+            let picked = lp.narrow(0, 0, ids.len() - 1)?.gather(&next, 1)?.squeeze(1)?;
+            logprobs = picked.to_vec1::<f32>()?;
+        }
+        let sum: f64 = logprobs.iter().map(|&x| x as f64).sum();
+        let row = serde_json::json!({"text": t, "tokens": ids, "logprobs": logprobs, "sum_logprob": sum,
+            "n_scored": logprobs.len(), "truncated": truncated});
+        out.push_str(&serde_json::to_string(&row)?);
+        out.push('\n');
+        n += 1;
+    }
+    std::fs::write(&a.out, out).with_context(|| a.out.display().to_string())?;
+    eprintln!("scored {n} texts into {}", a.out.display());
+    Ok(())
+}
+
+fn export_cmd(a: ExportArgs) -> Result<()> {
+    let src = source::load(&a.src, &candle_core::Device::Cpu)?;
+    match a.format.as_str() {
+        "hf" => {
+            let family = export::export_hf(&src, &a.out, a.max_shard_bytes)?;
+            println!("wrote {} ({} model)", a.out.display(), family.model_type());
+        }
+        other => bail!("export format {other:?} is not available in this build"),
+    }
+    Ok(())
+}
+
+fn info_cmd(spec: &str) -> Result<()> {
+    let src = source::load(spec, &candle_core::Device::Cpu)?;
+    let params: usize = src.weights.values().map(|t| t.elem_count()).sum();
+    let m = &src.config;
+    let state = match &src.run_config {
+        Some(_) => Some(checkpoint::read_state(&src.dir)?),
+        None => None,
+    };
+    println!("source          {}", src.dir.display());
+    match (&state, src.family) {
+        (Some(s), _) => {
+            println!("step            {} ({} tokens seen, {} skipped)", s.step, s.tokens_seen, s.skipped_steps);
+            println!("val loss        {}", s.val_loss.map_or("-".into(), |v| format!("{v:.4}")));
+        }
+        (None, Some(f)) => println!("format          Hugging Face {} ({})", f.model_type(), f.architecture()),
+        _ => {}
+    }
+    println!("parameters      {params} ({:.2}M) in {} tensors", params as f64 / 1e6, src.weights.len());
     println!(
-        "model           {} layers, {} heads ({} kv), width {}, mlp {}, context {}, vocab {}",
+        "model           {} layers, {} heads ({} kv, size {}), width {}, mlp {}, context {}, vocab {}",
         m.n_layer,
         m.n_head,
         m.kv_heads(),
+        m.head_dim(),
         m.n_embd,
         m.hidden(),
         m.block_size,
@@ -348,11 +461,19 @@ fn info_cmd(path: &Path) -> Result<()> {
         "                pos {:?}, norm {:?}, mlp {:?}, bias {}, tied {}",
         m.pos_emb, m.norm, m.mlp, m.bias, m.tie_embeddings
     );
-    println!("optimizer       {:?} lr {} wd {}", cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay);
-    println!("tokenizer       sha256 {}", state.tokenizer_sha256);
-    for (f, h) in &state.files {
-        let size = std::fs::metadata(dir.join(f)).map(|m| m.len()).unwrap_or(0);
-        println!("file            {f} {size} bytes sha256 {}", &h[..16]);
+    println!(
+        "tokenizer       {} tokens; eos {:?}; bos {:?}; chat template {}",
+        tokenizer::vocab_size(&src.tokenizer),
+        src.eos_ids,
+        src.bos_id,
+        if src.chat_template.is_some() { "yes" } else { "no" }
+    );
+    if let (Some(cfg), Some(s)) = (&src.run_config, &state) {
+        println!("optimizer       {:?} lr {} wd {}", cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay);
+        for (f, h) in &s.files {
+            let size = std::fs::metadata(src.dir.join(f)).map(|m| m.len()).unwrap_or(0);
+            println!("file            {f} {size} bytes sha256 {}", &h[..16]);
+        }
     }
     Ok(())
 }

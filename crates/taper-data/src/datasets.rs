@@ -87,10 +87,10 @@ pub fn resolve(b: &Builtin, mut progress: impl FnMut(u64, u64)) -> Result<PathBu
 
 fn download(url: &str, dest: &Path, b: &Builtin, progress: &mut impl FnMut(u64, u64)) -> Result<()> {
     let fail = |reason: String| DataError::Dataset { name: b.name.into(), reason };
-    let mut resp = ureq::get(url).call().map_err(|e| {
+    let resp = ureq::get(url).call().map_err(|e| {
         fail(format!("download from {url} failed: {e} (set TAPER_DATA_DIR to a folder holding {})", b.file))
     })?;
-    let mut reader = resp.body_mut().as_reader();
+    let mut reader = resp.into_reader();
     let mut bytes = Vec::with_capacity(b.bytes as usize);
     let mut buf = [0u8; 1 << 16];
     loop {

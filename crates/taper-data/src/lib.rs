@@ -1,6 +1,7 @@
 //! Tokenizers, token shards, built-in datasets and seeded window loaders.
 
 pub mod datasets;
+pub mod hub;
 pub mod loader;
 pub mod prepare;
 pub mod shard;

@@ -32,9 +32,11 @@ impl Family {
             "mistral" => Family::Mistral,
             "qwen2" => Family::Qwen2,
             "qwen3" => Family::Qwen3,
-            other => return Err(ModelError::Config(format!(
+            other => {
+                return Err(ModelError::Config(format!(
                 "config.json: model_type {other:?} is not supported (taper reads gpt2, llama, mistral, qwen2, qwen3)"
-            ))),
+            )))
+            }
         })
     }
 
