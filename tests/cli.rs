@@ -363,3 +363,46 @@ fn builtin_dataset_downloads_with_checksum_into_the_cache() {
     assert_eq!(std::fs::read(d.join("cache/taper/datasets/tinyshakespeare.txt")).unwrap(), real);
     ok(train("http://127.0.0.1:9/unreachable"));
 }
+
+#[test]
+fn taper_runs_export_to_hf() {
+    let d = scratch("export");
+    let run = d.join("run");
+    ok(pretrain(&write_config(&d, TINY), &run, &[]));
+    let out = d.join("hf");
+    let s = ok(taper().args(["export"]).arg(&run).args(["--format", "hf", "--out"]).arg(&out).output().unwrap());
+    assert!(String::from_utf8_lossy(&s.stdout).contains("gpt2 model"));
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    // The export, read back as an HF source, scores exactly like the checkpoint.
+    let input = d.join("in.jsonl");
+    std::fs::write(&input, "{\"text\": \"ROMEO: What light\"}\n").unwrap();
+    let score = |m: &Path, o: &str| {
+        ok(taper()
+            .args(["score", "--model"])
+            .arg(m)
+            .arg("--input")
+            .arg(&input)
+            .arg("--out")
+            .arg(d.join(o))
+            .output()
+            .unwrap());
+        std::fs::read_to_string(d.join(o)).unwrap()
+    };
+    assert_eq!(score(&run, "a.jsonl"), score(&out, "b.jsonl"));
+    // Sinusoidal positions have no HF family: a clear refusal.
+    let sin = d.join("sin");
+    ok(pretrain(
+        &write_config(
+            &d,
+            &TINY.replace("dropout = 0.1", "pos_emb = \"sinusoidal\"").replace("max_steps = 8", "max_steps = 2"),
+        ),
+        &sin,
+        &[],
+    ));
+    fails_with(
+        taper().args(["export"]).arg(&sin).args(["--format", "hf", "--out"]).arg(d.join("x")).output().unwrap(),
+        &["no Hugging Face equivalent", "Sinusoidal"],
+    );
+}
