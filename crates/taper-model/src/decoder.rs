@@ -292,26 +292,97 @@ impl Decoder {
         ids: &Tensor,
         offset: usize,
         mut cache: Option<&mut KvCache>,
-        mut rng: Option<&mut Rng>,
+        rng: Option<&mut Rng>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let (b, t) = ids.dims2()?;
+        let (_, t) = ids.dims2()?;
         if offset + t > cfg.block_size {
             return Err(ModelError::TooLong { len: offset + t, max: cfg.block_size });
         }
-        let c = cfg.n_embd;
-        let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, c))?;
-        if let Some(pos) = &self.embed_positions {
-            x = x.broadcast_add(&pos.narrow(0, offset, t)?)?;
-        }
-        if let Some(r) = rng.as_deref_mut() {
-            x = nn::dropout(&x, cfg.dropout, r)?;
-        }
-        let mask = nn::causal_mask(t, offset, cfg.sliding_window, x.device())?.to_dtype(x.dtype())?; // (T, L)
-        let rope = match &self.inv_freq {
-            Some(f) => Some(nn::rope_tables(f, offset, t, x.device())?), // (T, D) each
+        let dev = ids.device();
+        let pos = match &self.embed_positions {
+            Some(p) => Some(p.narrow(0, offset, t)?), // (T, C)
             None => None,
         };
+        let mask = nn::causal_mask(t, offset, cfg.sliding_window, dev)?; // (T, L)
+        let rope = match &self.inv_freq {
+            Some(f) => Some(nn::rope_tables(f, offset, t, dev)?), // (T, D) each
+            None => None,
+        };
+        self.run(ids, pos, rope, mask, cache.as_deref_mut(), rng)
+    }
+
+    /// Logits (B, T, V) for packed rows: several documents per row, each with positions
+    /// restarting at 0 (`position_ids`, (B, T)) and attention kept inside its segment
+    /// (`segment_ids`, (B, T): 1, 2, ... per document, 0 for padding).
+    pub fn forward_packed(
+        &self,
+        ids: &Tensor,
+        position_ids: &[u32],
+        segment_ids: &[u32],
+        rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        let h = self.forward_hidden_packed(ids, position_ids, segment_ids, rng)?;
+        Ok(nn::linear(&h, &self.lm_head, None)?)
+    }
+
+    pub fn forward_hidden_packed(
+        &self,
+        ids: &Tensor,
+        position_ids: &[u32],
+        segment_ids: &[u32],
+        rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (b, t) = ids.dims2()?;
+        if t > cfg.block_size {
+            return Err(ModelError::TooLong { len: t, max: cfg.block_size });
+        }
+        if position_ids.len() != b * t || segment_ids.len() != b * t {
+            return Err(ModelError::Config(format!("packed batch of {b}x{t} needs as many position and segment ids")));
+        }
+        let dev = ids.device();
+        let max_pos = position_ids.iter().copied().max().unwrap_or(0) as usize;
+        if max_pos >= cfg.block_size {
+            return Err(ModelError::TooLong { len: max_pos + 1, max: cfg.block_size });
+        }
+        let pid = Tensor::new(position_ids, dev)?;
+        let pos = match &self.embed_positions {
+            Some(p) => Some(p.index_select(&pid, 0)?.reshape((b, t, cfg.n_embd))?), // (B, T, C)
+            None => None,
+        };
+        let mask = nn::segment_mask(segment_ids, b, t, cfg.sliding_window, dev)?; // (B, 1, T, T)
+        let rope = match &self.inv_freq {
+            Some(f) => {
+                let (cos, sin) = nn::rope_tables(f, 0, max_pos + 1, dev)?;
+                let d = cos.dim(1)?;
+                let pick = |tab: &Tensor| tab.index_select(&pid, 0)?.reshape((b, 1, t, d));
+                Some((pick(&cos)?, pick(&sin)?)) // (B, 1, T, D) each
+            }
+            None => None,
+        };
+        self.run(ids, pos, rope, mask, None, rng)
+    }
+
+    /// The shared body: embeddings (+ positions), the blocks, the final norm.
+    fn run(
+        &self,
+        ids: &Tensor,
+        pos: Option<Tensor>,
+        rope: Option<(Tensor, Tensor)>,
+        mask: Tensor,
+        mut cache: Option<&mut KvCache>,
+        mut rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.n_embd))?;
+        if let Some(p) = pos {
+            x = x.broadcast_add(&p)?;
+        }
+        if let Some(r) = rng.as_deref_mut() {
+            x = nn::dropout(&x, self.cfg.dropout, r)?;
+        }
+        let mask = mask.to_dtype(x.dtype())?;
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             x = self.block(layer, &x, rope.as_ref(), &mask, layer_cache, rng.as_deref_mut())?;
@@ -568,6 +639,26 @@ mod tests {
             let inc = Tensor::cat(&[&a, &b], 1)?;
             let diff = (full - inc)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-5, "{style}: {diff}");
+        }
+        Ok(())
+    }
+
+    /// Two documents packed in one row (plus padding) give each document's own logits.
+    #[test]
+    fn packed_equals_unpacked() -> Result<()> {
+        for style in ["gpt2", "llama"] {
+            let cfg = tiny(style);
+            let dev = Device::Cpu;
+            let model = Decoder::load(&Weights::from_pairs(init_weights(&cfg, 4, &dev)?), &cfg)?;
+            let (a, b) = ([3u32, 7, 1, 9, 4], [2u32, 8, 8, 5]);
+            let row: Vec<u32> = a.iter().chain(&b).copied().chain([0, 0, 0]).collect();
+            let pos: Vec<u32> = (0..5).chain(0..4).chain([0, 0, 0]).collect();
+            let seg: Vec<u32> = [1; 5].into_iter().chain([2; 4]).chain([0; 3]).collect();
+            let packed = model.forward_packed(&Tensor::new(row.as_slice(), &dev)?.unsqueeze(0)?, &pos, &seg, None)?;
+            let alone = |x: &[u32]| model.forward(&Tensor::new(x, &dev).unwrap().unsqueeze(0).unwrap(), 0, None, None);
+            let diff_a = (packed.narrow(1, 0, 5)? - alone(&a)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff_b = (packed.narrow(1, 5, 4)? - alone(&b)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff_a < 1e-5 && diff_b < 1e-5, "{style}: {diff_a} {diff_b}");
         }
         Ok(())
     }

@@ -135,6 +135,25 @@ pub fn causal_mask(t: usize, offset: usize, window: usize, dev: &candle_core::De
     Tensor::from_vec(v, (t, l), dev)
 }
 
+/// Additive mask (B, 1, T, T) for packed rows: a query sees earlier keys of its own segment
+/// (and within the sliding `window`, if any). Padding (segment 0) sees only itself, so its
+/// softmax stays finite.
+pub fn segment_mask(seg: &[u32], b: usize, t: usize, window: usize, dev: &candle_core::Device) -> Result<Tensor> {
+    let mut v = vec![f32::NEG_INFINITY; b * t * t];
+    for r in 0..b {
+        let s = &seg[r * t..(r + 1) * t];
+        for i in 0..t {
+            for j in 0..=i {
+                let same = if s[i] == 0 { i == j } else { s[j] == s[i] };
+                if same && (window == 0 || i - j < window) {
+                    v[(r * t + i) * t + j] = 0.0;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(v, (b, 1, t, t), dev)
+}
+
 /// Inverted dropout with a mask drawn from our seeded RNG (candle's CPU RNG cannot be seeded).
 pub fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
     if p <= 0.0 {
