@@ -101,21 +101,53 @@ fn check(cfg: &ModelConfig) -> Result<()> {
     }
 }
 
+/// A low-rank adapter on a linear: A (r, in), B (out, r), alpha / r, dropout.
+struct Adapter {
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
+    dropout: f64,
+}
+
 struct Linear {
     w: Tensor,
     b: Option<Tensor>,
+    lora: Option<Adapter>,
 }
 
 impl Linear {
     fn load(w: &Weights, name: &str, out: usize, inp: usize, bias: bool) -> Result<Self> {
+        let a_name = format!("{name}.lora_A.weight");
+        let lora = match (w.lora(), w.contains(&a_name)) {
+            (Some(l), true) => Some(Adapter {
+                a: w.get(&a_name, &[l.r, inp])?,
+                b: w.get(&format!("{name}.lora_B.weight"), &[out, l.r])?,
+                scale: l.scale(),
+                dropout: l.dropout,
+            }),
+            _ => None,
+        };
         Ok(Self {
             w: w.get(&format!("{name}.weight"), &[out, inp])?,
             b: if bias { Some(w.get(&format!("{name}.bias"), &[out])?) } else { None },
+            lora,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        nn::linear(x, &self.w, self.b.as_ref())
+    /// With an adapter, `rng` (training) turns its dropout on.
+    fn forward_rng(&self, x: &Tensor, rng: Option<&mut Rng>) -> candle_core::Result<Tensor> {
+        let y = nn::linear(x, &self.w, self.b.as_ref())?;
+        match &self.lora {
+            None => Ok(y),
+            Some(ad) => {
+                let xd = match rng {
+                    Some(r) => nn::dropout(x, ad.dropout, r)?,
+                    None => x.clone(),
+                };
+                let low = nn::linear(&nn::linear(&xd, &ad.a, None)?, &ad.b, None)?;
+                y + (low * ad.scale)?
+            }
+        }
     }
 }
 
@@ -405,9 +437,10 @@ impl Decoder {
 
         // Attention, pre-norm.
         let hx = l.input_layernorm.forward(x)?;
-        let q = l.q_proj.forward(&hx)?.reshape((b, t, nh, hd))?.transpose(1, 2)?; // (B, H, T, D)
-        let k = l.k_proj.forward(&hx)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?; // (B, KV, T, D)
-        let v = l.v_proj.forward(&hx)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = l.q_proj.forward_rng(&hx, rng.as_deref_mut())?.reshape((b, t, nh, hd))?.transpose(1, 2)?; // (B, H, T, D)
+        let k = l.k_proj.forward_rng(&hx, rng.as_deref_mut())?.reshape((b, t, nkv, hd))?.transpose(1, 2)?; // (B, KV, T, D)
+        let v =
+            l.v_proj.forward_rng(&hx, rng.as_deref_mut())?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let (q, k) = match (&l.q_norm, &l.k_norm) {
             (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&k)?),
             _ => (q, k),
@@ -435,7 +468,7 @@ impl Decoder {
             att = nn::dropout(&att, cfg.dropout, r)?;
         }
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?; // (B, T, H*D)
-        let mut y = l.o_proj.forward(&y)?;
+        let mut y = l.o_proj.forward_rng(&y, rng.as_deref_mut())?;
         if let Some(r) = rng.as_deref_mut() {
             y = nn::dropout(&y, cfg.dropout, r)?;
         }
@@ -443,15 +476,15 @@ impl Decoder {
 
         // MLP, pre-norm.
         let hx = l.post_attention_layernorm.forward(&x)?;
-        let up = l.up_proj.forward(&hx)?;
+        let up = l.up_proj.forward_rng(&hx, rng.as_deref_mut())?;
         let act = match (cfg.mlp, &l.gate_proj) {
-            (Mlp::Swiglu, Some(g)) => (g.forward(&hx)?.silu()? * up)?,
+            (Mlp::Swiglu, Some(g)) => (g.forward_rng(&hx, rng.as_deref_mut())?.silu()? * up)?,
             (Mlp::Gelu, _) => up.gelu_erf()?,
             (Mlp::GeluTanh, _) => up.gelu()?,
             (Mlp::Relu, _) => up.relu()?,
             (Mlp::Swiglu, None) => unreachable!("gate_proj is loaded for swiglu"),
         };
-        let mut y = l.down_proj.forward(&act)?;
+        let mut y = l.down_proj.forward_rng(&act, rng.as_deref_mut())?;
         if let Some(r) = rng {
             y = nn::dropout(&y, cfg.dropout, r)?;
         }

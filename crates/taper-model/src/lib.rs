@@ -7,12 +7,14 @@
 pub mod config;
 pub mod decoder;
 pub mod hf;
+pub mod lora;
 pub mod nn;
 pub mod rng;
 pub mod weights;
 
 pub use config::{Mlp, ModelConfig, Norm, PosEmb};
 pub use decoder::{flatten_logits, init_weights, param_specs, sample, Decoder, KvCache, Sampling};
+pub use lora::LoraConfig;
 pub use rng::Rng;
 pub use weights::{ParamKind, Weights};
 

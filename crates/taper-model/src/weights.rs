@@ -8,6 +8,8 @@ use std::collections::HashMap;
 #[derive(Clone, Default)]
 pub struct Weights {
     map: HashMap<String, Tensor>,
+    /// Set when the map also holds LoRA adapters (`{linear}.lora_A.weight`, ...).
+    lora: Option<crate::LoraConfig>,
 }
 
 /// What a parameter is, for choices such as weight decay.
@@ -35,17 +37,28 @@ impl ParamKind {
 
 impl Weights {
     pub fn new(map: HashMap<String, Tensor>) -> Self {
-        Self { map }
+        Self { map, lora: None }
     }
 
     pub fn from_pairs(pairs: impl IntoIterator<Item = (String, Tensor)>) -> Self {
-        Self { map: pairs.into_iter().collect() }
+        Self { map: pairs.into_iter().collect(), lora: None }
+    }
+
+    /// Adds LoRA adapters (see [`crate::lora`]) to be applied on top of the base weights.
+    pub fn with_lora(mut self, adapters: impl IntoIterator<Item = (String, Tensor)>, cfg: crate::LoraConfig) -> Self {
+        self.map.extend(adapters);
+        self.lora = Some(cfg);
+        self
+    }
+
+    pub fn lora(&self) -> Option<&crate::LoraConfig> {
+        self.lora.as_ref()
     }
 
     /// The same weights cut off from any graph: for eval and generation, so no backward graph
     /// is recorded.
     pub fn detached(&self) -> Self {
-        Self { map: self.map.iter().map(|(k, v)| (k.clone(), v.detach())).collect() }
+        Self { map: self.map.iter().map(|(k, v)| (k.clone(), v.detach())).collect(), lora: self.lora.clone() }
     }
 
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
