@@ -323,7 +323,7 @@ impl Decoder {
         &self,
         ids: &Tensor,
         offset: usize,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         rng: Option<&mut Rng>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
@@ -341,7 +341,7 @@ impl Decoder {
             Some(f) => Some(nn::rope_tables(f, offset, t, dev)?), // (T, D) each
             None => None,
         };
-        self.run(ids, pos, rope, mask, cache.as_deref_mut(), rng)
+        self.run(ids, pos, rope, mask, cache, rng)
     }
 
     /// Logits (B, T, V) for packed rows: several documents per row, each with positions
