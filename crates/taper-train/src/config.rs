@@ -165,10 +165,27 @@ impl RunConfig {
     }
 }
 
+/// A run config: every section has defaults (so each key can be checked alone), and
+/// cross-field rules.
+pub trait Validate: serde::de::DeserializeOwned {
+    fn validate(&self) -> Vec<String>;
+}
+
+impl Validate for RunConfig {
+    fn validate(&self) -> Vec<String> {
+        RunConfig::validate(self)
+    }
+}
+
+/// [`parse_as`] for the pretraining config.
+pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<RunConfig> {
+    parse_as(text, origin, overrides)
+}
+
 /// Parses TOML text, applies `key=value` overrides, and checks everything: unknown keys and
 /// wrong types (each key on its own, so all are found), then cross-field rules.
 /// `origin` names the file in messages.
-pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<RunConfig> {
+pub fn parse_as<T: Validate>(text: &str, origin: &str, overrides: &[String]) -> Result<T> {
     let mut root: toml::Table = text.parse().map_err(|e: toml::de::Error| {
         let msg = e.message().to_string();
         let line = e.span().map(|s| text[..s.start].lines().count().max(1));
@@ -198,7 +215,7 @@ pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<RunConfig
                     inner.insert(sub.clone(), v.clone());
                     let mut one = toml::Table::new();
                     one.insert(key.clone(), toml::Value::Table(inner));
-                    if let Err(e) = toml::Value::Table(one).try_into::<RunConfig>() {
+                    if let Err(e) = toml::Value::Table(one).try_into::<T>() {
                         errs.push(format!(
                             "{}: {key}.{sub}: {}",
                             place(&format!("{key}.{sub}"), key, sub),
@@ -210,7 +227,7 @@ pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<RunConfig
             _ => {
                 let mut one = toml::Table::new();
                 one.insert(key.clone(), value.clone());
-                if let Err(e) = toml::Value::Table(one).try_into::<RunConfig>() {
+                if let Err(e) = toml::Value::Table(one).try_into::<T>() {
                     errs.push(format!("{}: {key}: {}", place(key, "", key), first_line(&e.to_string())));
                 }
             }
@@ -219,7 +236,7 @@ pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<RunConfig
     if !errs.is_empty() {
         return Err(TrainError::Config(errs));
     }
-    let cfg: RunConfig = toml::Value::Table(root)
+    let cfg: T = toml::Value::Table(root)
         .try_into()
         .map_err(|e: toml::de::Error| TrainError::Config(vec![format!("{origin}: {}", first_line(&e.to_string()))]))?;
     let errs: Vec<String> = cfg.validate().into_iter().map(|e| format!("{origin}: {e}")).collect();
