@@ -27,6 +27,15 @@ pub struct TrainerState {
     pub config: String,
     /// sha256 of every other file in the checkpoint.
     pub files: BTreeMap<String, String>,
+    /// The model's architecture; for checkpoints whose run config is not a pretraining one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<taper_model::ModelConfig>,
+    /// Set when `model.safetensors` holds LoRA adapters over the base model `base`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<taper_model::LoraConfig>,
+    /// The model source a fine-tuning run started from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
 }
 
 pub struct Checkpoint {
@@ -66,13 +75,15 @@ fn maybe_die_mid_write(step: u64) {
     }
 }
 
-/// Writes a checkpoint for `state.step` under `root` and returns its directory.
+/// Writes a checkpoint for `state.step` under `root` and returns its directory. `extra` may
+/// write more files into the (still temporary) directory; they are hashed with the rest.
 pub fn save(
     root: &Path,
     model: &HashMap<String, Tensor>,
     optimizer: &HashMap<String, Tensor>,
     tokenizer: &Path,
     mut state: TrainerState,
+    extra: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(root).map_err(io_err(root))?;
     let name = step_dir_name(state.step);
@@ -94,6 +105,14 @@ pub fn save(
     std::fs::copy(tokenizer, &tok).map_err(io_err(&tok))?;
     fsync(&tok)?;
     state.files.insert("tokenizer.json".into(), sha256(&tok)?);
+    extra(&tmp)?;
+    for e in std::fs::read_dir(&tmp).map_err(io_err(&tmp))?.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if !state.files.contains_key(&name) {
+            fsync(&e.path())?;
+            state.files.insert(name, sha256(&e.path())?);
+        }
+    }
     let st = tmp.join("trainer_state.json");
     std::fs::write(&st, serde_json::to_string_pretty(&state).expect("state serialises")).map_err(io_err(&st))?;
     fsync(&st)?;
@@ -191,10 +210,27 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
     })
 }
 
-/// The run config and weights of a checkpoint, verified, without the optimizer state.
-pub fn load_model(dir: &Path, device: &Device) -> Result<(crate::RunConfig, HashMap<String, Tensor>)> {
+/// What a checkpoint holds for inference: its model config and weights (verified), the LoRA
+/// adapters' config and base source when it holds adapters, and the pretraining run config
+/// when it came from `taper pretrain`.
+pub struct ModelCheckpoint {
+    pub model: taper_model::ModelConfig,
+    pub weights: HashMap<String, Tensor>,
+    pub lora: Option<(taper_model::LoraConfig, String)>,
+    pub run: Option<crate::RunConfig>,
+}
+
+pub fn load_model_checkpoint(dir: &Path, device: &Device) -> Result<ModelCheckpoint> {
     let state = read_state(dir)?;
-    let cfg: crate::RunConfig = toml::from_str(&state.config).map_err(|e| ck_err(dir, format!("saved config: {e}")))?;
+    let run: Option<crate::RunConfig> = match &state.model {
+        Some(_) => None,
+        None => Some(toml::from_str(&state.config).map_err(|e| ck_err(dir, format!("saved config: {e}")))?),
+    };
+    let model = match (&state.model, &run) {
+        (Some(m), _) => m.clone(),
+        (None, Some(r)) => r.model.clone(),
+        (None, None) => unreachable!("one of the two is set above"),
+    };
     let p = dir.join("model.safetensors");
     if let Some(want) = state.files.get("model.safetensors") {
         let got = sha256(&p).map_err(|_| ck_err(dir, "model.safetensors is missing"))?;
@@ -202,7 +238,21 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<(crate::RunConfig, Hash
             return Err(ck_err(dir, format!("model.safetensors is corrupt (sha256 {got}, expected {want})")));
         }
     }
-    let model =
+    let weights =
         candle_core::safetensors::load(&p, device).map_err(|e| ck_err(dir, format!("model.safetensors: {e}")))?;
-    Ok((cfg, model))
+    let lora = match (state.lora, state.base) {
+        (Some(l), Some(b)) => Some((l, b)),
+        (Some(_), None) => return Err(ck_err(dir, "holds LoRA adapters but names no base model")),
+        _ => None,
+    };
+    Ok(ModelCheckpoint { model, weights, lora, run })
+}
+
+/// The run config and weights of a pretraining checkpoint, verified, without the optimizer state.
+pub fn load_model(dir: &Path, device: &Device) -> Result<(crate::RunConfig, HashMap<String, Tensor>)> {
+    let ck = load_model_checkpoint(dir, device)?;
+    match ck.run {
+        Some(run) => Ok((run, ck.weights)),
+        None => Err(ck_err(dir, "is not a pretraining checkpoint")),
+    }
 }

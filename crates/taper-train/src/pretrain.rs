@@ -421,8 +421,12 @@ pub fn pretrain(mut cfg: RunConfig, run_dir: &Path, resume: Resume, obs: &mut dy
                 tokenizer_sha256: tok_sha.clone(),
                 config: cfg.to_toml(),
                 files: Default::default(),
+                model: None,
+                lora: None,
+                base: None,
             };
-            let dir = checkpoint::save(&ck_root, &model_tensors, &opt.state_tensors(), &data.tokenizer, state)?;
+            let dir =
+                checkpoint::save(&ck_root, &model_tensors, &opt.state_tensors(), &data.tokenizer, state, |_| Ok(()))?;
             checkpoint::prune(&ck_root, tc.keep_checkpoints)?;
             obs.checkpoint(&dir);
             last_ck = Some(dir);

@@ -89,9 +89,17 @@ pub fn load(spec: &str, device: &Device) -> Result<Source> {
     let dir = resolve(spec)?;
     let is_taper = dir.join("trainer_state.json").exists() || dir.join("checkpoints").is_dir();
     let (dir, family, config, weights, hf_config, run_config) = if is_taper {
-        let ck = checkpoint::resolve(&dir)?;
-        let (run, weights) = checkpoint::load_model(&ck, device)?;
-        (ck, None, run.model.clone(), weights, None, Some(run))
+        let ck_dir = checkpoint::resolve(&dir)?;
+        let ck = checkpoint::load_model_checkpoint(&ck_dir, device)?;
+        // Adapters apply over their base, merged: every consumer then sees plain weights.
+        let weights = match &ck.lora {
+            Some((l, base)) => {
+                let b = load(base, device)?;
+                taper_model::lora::merge(&b.weights, &ck.weights, l)?
+            }
+            None => ck.weights,
+        };
+        (ck_dir, None, ck.model, weights, None, ck.run)
     } else if dir.join("config.json").exists() {
         let m = taper_model::hf::load_dir(&dir, device)?;
         (dir, Some(m.family), m.config, m.weights, Some(m.hf_config), None)

@@ -1,0 +1,503 @@
+//! The SFT recipe, top to bottom: a model source, chat data rendered with its template and
+//! masked to the responses, packed rows, full or LoRA fine-tuning, exact-match evaluation.
+
+use crate::checkpoint::{self, TrainerState, FORMAT_VERSION};
+use crate::config::{OnNonFinite, TrainConfig, Validate};
+use crate::optim::{global_norm, OptimConfig, Optimizer};
+use crate::pretrain::{select_device, Observer, RunInfo, StepLog, Summary};
+use crate::schedule::ScheduleConfig;
+use crate::source::{self, Source};
+use crate::{io_err, Result, TrainError};
+use candle_core::{DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use taper_data::chat::{ChatTemplate, Message, Role};
+use taper_data::packing::{collate, pack, padded_batches, Row};
+use taper_data::sft::{read_sft, EncodeOptions, Example, OnBadRecord, Overflow, SftEncoder, Tokenized};
+use taper_model::lora::{self, LoraConfig};
+use taper_model::{nn::cross_entropy, Decoder, Rng, Sampling, Weights};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SftDataConfig {
+    /// JSONL (or Parquet) files or directories in TRL's formats: messages, prompt/completion, text.
+    pub train: Vec<String>,
+    /// Held-out data for eval loss and exact match.
+    pub eval: Vec<String>,
+    /// Longest example in tokens; 0 means the model's context.
+    pub max_length: usize,
+    /// Pack examples into full rows (segment ids keep them apart); otherwise pad per batch.
+    pub packing: bool,
+    /// Loss on every token instead of only the responses.
+    pub train_on_all: bool,
+    /// "stop" or "skip" on a bad record (bad JSON, unknown role, no assistant turn).
+    pub on_bad_record: String,
+    /// "truncate" or "drop" an example longer than max_length.
+    pub overflow: String,
+    /// "chatml", a path to a tokenizer_config.json or .jinja file; default: the model's own
+    /// template, else ChatML.
+    pub chat_template: Option<String>,
+}
+
+impl Default for SftDataConfig {
+    fn default() -> Self {
+        Self {
+            train: Vec::new(),
+            eval: Vec::new(),
+            max_length: 0,
+            packing: true,
+            train_on_all: false,
+            on_bad_record: "stop".into(),
+            overflow: "truncate".into(),
+            chat_template: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Greedy tokens generated per prompt for exact match.
+    pub max_new_tokens: usize,
+    /// Held-out examples scored for exact match (0 = all).
+    pub max_examples: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self { max_new_tokens: 32, max_examples: 0 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SftConfig {
+    pub seed: u64,
+    pub device: String,
+    /// The model to fine-tune: a taper checkpoint or run dir, an HF dir, or hf://Org/Name.
+    pub init: String,
+    pub data: SftDataConfig,
+    /// Present: train LoRA adapters on a frozen base. Absent: full fine-tuning.
+    pub lora: Option<LoraConfig>,
+    pub train: TrainConfig,
+    pub optim: OptimConfig,
+    pub schedule: ScheduleConfig,
+    pub eval: EvalConfig,
+}
+
+impl Default for SftConfig {
+    fn default() -> Self {
+        Self {
+            seed: 1337,
+            device: "auto".into(),
+            init: String::new(),
+            data: SftDataConfig::default(),
+            lora: None,
+            train: TrainConfig::default(),
+            optim: OptimConfig::default(),
+            schedule: ScheduleConfig::default(),
+            eval: EvalConfig::default(),
+        }
+    }
+}
+
+impl Validate for SftConfig {
+    fn validate(&self) -> Vec<String> {
+        let mut e = Vec::new();
+        if self.init.is_empty() {
+            e.push("init: name the model to fine-tune (a checkpoint, run dir, HF dir or hf://Org/Name)".into());
+        }
+        if self.data.train.is_empty() {
+            e.push("data.train: give one or more JSONL files".into());
+        }
+        if !matches!(self.data.on_bad_record.as_str(), "stop" | "skip") {
+            e.push(format!("data.on_bad_record = {:?}: expected \"stop\" or \"skip\"", self.data.on_bad_record));
+        }
+        if !matches!(self.data.overflow.as_str(), "truncate" | "drop") {
+            e.push(format!("data.overflow = {:?}: expected \"truncate\" or \"drop\"", self.data.overflow));
+        }
+        if let Some(l) = &self.lora {
+            e.extend(l.validate());
+        }
+        e.extend(self.optim.validate());
+        e.extend(self.schedule.validate(self.train.max_steps));
+        e
+    }
+}
+
+impl SftConfig {
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("SftConfig serialises to TOML")
+    }
+}
+
+fn files(specs: &[String]) -> Vec<PathBuf> {
+    specs.iter().map(PathBuf::from).collect()
+}
+
+/// The chat template the config asks for.
+pub fn template_for(spec: Option<&str>, src: &Source) -> Result<ChatTemplate> {
+    Ok(match spec {
+        Some("chatml") => ChatTemplate::chatml(),
+        Some(p) if p.ends_with(".json") => ChatTemplate::from_tokenizer_config(Path::new(p))?,
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(io_err(p))?;
+            let specials = src.tokenizer_config.as_ref().map(taper_data::chat::special_tokens_from_config).unwrap_or_default();
+            ChatTemplate::new(&text, specials)?
+        }
+        None if src.chat_template.is_some() => ChatTemplate::from_model_dir(&src.dir)?,
+        None => ChatTemplate::chatml(),
+    })
+}
+
+/// Next-token targets for packed rows: position i predicts labels[i + 1] of the same segment.
+fn shifted_targets(labels: &[i64], seg: &[u32], rows: usize, t: usize) -> Vec<i64> {
+    let mut out = vec![-100i64; rows * t];
+    for r in 0..rows {
+        for i in 0..t - 1 {
+            let (a, b) = (r * t + i, r * t + i + 1);
+            if seg[a] != 0 && seg[a] == seg[b] {
+                out[a] = labels[b];
+            }
+        }
+    }
+    out
+}
+
+/// The mean masked loss of a collated batch, and its number of counted tokens.
+fn batch_loss(model: &Decoder, rows: &[Row], dev: &Device, rng: Option<&mut Rng>) -> Result<(Tensor, usize)> {
+    let b = collate(rows)?;
+    let ids = Tensor::from_vec(b.input_ids.clone(), (b.rows, b.seq_len), dev)?;
+    let logits = model.forward_packed(&ids, &b.position_ids, &b.segment_ids, rng)?; // (B, T, V)
+    let targets = shifted_targets(&b.labels, &b.segment_ids, b.rows, b.seq_len);
+    let v = logits.dim(2)?;
+    let y = Tensor::from_vec(targets, b.rows * b.seq_len, dev)?;
+    Ok(cross_entropy(&logits.reshape((b.rows * b.seq_len, v))?, &y, -100)?)
+}
+
+/// Rows for training or eval: packed, or one example per row padded in length groups.
+fn make_rows(examples: &[Tokenized], seq_len: usize, packing: bool, batch: usize, pad: u32) -> Result<Vec<Vec<Row>>> {
+    if packing {
+        let rows = pack(examples, seq_len, pad)?;
+        Ok(rows.chunks(batch.max(1)).map(|c| c.to_vec()).collect())
+    } else {
+        Ok(padded_batches(examples, batch, pad, 8)?)
+    }
+}
+
+/// Reads and tokenises `paths` as the config says; logs what was skipped, truncated, dropped.
+fn load_examples(
+    paths: &[String],
+    enc: &SftEncoder,
+    on_bad: OnBadRecord,
+    obs: &mut dyn Observer,
+) -> Result<(Vec<Example>, Vec<Tokenized>)> {
+    let data = read_sft(&files(paths), on_bad)?;
+    let (tok, stats) = enc.encode_all(&data.examples)?;
+    obs.message(&format!(
+        "{}: {} examples ({} skipped as bad records, {} truncated, {} dropped as too long, {} with no loss tokens); {} tokens, {} in the loss",
+        paths.join(", "),
+        stats.kept,
+        data.skipped + stats.skipped_errors,
+        stats.truncated,
+        stats.dropped_too_long,
+        stats.dropped_no_loss,
+        stats.tokens,
+        stats.loss_tokens
+    ));
+    for r in data.skip_reasons.iter().take(3) {
+        obs.message(&format!("  skipped: {r}"));
+    }
+    Ok((data.examples.into_iter().map(|e| e.example).collect(), tok))
+}
+
+/// Exact match: greedy continuations of each held-out prompt against its reference answer.
+pub fn exact_match(
+    model: &Decoder,
+    src: &Source,
+    template: &ChatTemplate,
+    examples: &[Example],
+    max_new: usize,
+    limit: usize,
+) -> Result<(usize, usize)> {
+    let (mut hits, mut total) = (0, 0);
+    let greedy = Sampling { temperature: 0.0, ..Default::default() };
+    let mut stop = src.eos_ids.clone();
+    for t in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>"] {
+        stop.extend(src.tokenizer.token_to_id(t));
+    }
+    for ex in examples {
+        if limit > 0 && total >= limit {
+            break;
+        }
+        let (prompt, answer) = match ex {
+            Example::Conversation { messages, .. } => match messages.split_last() {
+                Some((last, rest)) if last.role == Role::Assistant => {
+                    (template.render(rest, true)?, last.content.clone())
+                }
+                _ => continue,
+            },
+            Example::PromptCompletion { prompt, completion } => (prompt.clone(), completion.clone()),
+            Example::Text(_) => continue,
+        };
+        let enc = src.tokenizer.encode(prompt.as_str(), false).map_err(|e| TrainError::Invalid(format!("prompt: {e}")))?;
+        let out = model.generate(enc.get_ids(), max_new, &greedy, &stop, &mut Rng::new(0), |_| {})?;
+        let ids: Vec<u32> = out.into_iter().filter(|t| !stop.contains(t)).collect();
+        let text = taper_data::tokenizer::decode(&src.tokenizer, &ids)?;
+        total += 1;
+        if text.trim() == answer.trim() {
+            hits += 1;
+        }
+    }
+    Ok((hits, total))
+}
+
+/// Mean masked loss over eval batches, without a graph.
+fn eval_loss(model: &Decoder, batches: &[Vec<Row>], dev: &Device) -> Result<f64> {
+    let (mut sum, mut n) = (0.0, 0usize);
+    for rows in batches {
+        let (loss, count) = batch_loss(model, rows, dev, None)?;
+        sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * count as f64;
+        n += count;
+    }
+    Ok(sum / n.max(1) as f64)
+}
+
+pub fn sft(cfg: SftConfig, run_dir: &Path, resume: crate::pretrain::Resume, obs: &mut dyn Observer) -> Result<Summary> {
+    use crate::pretrain::Resume;
+    let started = Instant::now();
+    let device = select_device(&cfg.device)?;
+    std::fs::create_dir_all(run_dir).map_err(io_err(run_dir))?;
+    let ck_root = run_dir.join("checkpoints");
+    let src = source::load(&cfg.init, &device)?;
+    let template = template_for(cfg.data.chat_template.as_deref(), &src)?;
+    let seq_len = if cfg.data.max_length == 0 { src.config.block_size } else { cfg.data.max_length.min(src.config.block_size) };
+    let on_bad = if cfg.data.on_bad_record == "skip" { OnBadRecord::Skip } else { OnBadRecord::Error };
+    let opts = EncodeOptions {
+        max_len: Some(seq_len),
+        overflow: if cfg.data.overflow == "drop" { Overflow::Drop } else { Overflow::Truncate },
+        train_on_all: cfg.data.train_on_all,
+        on_bad,
+    };
+    let enc = SftEncoder::new(&src.tokenizer, &template, opts)?;
+    let pad = enc.eos_id().or(src.eos_ids.first().copied()).unwrap_or(0);
+    let (_, train_tok) = load_examples(&cfg.data.train, &enc, on_bad, obs)?;
+    if train_tok.is_empty() {
+        return Err(TrainError::Invalid("no training examples left after reading and tokenising".into()));
+    }
+    let tc = cfg.train.clone();
+    let train_batches = make_rows(&train_tok, seq_len, cfg.data.packing, tc.batch_size, pad)?;
+    let (eval_examples, eval_batches) = if cfg.data.eval.is_empty() {
+        (Vec::new(), Vec::new())
+    } else {
+        let (ex, tok) = load_examples(&cfg.data.eval, &enc, on_bad, obs)?;
+        (ex, make_rows(&tok, seq_len, cfg.data.packing, tc.batch_size, pad)?)
+    };
+
+    // Trainable parameters: everything, or only the adapters over a frozen (detached) base.
+    let resume_dir = match &resume {
+        Resume::No => None,
+        Resume::Latest => Some(checkpoint::latest(&ck_root).ok_or_else(|| {
+            TrainError::Invalid(format!("--resume: no complete checkpoint in {}", ck_root.display()))
+        })?),
+        Resume::Dir(d) => Some(d.clone()),
+    };
+    let ck = match &resume_dir {
+        Some(d) => Some(checkpoint::load(d, &device)?),
+        None => None,
+    };
+    let fresh: Vec<(String, Tensor)> = match &cfg.lora {
+        Some(l) => lora::init_lora(&src.config, l, cfg.seed, &device)?,
+        None => {
+            let mut v: Vec<(String, Tensor)> = src.weights.iter().map(|(k, t)| (k.clone(), t.clone())).collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        }
+    };
+    let named: Vec<(String, Tensor)> = match &ck {
+        Some(ck) => fresh
+            .into_iter()
+            .map(|(n, _)| {
+                let t = ck.model.get(&n).ok_or_else(|| TrainError::Checkpoint {
+                    path: ck.dir.display().to_string(),
+                    reason: format!("tensor `{n}` is missing"),
+                })?;
+                Ok((n, t.clone()))
+            })
+            .collect::<Result<_>>()?,
+        None => fresh,
+    };
+    let vars: Vec<(String, Var)> = named.into_iter().map(|(n, t)| Ok((n, Var::from_tensor(&t)?))).collect::<Result<_>>()?;
+    let trainable = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone()));
+    let weights = match &cfg.lora {
+        Some(l) => Weights::new(src.weights.iter().map(|(k, t)| (k.clone(), t.detach())).collect()).with_lora(trainable, l.clone()),
+        None => Weights::from_pairs(trainable),
+    };
+    let model = Decoder::load(&weights, &src.config)?;
+    let eval_model = Decoder::load(&weights.detached(), &src.config)?;
+    let n_trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    let mut opt = Optimizer::new(cfg.optim.clone(), vars)?;
+    let (mut step, mut tokens, mut skipped) = (0u64, 0u64, 0u64);
+    if let Some(ck) = ck {
+        opt.load_state(ck.optimizer, ck.state.step - ck.state.skipped_steps, &ck.dir.display().to_string())?;
+        step = ck.state.step;
+        tokens = ck.state.tokens_seen;
+        skipped = ck.state.skipped_steps;
+        obs.message(&format!("resumed from {} at step {step}", ck.dir.display()));
+    }
+    let cfg_path = run_dir.join("config.toml");
+    std::fs::write(&cfg_path, cfg.to_toml()).map_err(io_err(&cfg_path))?;
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let kept: String = match std::fs::read_to_string(&metrics_path) {
+        Ok(s) if step > 0 => s
+            .lines()
+            .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step))
+            .map(|l| format!("{l}\n"))
+            .collect(),
+        _ => String::new(),
+    };
+    std::fs::write(&metrics_path, kept).map_err(io_err(&metrics_path))?;
+    let mut metrics = std::fs::OpenOptions::new().append(true).open(&metrics_path).map_err(io_err(&metrics_path))?;
+    let end = if tc.stop_at_step > 0 { tc.stop_at_step.min(tc.max_steps) } else { tc.max_steps };
+    obs.started(&RunInfo {
+        start_step: step,
+        end_step: end,
+        params: n_trainable,
+        vocab_size: src.config.vocab_size,
+        train_tokens: train_tok.iter().map(|t| t.len()).sum(),
+        val_tokens: 0,
+        device: format!("{device:?}"),
+    });
+    let dropout = src.config.dropout > 0.0 || cfg.lora.as_ref().is_some_and(|l| l.dropout > 0.0);
+    let (mut last_loss, mut last_val, mut last_ck) = (f64::NAN, None, None);
+    let mut window = (Instant::now(), 0u64);
+    while step < end {
+        let lr = cfg.schedule.lr(step, cfg.optim.lr, tc.max_steps);
+        let mut grads: Vec<Option<Tensor>> = vec![None; opt.params().len()];
+        let mut loss_sum = 0.0;
+        let mut step_tokens = 0u64;
+        for micro in 0..tc.grad_accum_steps as u64 {
+            // Batches drawn by (seed, step, micro): a resumed run sees the same ones.
+            let pick = Rng::derive(cfg.seed, &[step, micro, 7]).below(train_batches.len() as u64) as usize;
+            let rows = &train_batches[pick];
+            step_tokens += rows.iter().map(|r| r.len() as u64).sum::<u64>();
+            let mut rng = Rng::derive(cfg.seed, &[step, micro]);
+            let (loss, _) = batch_loss(&model, rows, &device, dropout.then_some(&mut rng))?;
+            loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let store = (loss / tc.grad_accum_steps as f64)?.backward()?;
+            for (acc, p) in grads.iter_mut().zip(opt.params()) {
+                let g = store.get(p.var.as_tensor()).ok_or_else(|| TrainError::Invalid(format!("no gradient reached `{}`", p.name)))?;
+                *acc = Some(match acc.take() {
+                    Some(a) => (a + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+        let mut grads: Vec<Tensor> = grads.into_iter().map(|g| g.expect("filled above")).collect();
+        let loss = loss_sum / tc.grad_accum_steps as f64;
+        let norm = global_norm(&grads)?;
+        if !loss.is_finite() || !norm.is_finite() {
+            let (what, value) = if !loss.is_finite() { ("loss", loss) } else { ("gradient norm", norm) };
+            if tc.on_nonfinite == OnNonFinite::Stop {
+                return Err(TrainError::NonFinite { step: step + 1, what, value });
+            }
+            skipped += 1;
+        } else {
+            if tc.grad_clip > 0.0 && norm > tc.grad_clip {
+                let scale = tc.grad_clip / (norm + 1e-6);
+                grads = grads.iter().map(|g| g * scale).collect::<candle_core::Result<_>>()?;
+            }
+            opt.step(&grads, lr)?;
+        }
+        step += 1;
+        tokens += step_tokens;
+        window.1 += step_tokens;
+        last_loss = loss;
+        let is_last = step == end;
+        let val_loss = if !eval_batches.is_empty() && ((tc.eval_every > 0 && step % tc.eval_every == 0) || is_last) {
+            let v = eval_loss(&eval_model, &eval_batches, &device)?;
+            obs.eval(step, v);
+            last_val = Some(v);
+            Some(v)
+        } else {
+            None
+        };
+        if step % tc.log_every == 0 || val_loss.is_some() || is_last {
+            let secs = window.0.elapsed().as_secs_f64();
+            let log = StepLog {
+                step,
+                loss,
+                lr,
+                grad_norm: norm,
+                tokens_per_sec: window.1 as f64 / secs.max(1e-9),
+                tokens,
+                elapsed_s: started.elapsed().as_secs_f64(),
+                skipped_steps: skipped,
+                val_loss,
+            };
+            writeln!(metrics, "{}", serde_json::to_string(&log).expect("log serialises")).map_err(io_err(&metrics_path))?;
+            obs.step(&log);
+            window = (Instant::now(), 0);
+        }
+        if (tc.checkpoint_every > 0 && step % tc.checkpoint_every == 0) || is_last {
+            let model_tensors: HashMap<String, Tensor> =
+                opt.params().iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect();
+            let state = TrainerState {
+                format_version: FORMAT_VERSION,
+                step,
+                tokens_seen: tokens,
+                data_cursor: step,
+                rng_seed: cfg.seed,
+                skipped_steps: skipped,
+                val_loss: last_val,
+                tokenizer_sha256: taper_data::tokenizer::sha256_file(&src.tokenizer_path)?,
+                config: cfg.to_toml(),
+                files: Default::default(),
+                model: Some(src.config.clone()),
+                lora: cfg.lora.clone(),
+                base: cfg.lora.as_ref().map(|_| cfg.init.clone()),
+            };
+            let dir = checkpoint::save(&ck_root, &model_tensors, &opt.state_tensors(), &src.tokenizer_path, state, |tmp| {
+                copy_model_files(&src, tmp)?;
+                match &cfg.lora {
+                    Some(l) => write_peft(tmp, &model_tensors, l, &cfg.init),
+                    None => Ok(()),
+                }
+            })?;
+            checkpoint::prune(&ck_root, tc.keep_checkpoints)?;
+            obs.checkpoint(&dir);
+            last_ck = Some(dir);
+        }
+    }
+    if !eval_examples.is_empty() {
+        let (hits, total) = exact_match(&eval_model, &src, &template, &eval_examples, cfg.eval.max_new_tokens, cfg.eval.max_examples)?;
+        obs.message(&format!("exact match on held-out prompts: {hits}/{total} = {:.1}%", 100.0 * hits as f64 / total.max(1) as f64));
+        let line = serde_json::json!({"step": step, "exact_match": hits as f64 / total.max(1) as f64, "exact_match_n": total});
+        writeln!(metrics, "{line}").map_err(io_err(&metrics_path))?;
+    }
+    Ok(Summary { step, train_loss: last_loss, val_loss: last_val, elapsed_s: started.elapsed().as_secs_f64(), checkpoint: last_ck })
+}
+
+/// The tokenizer's companions (special tokens, chat template, generation defaults), so the
+/// checkpoint is a complete model source.
+fn copy_model_files(src: &Source, dir: &Path) -> Result<()> {
+    for f in ["tokenizer_config.json", "chat_template.jinja", "generation_config.json"] {
+        let p = src.dir.join(f);
+        if p.exists() {
+            std::fs::copy(&p, dir.join(f)).map_err(io_err(&p))?;
+        }
+    }
+    Ok(())
+}
+
+/// `adapter_model.safetensors` and `adapter_config.json` in PEFT's layout, beside taper's files.
+fn write_peft(dir: &Path, adapters: &HashMap<String, Tensor>, l: &LoraConfig, base: &str) -> Result<()> {
+    let peft: HashMap<String, Tensor> = adapters.iter().map(|(k, t)| (lora::peft_key(k), t.clone())).collect();
+    candle_core::safetensors::save(&peft, dir.join("adapter_model.safetensors"))?;
+    let cfg = lora::adapter_config(l, base)?;
+    let p = dir.join("adapter_config.json");
+    std::fs::write(&p, serde_json::to_string_pretty(&cfg).expect("json")).map_err(io_err(&p))
+}
