@@ -1,5 +1,6 @@
 //! Tokenizers, token shards, built-in datasets and seeded window loaders.
 
+pub mod chat;
 pub mod datasets;
 pub mod hub;
 pub mod loader;
@@ -29,6 +30,12 @@ pub enum DataError {
     TooShort { path: String, tokens: usize, needed: usize },
     #[error("dataset {name}: {reason}")]
     Dataset { name: String, reason: String },
+    /// A chat template that does not compile or render.
+    #[error("chat template: {reason}")]
+    Template { reason: String },
+    /// The template's own `raise_exception(message)`.
+    #[error("chat template raised: {message}")]
+    TemplateRaised { message: String },
 }
 
 pub type Result<T> = std::result::Result<T, DataError>;
