@@ -5,6 +5,7 @@
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use taper_data::chat::{ChatTemplate, Message, Role, CHATML};
+use taper_data::sft::{show_mask, EncodeOptions, Example, SftEncoder, IGNORE_INDEX};
 use taper_data::{tokenizer, DataError};
 use tokenizers::Tokenizer;
 
@@ -65,6 +66,11 @@ fn check_errors(g: &Golden) -> usize {
     errors.len()
 }
 
+fn encode_conversation(g: &Golden, msgs: Vec<Message>) -> taper_data::sft::Tokenized {
+    let enc = SftEncoder::new(&g.tok, &g.template, EncodeOptions::default()).unwrap();
+    enc.encode(&Example::Conversation { messages: msgs, train_from: 0 }).unwrap()
+}
+
 #[test]
 fn chatml_matches_transformers() {
     let g = golden("chatml");
@@ -81,4 +87,51 @@ fn llama3_style_matches_transformers() {
     let g = golden("llama3");
     assert_eq!(check_cases(&g), 6);
     assert_eq!(check_errors(&g), 2);
+}
+
+#[test]
+fn loss_mask_equals_transformers_assistant_mask() {
+    // HF's mask comes from `{% generation %}` around content + <|im_end|>; taper's from the
+    // content spans plus the end-of-turn token. They must select the same tokens.
+    let g = golden("chatml_generation");
+    check_cases(&g);
+    let mut compared = 0;
+    for case in g.json["cases"].as_array().unwrap() {
+        let msgs = messages(&case["messages"]);
+        if case["add_generation_prompt"].as_bool().unwrap() || !msgs.iter().any(|m| m.role == Role::Assistant) {
+            continue;
+        }
+        let t = encode_conversation(&g, msgs);
+        assert_eq!(t.input_ids, ids(&case["ids"]));
+        let ours: Vec<u64> = t.labels.iter().map(|&l| u64::from(l != IGNORE_INDEX)).collect();
+        let hf: Vec<u64> = case["assistant_masks"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+        assert_eq!(ours, hf, "{}", case["text"]);
+        compared += 1;
+    }
+    assert_eq!(compared, 3);
+}
+
+#[test]
+fn mask_counts_assistant_content_and_end_of_turn() {
+    let g = golden("chatml");
+    let t = encode_conversation(&g, messages(&g.json["cases"][0]["messages"]));
+    let shown = show_mask(&g.tok, &t).unwrap();
+    println!("{shown}");
+    assert_eq!(
+        shown,
+        "<|im_start|>system\nYou are a terse assistant.<|im_end|>\n<|im_start|>user\nWhat is the capital of \
+         France?<|im_end|>\n<|im_start|>assistant\n[[Paris.<|im_end|>]]\n<|im_start|>user\nAnd of \
+         Italy?<|im_end|>\n<|im_start|>assistant\n[[Rome, of course.<|im_end|>]]\n"
+    );
+
+    // The Llama-3-style template trims content: the mask follows the trimmed text.
+    let g = golden("llama3");
+    let t = encode_conversation(&g, messages(&g.json["cases"][2]["messages"]));
+    let shown = show_mask(&g.tok, &t).unwrap();
+    println!("{shown}");
+    assert_eq!(
+        shown,
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHello, café!<|eot_id|>\
+         <|start_header_id|>assistant<|end_header_id|>\n\n[[Bonjour !<|eot_id|>]]"
+    );
 }
