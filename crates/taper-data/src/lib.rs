@@ -4,6 +4,7 @@ pub mod chat;
 pub mod datasets;
 pub mod hub;
 pub mod loader;
+pub mod packing;
 pub mod prepare;
 pub mod sft;
 pub mod shard;

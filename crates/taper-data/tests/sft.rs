@@ -1,7 +1,8 @@
-//! Reading TRL-format SFT files and tokenising them with a loss mask.
+//! Reading TRL-format SFT files, tokenising them with a loss mask, and packing the result.
 
 use std::path::{Path, PathBuf};
 use taper_data::chat::{ChatTemplate, Message, Role, CHATML};
+use taper_data::packing::{pack, padded_batches};
 use taper_data::sft::{
     parse_record, read_sft, show_mask, EncodeOptions, Example, OnBadRecord, Overflow, SftEncoder, IGNORE_INDEX,
 };
@@ -209,6 +210,26 @@ fn template_errors_name_the_record_or_are_skipped() {
     let (kept, stats) = SftEncoder::new(&tok, &tpl, skip).unwrap().encode_all(&data.examples).unwrap();
     assert_eq!((kept.len(), stats.skipped_errors), (1, 1));
     assert_eq!(show_mask(&tok, &kept[0]).unwrap(), "q</s>[[a</s>]]");
+}
+
+#[test]
+fn read_tokenise_pack() {
+    let (tok, tpl) = (tok(), template());
+    let d = TempDir::new("pack");
+    let f = d.write("a.jsonl", &GOOD.repeat(5));
+    let data = read_sft(&[f], OnBadRecord::Error).unwrap();
+    let enc = SftEncoder::new(&tok, &tpl, EncodeOptions { max_len: Some(128), ..Default::default() }).unwrap();
+    let (exs, _) = enc.encode_all(&data.examples).unwrap();
+    let pad = tok.token_to_id("</s>").unwrap();
+    let rows = pack(&exs, 128, pad).unwrap();
+    let tokens: usize = exs.iter().map(|t| t.len()).sum();
+    assert_eq!(rows.iter().map(|r| r.segment_ids.iter().filter(|&&s| s > 0).count()).sum::<usize>(), tokens);
+    assert_eq!(
+        rows.iter().map(|r| r.labels.iter().filter(|&&l| l != IGNORE_INDEX).count()).sum::<usize>(),
+        exs.iter().map(|t| t.loss_tokens()).sum::<usize>()
+    );
+    let batches = padded_batches(&exs, 4, pad, 8).unwrap();
+    assert_eq!(batches.iter().map(Vec::len).sum::<usize>(), exs.len());
 }
 
 /// Files written by pyarrow (scripts/golden/sft_parquet.py), as `datasets` would.
