@@ -1,9 +1,12 @@
 //! Tokenizers, token shards, built-in datasets and seeded window loaders.
 
+pub mod chat;
 pub mod datasets;
 pub mod hub;
 pub mod loader;
+pub mod packing;
 pub mod prepare;
+pub mod sft;
 pub mod shard;
 pub mod tokenizer;
 
@@ -29,6 +32,26 @@ pub enum DataError {
     TooShort { path: String, tokens: usize, needed: usize },
     #[error("dataset {name}: {reason}")]
     Dataset { name: String, reason: String },
+    /// A chat template that does not compile or render.
+    #[error("chat template: {reason}")]
+    Template { reason: String },
+    /// The template's own `raise_exception(message)`.
+    #[error("chat template raised: {message}")]
+    TemplateRaised { message: String },
+    #[error("{path}:{line}: role {role:?} is not one of system, user, assistant")]
+    BadRole { path: String, line: usize, role: String },
+    #[error("{path}:{line}: conversation has no assistant turn to train on")]
+    NoAssistant { path: String, line: usize },
+    /// An example that reads fine but cannot be tokenised (its template fails, say).
+    #[error("{path}:{line}: {source}")]
+    Example {
+        path: String,
+        line: usize,
+        #[source]
+        source: Box<DataError>,
+    },
+    #[error("{0}")]
+    Config(String),
 }
 
 pub type Result<T> = std::result::Result<T, DataError>;
