@@ -28,6 +28,10 @@ enum Cmd {
     Prepare(PrepareArgs),
     /// Pretrain a decoder language model from a TOML config.
     Pretrain(PretrainArgs),
+    /// Supervised fine-tuning (full or LoRA) from a TOML config.
+    Sft(PretrainArgs),
+    /// Loss, perplexity and exact match of a model source on SFT-format data.
+    Eval(EvalArgs),
     /// Generate text from any model source.
     Generate(GenerateArgs),
     /// Per-token log-probabilities of each JSONL line's `text` under a model.
@@ -36,6 +40,26 @@ enum Cmd {
     Export(ExportArgs),
     /// Describe a model source.
     Info { path: String },
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// A model source: checkpoint, run dir, HF model dir or hf://Org/Name[@rev].
+    #[arg(long)]
+    model: String,
+    /// JSONL files in TRL's formats (messages, prompt/completion, text).
+    #[arg(long, required = true)]
+    data: Vec<String>,
+    /// "chatml" or a template file; default: the model's own.
+    #[arg(long)]
+    chat_template: Option<String>,
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// Score at most this many examples for exact match (0 = all).
+    #[arg(long, default_value_t = 0)]
+    limit: usize,
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -185,6 +209,8 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Cmd::Pretrain(a) => pretrain_cmd(a)?,
+        Cmd::Sft(a) => sft_cmd(a)?,
+        Cmd::Eval(a) => eval_cmd(a)?,
         Cmd::Generate(a) => generate_cmd(a)?,
         Cmd::Score(a) => score_cmd(a)?,
         Cmd::Export(a) => export_cmd(a)?,
@@ -238,6 +264,60 @@ fn pretrain_cmd(a: PretrainArgs) -> Result<()> {
         s.elapsed_s,
         run_dir.display()
     );
+    Ok(())
+}
+
+fn sft_cmd(a: PretrainArgs) -> Result<()> {
+    let run_dir = match (&a.run_dir, &a.config) {
+        (Some(d), _) => d.clone(),
+        (None, Some(c)) => PathBuf::from("runs").join(c.file_stem().unwrap_or_default()),
+        (None, None) => bail!("give --config FILE (or --run-dir DIR --resume)"),
+    };
+    let config_path = match (&a.config, &a.resume) {
+        (Some(c), _) => c.clone(),
+        (None, Some(_)) => run_dir.join("config.toml"),
+        (None, None) => bail!("give --config FILE"),
+    };
+    let text = std::fs::read_to_string(&config_path).with_context(|| format!("config {}", config_path.display()))?;
+    let cfg: taper_train::sft::SftConfig =
+        taper_train::config::parse_as(&text, &config_path.display().to_string(), &a.set)?;
+    let resume = match a.resume.as_deref() {
+        None => Resume::No,
+        Some("") => Resume::Latest,
+        Some(d) => Resume::Dir(PathBuf::from(d)),
+    };
+    let mut obs = Progress::new();
+    let s = taper_train::sft::sft(cfg, &run_dir, resume, &mut obs)?;
+    obs.finish();
+    println!(
+        "done: step {} train loss {:.4} eval loss {} in {:.1}s; run dir {}",
+        s.step,
+        s.train_loss,
+        s.val_loss.map_or("-".into(), |v| format!("{v:.4}")),
+        s.elapsed_s,
+        run_dir.display()
+    );
+    Ok(())
+}
+
+fn eval_cmd(a: EvalArgs) -> Result<()> {
+    let device = pretrain::select_device(&a.device)?;
+    let src = source::load(&a.model, &device)?;
+    let mut obs = Progress::new();
+    let r = taper_train::sft::evaluate_source(
+        &src,
+        &a.data,
+        a.chat_template.as_deref(),
+        a.max_new_tokens,
+        a.limit,
+        &mut obs,
+    )?;
+    println!("examples        {} ({} loss tokens)", r.examples, r.loss_tokens);
+    println!("loss            {:.4}", r.loss);
+    println!("perplexity      {:.3}", r.perplexity);
+    if let Some((hits, n)) = r.exact_match {
+        println!("exact match     {hits}/{n} = {:.1}%", 100.0 * hits as f64 / n.max(1) as f64);
+    }
     Ok(())
 }
 

@@ -5,6 +5,7 @@ pub mod config;
 pub mod optim;
 pub mod pretrain;
 pub mod schedule;
+pub mod sft;
 pub mod source;
 
 pub use config::RunConfig;

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use taper_data::chat::{ChatTemplate, Message, Role};
+use taper_data::chat::{ChatTemplate, Role};
 use taper_data::packing::{collate, pack, padded_batches, Row};
 use taper_data::sft::{read_sft, EncodeOptions, Example, OnBadRecord, Overflow, SftEncoder, Tokenized};
 use taper_model::lora::{self, LoraConfig};
@@ -145,7 +145,8 @@ pub fn template_for(spec: Option<&str>, src: &Source) -> Result<ChatTemplate> {
         Some(p) if p.ends_with(".json") => ChatTemplate::from_tokenizer_config(Path::new(p))?,
         Some(p) => {
             let text = std::fs::read_to_string(p).map_err(io_err(p))?;
-            let specials = src.tokenizer_config.as_ref().map(taper_data::chat::special_tokens_from_config).unwrap_or_default();
+            let specials =
+                src.tokenizer_config.as_ref().map(taper_data::chat::special_tokens_from_config).unwrap_or_default();
             ChatTemplate::new(&text, specials)?
         }
         None if src.chat_template.is_some() => ChatTemplate::from_model_dir(&src.dir)?,
@@ -243,7 +244,8 @@ pub fn exact_match(
             Example::PromptCompletion { prompt, completion } => (prompt.clone(), completion.clone()),
             Example::Text(_) => continue,
         };
-        let enc = src.tokenizer.encode(prompt.as_str(), false).map_err(|e| TrainError::Invalid(format!("prompt: {e}")))?;
+        let enc =
+            src.tokenizer.encode(prompt.as_str(), false).map_err(|e| TrainError::Invalid(format!("prompt: {e}")))?;
         let out = model.generate(enc.get_ids(), max_new, &greedy, &stop, &mut Rng::new(0), |_| {})?;
         let ids: Vec<u32> = out.into_iter().filter(|t| !stop.contains(t)).collect();
         let text = taper_data::tokenizer::decode(&src.tokenizer, &ids)?;
@@ -274,7 +276,8 @@ pub fn sft(cfg: SftConfig, run_dir: &Path, resume: crate::pretrain::Resume, obs:
     let ck_root = run_dir.join("checkpoints");
     let src = source::load(&cfg.init, &device)?;
     let template = template_for(cfg.data.chat_template.as_deref(), &src)?;
-    let seq_len = if cfg.data.max_length == 0 { src.config.block_size } else { cfg.data.max_length.min(src.config.block_size) };
+    let seq_len =
+        if cfg.data.max_length == 0 { src.config.block_size } else { cfg.data.max_length.min(src.config.block_size) };
     let on_bad = if cfg.data.on_bad_record == "skip" { OnBadRecord::Skip } else { OnBadRecord::Error };
     let opts = EncodeOptions {
         max_len: Some(seq_len),
@@ -330,10 +333,12 @@ pub fn sft(cfg: SftConfig, run_dir: &Path, resume: crate::pretrain::Resume, obs:
             .collect::<Result<_>>()?,
         None => fresh,
     };
-    let vars: Vec<(String, Var)> = named.into_iter().map(|(n, t)| Ok((n, Var::from_tensor(&t)?))).collect::<Result<_>>()?;
+    let vars: Vec<(String, Var)> =
+        named.into_iter().map(|(n, t)| Ok((n, Var::from_tensor(&t)?))).collect::<Result<_>>()?;
     let trainable = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone()));
     let weights = match &cfg.lora {
-        Some(l) => Weights::new(src.weights.iter().map(|(k, t)| (k.clone(), t.detach())).collect()).with_lora(trainable, l.clone()),
+        Some(l) => Weights::new(src.weights.iter().map(|(k, t)| (k.clone(), t.detach())).collect())
+            .with_lora(trainable, l.clone()),
         None => Weights::from_pairs(trainable),
     };
     let model = Decoder::load(&weights, &src.config)?;
@@ -354,7 +359,12 @@ pub fn sft(cfg: SftConfig, run_dir: &Path, resume: crate::pretrain::Resume, obs:
     let kept: String = match std::fs::read_to_string(&metrics_path) {
         Ok(s) if step > 0 => s
             .lines()
-            .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step))
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s <= step)
+            })
             .map(|l| format!("{l}\n"))
             .collect(),
         _ => String::new(),
@@ -389,7 +399,9 @@ pub fn sft(cfg: SftConfig, run_dir: &Path, resume: crate::pretrain::Resume, obs:
             loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let store = (loss / tc.grad_accum_steps as f64)?.backward()?;
             for (acc, p) in grads.iter_mut().zip(opt.params()) {
-                let g = store.get(p.var.as_tensor()).ok_or_else(|| TrainError::Invalid(format!("no gradient reached `{}`", p.name)))?;
+                let g = store
+                    .get(p.var.as_tensor())
+                    .ok_or_else(|| TrainError::Invalid(format!("no gradient reached `{}`", p.name)))?;
                 *acc = Some(match acc.take() {
                     Some(a) => (a + g)?,
                     None => g.clone(),
@@ -438,7 +450,8 @@ pub fn sft(cfg: SftConfig, run_dir: &Path, resume: crate::pretrain::Resume, obs:
                 skipped_steps: skipped,
                 val_loss,
             };
-            writeln!(metrics, "{}", serde_json::to_string(&log).expect("log serialises")).map_err(io_err(&metrics_path))?;
+            writeln!(metrics, "{}", serde_json::to_string(&log).expect("log serialises"))
+                .map_err(io_err(&metrics_path))?;
             obs.step(&log);
             window = (Instant::now(), 0);
         }
@@ -460,25 +473,37 @@ pub fn sft(cfg: SftConfig, run_dir: &Path, resume: crate::pretrain::Resume, obs:
                 lora: cfg.lora.clone(),
                 base: cfg.lora.as_ref().map(|_| cfg.init.clone()),
             };
-            let dir = checkpoint::save(&ck_root, &model_tensors, &opt.state_tensors(), &src.tokenizer_path, state, |tmp| {
-                copy_model_files(&src, tmp)?;
-                match &cfg.lora {
-                    Some(l) => write_peft(tmp, &model_tensors, l, &cfg.init),
-                    None => Ok(()),
-                }
-            })?;
+            let dir =
+                checkpoint::save(&ck_root, &model_tensors, &opt.state_tensors(), &src.tokenizer_path, state, |tmp| {
+                    copy_model_files(&src, tmp)?;
+                    match &cfg.lora {
+                        Some(l) => write_peft(tmp, &model_tensors, l, &cfg.init),
+                        None => Ok(()),
+                    }
+                })?;
             checkpoint::prune(&ck_root, tc.keep_checkpoints)?;
             obs.checkpoint(&dir);
             last_ck = Some(dir);
         }
     }
     if !eval_examples.is_empty() {
-        let (hits, total) = exact_match(&eval_model, &src, &template, &eval_examples, cfg.eval.max_new_tokens, cfg.eval.max_examples)?;
-        obs.message(&format!("exact match on held-out prompts: {hits}/{total} = {:.1}%", 100.0 * hits as f64 / total.max(1) as f64));
-        let line = serde_json::json!({"step": step, "exact_match": hits as f64 / total.max(1) as f64, "exact_match_n": total});
+        let (hits, total) =
+            exact_match(&eval_model, &src, &template, &eval_examples, cfg.eval.max_new_tokens, cfg.eval.max_examples)?;
+        obs.message(&format!(
+            "exact match on held-out prompts: {hits}/{total} = {:.1}%",
+            100.0 * hits as f64 / total.max(1) as f64
+        ));
+        let line =
+            serde_json::json!({"step": step, "exact_match": hits as f64 / total.max(1) as f64, "exact_match_n": total});
         writeln!(metrics, "{line}").map_err(io_err(&metrics_path))?;
     }
-    Ok(Summary { step, train_loss: last_loss, val_loss: last_val, elapsed_s: started.elapsed().as_secs_f64(), checkpoint: last_ck })
+    Ok(Summary {
+        step,
+        train_loss: last_loss,
+        val_loss: last_val,
+        elapsed_s: started.elapsed().as_secs_f64(),
+        checkpoint: last_ck,
+    })
 }
 
 /// The tokenizer's companions (special tokens, chat template, generation defaults), so the
@@ -500,4 +525,51 @@ fn write_peft(dir: &Path, adapters: &HashMap<String, Tensor>, l: &LoraConfig, ba
     let cfg = lora::adapter_config(l, base)?;
     let p = dir.join("adapter_config.json");
     std::fs::write(&p, serde_json::to_string_pretty(&cfg).expect("json")).map_err(io_err(&p))
+}
+
+/// What `taper eval` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub examples: usize,
+    pub loss_tokens: usize,
+    pub loss: f64,
+    pub perplexity: f64,
+    /// (hits, scored) when the data has reference answers.
+    pub exact_match: Option<(usize, usize)>,
+}
+
+/// Masked loss, perplexity and exact match of a model source on SFT-format data.
+pub fn evaluate_source(
+    src: &Source,
+    data: &[String],
+    chat_template: Option<&str>,
+    max_new_tokens: usize,
+    limit: usize,
+    obs: &mut dyn Observer,
+) -> Result<EvalReport> {
+    let template = template_for(chat_template, src)?;
+    let seq_len = src.config.block_size;
+    let opts = EncodeOptions {
+        max_len: Some(seq_len),
+        overflow: Overflow::Truncate,
+        train_on_all: false,
+        on_bad: OnBadRecord::Error,
+    };
+    let enc = SftEncoder::new(&src.tokenizer, &template, opts)?;
+    let pad = enc.eos_id().or(src.eos_ids.first().copied()).unwrap_or(0);
+    let (examples, tok) = load_examples(data, &enc, OnBadRecord::Error, obs)?;
+    let model = Decoder::load(&Weights::new(src.weights.clone()).detached(), &src.config)?;
+    let device = model.device().clone();
+    let batches = make_rows(&tok, seq_len, true, 8, pad)?;
+    let loss = eval_loss(&model, &batches, &device)?;
+    let has_answers = examples.iter().any(|e| !matches!(e, Example::Text(_)));
+    let exact_match =
+        if has_answers { Some(exact_match(&model, src, &template, &examples, max_new_tokens, limit)?) } else { None };
+    Ok(EvalReport {
+        examples: tok.len(),
+        loss_tokens: tok.iter().map(|t| t.loss_tokens()).sum(),
+        loss,
+        perplexity: loss.exp(),
+        exact_match,
+    })
 }
