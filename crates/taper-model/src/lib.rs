@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod decoder;
+pub mod gguf;
 pub mod nn;
 pub mod rng;
 pub mod weights;
