@@ -23,7 +23,7 @@ continuation and a newline; the continuation is decoded with --tokenizer if give
 exactly what taper prints), else with llama.cpp's detokenizer.
 --expect-logits reads taper's logits at every position of prompt + continuation (the
 --logits-out file of export_gguf) and prints the largest difference from llama.cpp's over the
-positions where both saw the same tokens, and the smallest top-1/top-2 logit gap (how close the
+positions where both saw the same tokens, and taper's smallest top-1/top-2 logit gap (how close the
 greedy choice came to flipping). It is a report, not a pass/fail check.
 --reference: every F16/Q8_0 tensor must equal gguf-py's quantization of the reference file's F32
 tensor of the same name, byte for byte.
@@ -230,14 +230,6 @@ def main():
         ids.append(nxt)
         if len(ids) < a.n_tokens:
             llm.eval([nxt])
-    if a.expect_logits:
-        ref = np.loadtxt(a.expect_logits, dtype=np.float64, ndmin=2)
-        n = min(len(ref), llm.n_tokens)
-        ours = np.asarray(llm.scores[:n], dtype=np.float64)
-        diff = np.abs(ours - ref[:n])
-        top2 = np.sort(ref[:n], axis=1)[:, -2:]
-        print(f"logits: {n} positions, max |taper - llama.cpp| {diff.max():.3g} (mean {diff.mean():.3g}, "
-              f"logit range {ref[:n].min():.3g}..{ref[:n].max():.3g}); smallest top-1/top-2 gap {np.min(top2[:, 1] - top2[:, 0]):.3g}")
     text = llm.detokenize(ids).decode("utf-8", errors="replace")
     print(f"ids {','.join(map(str, ids))}")
     print(f"text {text!r}")
@@ -265,6 +257,26 @@ def main():
             k = next((i for i, (x, y) in enumerate(zip(want, got)) if x != y), min(len(want), len(got)))
             print(f"MISMATCH text at char {k}: taper {want[k:k + 30]!r} llama.cpp {got[k:k + 30]!r}")
             failed = True
+    if a.expect_logits:
+        # Row i holds the logits after token i; rows agree in meaning only while both
+        # sequences (prompt + continuation) are the same up to token i.
+        same = len(prompt_ids) + len(ids)
+        if a.expect_ids is not None:
+            want = parse_ids(arg_text(a.expect_ids))
+            same = len(prompt_ids) + next((i for i, (x, y) in enumerate(zip(want, ids)) if x != y),
+                                          min(len(want), len(ids)))
+        ref = np.loadtxt(a.expect_logits, dtype=np.float64, ndmin=2)
+        n = min(len(ref), llm.n_tokens, same)
+        ours = np.asarray(llm.scores[:n], dtype=np.float64)
+        diff = np.abs(ours - ref[:n])
+        top2 = np.sort(ref[:n], axis=1)[:, -2:]
+        print(f"logits over the {n} positions with the same input: max |taper - llama.cpp| {diff.max():.3g} "
+              f"(mean {diff.mean():.3g}, logit range {ref[:n].min():.3g}..{ref[:n].max():.3g}); "
+              f"smallest taper top-1/top-2 gap {np.min(top2[:, 1] - top2[:, 0]):.3g}")
+        if same < len(prompt_ids) + len(ids) and same - 1 < n:
+            r = same - 1
+            print(f"at the first different token, taper's top-1/top-2 gap was {top2[r, 1] - top2[r, 0]:.3g} "
+                  f"and the logits differed by up to {diff[r].max():.3g}")
     return 1 if failed else 0
 
 
