@@ -202,3 +202,33 @@ fn bad_sources_get_one_clear_line() {
         &["/nonexistent/run"],
     );
 }
+
+#[test]
+fn gguf_export_writes_a_readable_file_per_type() {
+    let d = scratch("gguf");
+    for (arch, want) in [("gpt2", "gpt2"), ("llama", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3")] {
+        for ty in ["f32", "f16", "q8_0"] {
+            let out = d.join(format!("{arch}-{ty}"));
+            let msg = ok(taper(&[
+                "export",
+                fixture(arch).to_str().unwrap(),
+                "--format",
+                "gguf",
+                "--gguf-type",
+                ty,
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap());
+            assert!(msg.contains(".gguf"), "{msg}");
+            let file = std::fs::read_dir(&out).unwrap().flatten().next().unwrap().path();
+            let g = taper_model::gguf::GgufFile::read(&file).unwrap();
+            let kv = |k: &str| g.kvs.iter().find(|(n, _)| n == k).map(|(_, v)| format!("{v:?}"));
+            assert!(kv("general.architecture").unwrap().contains(want), "{arch}");
+            assert!(kv("tokenizer.ggml.model").unwrap().contains("gpt2"), "{arch}");
+            assert!(kv("tokenizer.ggml.tokens").is_some() && kv("tokenizer.ggml.merges").is_some(), "{arch}");
+            assert!(g.tensors.iter().any(|t| t.name == "token_embd.weight"), "{arch}");
+        }
+    }
+}

@@ -503,7 +503,23 @@ fn export_cmd(a: ExportArgs) -> Result<()> {
             let family = export::export_hf(&src, &a.out, a.max_shard_bytes)?;
             println!("wrote {} ({} model)", a.out.display(), family.model_type());
         }
-        other => bail!("export format {other:?} is not available in this build"),
+        _ => {
+            let ty: taper_cli::gguf_export::GgufType = a.gguf_type.parse()?;
+            std::fs::create_dir_all(&a.out).with_context(|| a.out.display().to_string())?;
+            // Named after what the user gave (a run dir, an HF dir, a hub id), not the checkpoint.
+            let name =
+                a.src.trim_end_matches('/').rsplit(['/', '@']).find(|p| !p.is_empty()).unwrap_or("model").to_string();
+            let file = a.out.join(format!("{name}-{}.gguf", a.gguf_type));
+            let gsrc = taper_cli::gguf_export::GgufSource {
+                cfg: &src.config,
+                tensors: &src.weights,
+                tokenizer_json: &src.tokenizer_path,
+                tokenizer_config: src.tokenizer_config.as_ref(),
+                name: &name,
+            };
+            taper_cli::gguf_export::write_gguf(&file, &gsrc, ty)?;
+            println!("wrote {}", file.display());
+        }
     }
     Ok(())
 }

@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod decoder;
+pub mod gguf;
 pub mod hf;
 pub mod lora;
 pub mod nn;

@@ -108,9 +108,9 @@ pub fn save(
     extra(&tmp)?;
     for e in std::fs::read_dir(&tmp).map_err(io_err(&tmp))?.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        if !state.files.contains_key(&name) {
+        if let std::collections::btree_map::Entry::Vacant(slot) = state.files.entry(name) {
             fsync(&e.path())?;
-            state.files.insert(name, sha256(&e.path())?);
+            slot.insert(sha256(&e.path())?);
         }
     }
     let st = tmp.join("trainer_state.json");

@@ -1,0 +1,3 @@
+//! Library half of the `taper` command: pieces that examples and other tools reuse.
+
+pub mod gguf_export;
