@@ -71,6 +71,39 @@ pub enum Resume {
     Dir(PathBuf),
 }
 
+impl Resume {
+    /// The checkpoint to resume from, if any.
+    pub fn dir(&self, ck_root: &Path) -> Result<Option<PathBuf>> {
+        Ok(match self {
+            Resume::No => None,
+            Resume::Latest => Some(checkpoint::latest(ck_root).ok_or_else(|| {
+                TrainError::Invalid(format!("--resume: no complete checkpoint in {}", ck_root.display()))
+            })?),
+            Resume::Dir(d) => Some(d.clone()),
+        })
+    }
+}
+
+/// `metrics.jsonl` opened for appending, cut back to the lines of steps up to `step` (the
+/// resumed step; 0 starts it afresh), so a resumed run's log reads as one run.
+pub fn open_metrics(path: &Path, step: u64) -> Result<std::fs::File> {
+    let kept: String = match std::fs::read_to_string(path) {
+        Ok(s) if step > 0 => s
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s <= step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect(),
+        _ => String::new(),
+    };
+    std::fs::write(path, kept).map_err(io_err(path))?;
+    std::fs::OpenOptions::new().append(true).open(path).map_err(io_err(path))
+}
+
 /// "auto" picks CUDA, then Metal, then the CPU.
 pub fn select_device(spec: &str) -> Result<Device> {
     let dev = match spec {
@@ -234,13 +267,7 @@ pub fn pretrain(mut cfg: RunConfig, run_dir: &Path, resume: Resume, obs: &mut dy
     let device = select_device(&cfg.device)?;
     std::fs::create_dir_all(run_dir).map_err(io_err(run_dir))?;
     let ck_root = run_dir.join("checkpoints");
-    let resume_dir = match &resume {
-        Resume::No => None,
-        Resume::Latest => Some(checkpoint::latest(&ck_root).ok_or_else(|| {
-            TrainError::Invalid(format!("--resume: no complete checkpoint in {}", ck_root.display()))
-        })?),
-        Resume::Dir(d) => Some(d.clone()),
-    };
+    let resume_dir = resume.dir(&ck_root)?;
 
     // Data and tokenizer.
     let data = prepare_data(&cfg.data, run_dir, obs)?;
@@ -312,21 +339,7 @@ pub fn pretrain(mut cfg: RunConfig, run_dir: &Path, resume: Resume, obs: &mut dy
     let cfg_path = run_dir.join("config.toml");
     std::fs::write(&cfg_path, cfg.to_toml()).map_err(io_err(&cfg_path))?;
     let metrics_path = run_dir.join("metrics.jsonl");
-    let kept = match std::fs::read_to_string(&metrics_path) {
-        Ok(s) if step > 0 => s
-            .lines()
-            .filter(|l| {
-                serde_json::from_str::<serde_json::Value>(l)
-                    .ok()
-                    .and_then(|v| v["step"].as_u64())
-                    .is_some_and(|s| s <= step)
-            })
-            .map(|l| format!("{l}\n"))
-            .collect(),
-        _ => String::new(),
-    };
-    std::fs::write(&metrics_path, kept).map_err(io_err(&metrics_path))?;
-    let mut metrics = std::fs::OpenOptions::new().append(true).open(&metrics_path).map_err(io_err(&metrics_path))?;
+    let mut metrics = open_metrics(&metrics_path, step)?;
 
     let tc = cfg.train.clone();
     let end = if tc.stop_at_step > 0 { tc.stop_at_step.min(tc.max_steps) } else { tc.max_steps };

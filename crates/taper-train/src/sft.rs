@@ -269,7 +269,6 @@ fn eval_loss(model: &Decoder, batches: &[Vec<Row>], dev: &Device) -> Result<f64>
 }
 
 pub fn sft(cfg: SftConfig, run_dir: &Path, resume: crate::pretrain::Resume, obs: &mut dyn Observer) -> Result<Summary> {
-    use crate::pretrain::Resume;
     let started = Instant::now();
     let device = select_device(&cfg.device)?;
     std::fs::create_dir_all(run_dir).map_err(io_err(run_dir))?;
@@ -301,13 +300,7 @@ pub fn sft(cfg: SftConfig, run_dir: &Path, resume: crate::pretrain::Resume, obs:
     };
 
     // Trainable parameters: everything, or only the adapters over a frozen (detached) base.
-    let resume_dir = match &resume {
-        Resume::No => None,
-        Resume::Latest => Some(checkpoint::latest(&ck_root).ok_or_else(|| {
-            TrainError::Invalid(format!("--resume: no complete checkpoint in {}", ck_root.display()))
-        })?),
-        Resume::Dir(d) => Some(d.clone()),
-    };
+    let resume_dir = resume.dir(&ck_root)?;
     let ck = match &resume_dir {
         Some(d) => Some(checkpoint::load(d, &device)?),
         None => None,
@@ -356,21 +349,7 @@ pub fn sft(cfg: SftConfig, run_dir: &Path, resume: crate::pretrain::Resume, obs:
     let cfg_path = run_dir.join("config.toml");
     std::fs::write(&cfg_path, cfg.to_toml()).map_err(io_err(&cfg_path))?;
     let metrics_path = run_dir.join("metrics.jsonl");
-    let kept: String = match std::fs::read_to_string(&metrics_path) {
-        Ok(s) if step > 0 => s
-            .lines()
-            .filter(|l| {
-                serde_json::from_str::<serde_json::Value>(l)
-                    .ok()
-                    .and_then(|v| v["step"].as_u64())
-                    .is_some_and(|s| s <= step)
-            })
-            .map(|l| format!("{l}\n"))
-            .collect(),
-        _ => String::new(),
-    };
-    std::fs::write(&metrics_path, kept).map_err(io_err(&metrics_path))?;
-    let mut metrics = std::fs::OpenOptions::new().append(true).open(&metrics_path).map_err(io_err(&metrics_path))?;
+    let mut metrics = crate::pretrain::open_metrics(&metrics_path, step)?;
     let end = if tc.stop_at_step > 0 { tc.stop_at_step.min(tc.max_steps) } else { tc.max_steps };
     obs.started(&RunInfo {
         start_step: step,
