@@ -406,3 +406,59 @@ fn taper_runs_export_to_hf() {
         &["no Hugging Face equivalent", "Sinusoidal"],
     );
 }
+
+#[test]
+fn sft_full_and_lora_then_eval() {
+    let d = scratch("sft");
+    let base = d.join("base");
+    let text = TINY
+        .replace(
+            "tokenizer = \"char\"",
+            "tokenizer = \"char\"\nspecial_tokens = [\"<|endoftext|>\", \"<|im_start|>\", \"<|im_end|>\"]",
+        )
+        .replace("block_size = 16", "block_size = 64")
+        .replace("max_steps = 8", "max_steps = 2");
+    ok(pretrain(&write_config(&d, &text), &base, &[]));
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/sft-words");
+    let lines: Vec<String> =
+        std::fs::read_to_string(data.join("train.jsonl")).unwrap().lines().take(40).map(String::from).collect();
+    std::fs::write(d.join("train.jsonl"), lines.join("\n") + "\n").unwrap();
+    let test: Vec<String> =
+        std::fs::read_to_string(data.join("test.jsonl")).unwrap().lines().take(5).map(String::from).collect();
+    std::fs::write(d.join("test.jsonl"), test.join("\n") + "\n").unwrap();
+    let cfg = format!(
+        "seed = 1\ndevice = \"cpu\"\ninit = {:?}\n[data]\ntrain = [{:?}]\neval = [{:?}]\nchat_template = \"chatml\"\n\
+         [train]\nmax_steps = 4\nbatch_size = 2\nlog_every = 1\neval_every = 2\ncheckpoint_every = 2\n[eval]\nmax_new_tokens = 8\n",
+        base, d.join("train.jsonl"), d.join("test.jsonl")
+    );
+    let full = d.join("sft.toml");
+    std::fs::write(&full, &cfg).unwrap();
+    let out = ok(taper().arg("sft").arg("--config").arg(&full).arg("--run-dir").arg(d.join("full")).output().unwrap());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("exact match on held-out prompts: "),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lora = d.join("lora.toml");
+    std::fs::write(&lora, cfg.replace("[train]", "[lora]\nr = 4\nalpha = 8.0\n\n[train]")).unwrap();
+    ok(taper().arg("sft").arg("--config").arg(&lora).arg("--run-dir").arg(d.join("lora")).output().unwrap());
+    let ck = d.join("lora/checkpoints/step_00000004");
+    assert!(ck.join("adapter_model.safetensors").exists() && ck.join("adapter_config.json").exists());
+    // The LoRA checkpoint is a model source: its adapters merged over the base.
+    let ev = ok(taper()
+        .args(["eval", "--model"])
+        .arg(d.join("lora"))
+        .arg("--data")
+        .arg(d.join("test.jsonl"))
+        .args(["--chat-template", "chatml"])
+        .output()
+        .unwrap());
+    let ev = String::from_utf8_lossy(&ev.stdout);
+    assert!(ev.contains("perplexity") && ev.contains("exact match     "), "{ev}");
+    // A conversation with an unknown role is a clear error.
+    std::fs::write(d.join("bad.jsonl"), "{\"messages\": [{\"role\": \"wizard\", \"content\": \"hi\"}]}\n").unwrap();
+    fails_with(
+        taper().args(["eval", "--model"]).arg(d.join("lora")).arg("--data").arg(d.join("bad.jsonl")).output().unwrap(),
+        &["bad.jsonl", "wizard"],
+    );
+}
