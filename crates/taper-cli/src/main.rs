@@ -235,7 +235,9 @@ fn with_dataset(dataset: Option<&str>, mut files: Vec<PathBuf>) -> Result<Vec<Pa
     Ok(files)
 }
 
-fn pretrain_cmd(a: PretrainArgs) -> Result<()> {
+/// A training run's directory, its config (parsed and checked, overrides applied) and where
+/// to resume from: shared by every recipe.
+fn run_setup<T: taper_train::config::Validate>(a: &PretrainArgs) -> Result<(PathBuf, T, Resume)> {
     let run_dir = match (&a.run_dir, &a.config) {
         (Some(d), _) => d.clone(),
         (None, Some(c)) => PathBuf::from("runs").join(c.file_stem().unwrap_or_default()),
@@ -247,56 +249,41 @@ fn pretrain_cmd(a: PretrainArgs) -> Result<()> {
         (None, None) => bail!("give --config FILE"),
     };
     let text = std::fs::read_to_string(&config_path).with_context(|| format!("config {}", config_path.display()))?;
-    let cfg = taper_train::config::parse(&text, &config_path.display().to_string(), &a.set)?;
+    let cfg = taper_train::config::parse_as(&text, &config_path.display().to_string(), &a.set)?;
     let resume = match a.resume.as_deref() {
         None => Resume::No,
         Some("") => Resume::Latest,
         Some(d) => Resume::Dir(PathBuf::from(d)),
     };
-    let mut obs = Progress::new();
-    let s = pretrain::pretrain(cfg, &run_dir, resume, &mut obs)?;
-    obs.finish();
+    Ok((run_dir, cfg, resume))
+}
+
+fn print_summary(s: &pretrain::Summary, val_name: &str, run_dir: &Path) {
     println!(
-        "done: step {} train loss {:.4} val loss {} in {:.1}s; run dir {}",
+        "done: step {} train loss {:.4} {val_name} loss {} in {:.1}s; run dir {}",
         s.step,
         s.train_loss,
         s.val_loss.map_or("-".into(), |v| format!("{v:.4}")),
         s.elapsed_s,
         run_dir.display()
     );
+}
+
+fn pretrain_cmd(a: PretrainArgs) -> Result<()> {
+    let (run_dir, cfg, resume) = run_setup::<taper_train::RunConfig>(&a)?;
+    let mut obs = Progress::new();
+    let s = pretrain::pretrain(cfg, &run_dir, resume, &mut obs)?;
+    obs.finish();
+    print_summary(&s, "val", &run_dir);
     Ok(())
 }
 
 fn sft_cmd(a: PretrainArgs) -> Result<()> {
-    let run_dir = match (&a.run_dir, &a.config) {
-        (Some(d), _) => d.clone(),
-        (None, Some(c)) => PathBuf::from("runs").join(c.file_stem().unwrap_or_default()),
-        (None, None) => bail!("give --config FILE (or --run-dir DIR --resume)"),
-    };
-    let config_path = match (&a.config, &a.resume) {
-        (Some(c), _) => c.clone(),
-        (None, Some(_)) => run_dir.join("config.toml"),
-        (None, None) => bail!("give --config FILE"),
-    };
-    let text = std::fs::read_to_string(&config_path).with_context(|| format!("config {}", config_path.display()))?;
-    let cfg: taper_train::sft::SftConfig =
-        taper_train::config::parse_as(&text, &config_path.display().to_string(), &a.set)?;
-    let resume = match a.resume.as_deref() {
-        None => Resume::No,
-        Some("") => Resume::Latest,
-        Some(d) => Resume::Dir(PathBuf::from(d)),
-    };
+    let (run_dir, cfg, resume) = run_setup::<taper_train::sft::SftConfig>(&a)?;
     let mut obs = Progress::new();
     let s = taper_train::sft::sft(cfg, &run_dir, resume, &mut obs)?;
     obs.finish();
-    println!(
-        "done: step {} train loss {:.4} eval loss {} in {:.1}s; run dir {}",
-        s.step,
-        s.train_loss,
-        s.val_loss.map_or("-".into(), |v| format!("{v:.4}")),
-        s.elapsed_s,
-        run_dir.display()
-    );
+    print_summary(&s, "eval", &run_dir);
     Ok(())
 }
 
