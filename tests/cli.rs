@@ -407,29 +407,41 @@ fn taper_runs_export_to_hf() {
     );
 }
 
-#[test]
-fn sft_full_and_lora_then_eval() {
-    let d = scratch("sft");
+/// A tiny base model with ChatML specials and a few word-task examples, for the SFT tests:
+/// (base run dir, train file, test file).
+fn sft_fixture(d: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let base = d.join("base");
     let text = TINY
         .replace(
             "tokenizer = \"char\"",
             "tokenizer = \"char\"\nspecial_tokens = [\"<|endoftext|>\", \"<|im_start|>\", \"<|im_end|>\"]",
         )
-        .replace("block_size = 16", "block_size = 64")
+        .replace("block_size = 16", "block_size = 64\npos_emb = \"rope\"\nnorm = \"rms_norm\"\nmlp = \"swiglu\"")
         .replace("max_steps = 8", "max_steps = 2");
-    ok(pretrain(&write_config(&d, &text), &base, &[]));
+    ok(pretrain(&write_config(d, &text), &base, &[]));
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/sft-words");
-    let lines: Vec<String> =
-        std::fs::read_to_string(data.join("train.jsonl")).unwrap().lines().take(40).map(String::from).collect();
-    std::fs::write(d.join("train.jsonl"), lines.join("\n") + "\n").unwrap();
-    let test: Vec<String> =
-        std::fs::read_to_string(data.join("test.jsonl")).unwrap().lines().take(5).map(String::from).collect();
-    std::fs::write(d.join("test.jsonl"), test.join("\n") + "\n").unwrap();
+    let head = |name: &str, n: usize| {
+        let lines: Vec<String> =
+            std::fs::read_to_string(data.join(name)).unwrap().lines().take(n).map(String::from).collect();
+        let p = d.join(name);
+        std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+        p
+    };
+    (base, head("train.jsonl", 40), head("test.jsonl", 5))
+}
+
+fn sft(cfg: &Path, run: &Path, extra: &[&str]) -> Output {
+    taper().arg("sft").arg("--config").arg(cfg).arg("--run-dir").arg(run).args(extra).output().unwrap()
+}
+
+#[test]
+fn sft_full_and_lora_then_eval() {
+    let d = scratch("sft");
+    let (base, train, test) = sft_fixture(&d);
     let cfg = format!(
         "seed = 1\ndevice = \"cpu\"\ninit = {:?}\n[data]\ntrain = [{:?}]\neval = [{:?}]\nchat_template = \"chatml\"\n\
          [train]\nmax_steps = 4\nbatch_size = 2\nlog_every = 1\neval_every = 2\ncheckpoint_every = 2\n[eval]\nmax_new_tokens = 8\n",
-        base, d.join("train.jsonl"), d.join("test.jsonl")
+        base, train, test
     );
     let full = d.join("sft.toml");
     std::fs::write(&full, &cfg).unwrap();
@@ -461,4 +473,98 @@ fn sft_full_and_lora_then_eval() {
         taper().args(["eval", "--model"]).arg(d.join("lora")).arg("--data").arg(d.join("bad.jsonl")).output().unwrap(),
         &["bad.jsonl", "wizard"],
     );
+}
+
+#[test]
+fn sft_lora_resume_export_and_bad_data() {
+    let d = scratch("sft-lora");
+    let (base, train, _) = sft_fixture(&d);
+    let cfg = d.join("lora.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "seed = 3\ndevice = \"cpu\"\ninit = {base:?}\n[data]\ntrain = [{train:?}]\nchat_template = \"chatml\"\n\
+             [lora]\nr = 4\nalpha = 8.0\ndropout = 0.1\ntarget_modules = [\"q\", \"v\", \"down\"]\n\
+             [train]\nmax_steps = 4\nbatch_size = 2\ngrad_accum_steps = 2\nlog_every = 1\ncheckpoint_every = 2\n"
+        ),
+    )
+    .unwrap();
+
+    // Resume: stopped at step 2 and resumed, the run matches an uninterrupted one bit for bit.
+    let (whole, split) = (d.join("whole"), d.join("split"));
+    ok(sft(&cfg, &whole, &[]));
+    ok(sft(&cfg, &split, &["--set", "train.stop_at_step=2"]));
+    ok(sft(&cfg, &split, &["--resume"]));
+    assert_eq!(losses(&whole), losses(&split));
+    assert_eq!(losses(&whole).len(), 4);
+    for f in ["model.safetensors", "optimizer.safetensors", "adapter_model.safetensors"] {
+        let read = |run: &Path| std::fs::read(run.join("checkpoints/step_00000004").join(f)).unwrap();
+        assert!(read(&whole) == read(&split), "{f} differs after resume");
+    }
+
+    // Export: the PEFT adapter alone, or merged into a full model that scores as the checkpoint does.
+    let export = |src: &Path, args: &[&str], out: &str| {
+        taper().arg("export").arg(src).args(["--format", "hf", "--out"]).arg(d.join(out)).args(args).output().unwrap()
+    };
+    ok(export(&whole, &[], "peft"));
+    let acfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("peft/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((acfg["peft_type"].as_str(), acfg["r"].as_u64()), (Some("LORA"), Some(4)));
+    assert_eq!(acfg["target_modules"], serde_json::json!(["q_proj", "v_proj", "down_proj"]));
+    let keys = std::fs::read(d.join("peft/adapter_model.safetensors")).unwrap();
+    let keys = safetensors::SafeTensors::deserialize(&keys).unwrap();
+    let mut names: Vec<String> = keys.names().into_iter().map(String::from).collect();
+    names.sort();
+    assert_eq!(names.len(), 2 * 3 * 2);
+    assert_eq!(names[0], "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight");
+    ok(export(&whole, &["--merge-lora"], "merged"));
+    std::fs::write(d.join("texts.jsonl"), "{\"text\": \"ROMEO:\\nWhat light?\"}\n").unwrap();
+    let score = |model: &Path, out: &str| {
+        ok(taper()
+            .args(["score", "--model"])
+            .arg(model)
+            .arg("--input")
+            .arg(d.join("texts.jsonl"))
+            .arg("--out")
+            .arg(d.join(out))
+            .output()
+            .unwrap());
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join(out)).unwrap()).unwrap();
+        v["logprobs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect::<Vec<f64>>()
+    };
+    let (ours, merged, plain) =
+        (score(&whole, "a.jsonl"), score(&d.join("merged"), "b.jsonl"), score(&base, "c.jsonl"));
+    assert!(ours.iter().zip(&merged).all(|(a, b)| (a - b).abs() < 1e-5), "{ours:?} vs {merged:?}");
+    assert!(ours.iter().zip(&plain).any(|(a, b)| (a - b).abs() > 1e-4), "the adapters change nothing");
+    fails_with(
+        taper().arg("export").arg(&whole).args(["--format", "gguf", "--out"]).arg(d.join("g")).output().unwrap(),
+        &["LoRA checkpoint", "--merge-lora"],
+    );
+    fails_with(export(&base, &["--merge-lora"], "x"), &["no LoRA adapters"]);
+
+    // Bad records: file and line named; skipped and counted on request. Over-long examples
+    // are truncated or dropped, and counted.
+    let long = "x".repeat(300);
+    let lines = [
+        std::fs::read_to_string(&train).unwrap().lines().take(6).collect::<Vec<_>>().join("\n"),
+        "{not json".into(),
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}".into(),
+        format!("{{\"prompt\": \"upper: x\", \"completion\": \"{}\"}}", long.to_uppercase()),
+    ];
+    let bad = d.join("bad.jsonl");
+    std::fs::write(&bad, lines.join("\n") + "\n").unwrap();
+    let bad_cfg = d.join("bad.toml");
+    std::fs::write(
+        &bad_cfg,
+        std::fs::read_to_string(&cfg).unwrap().replace(&format!("{train:?}"), &format!("{bad:?}")),
+    )
+    .unwrap();
+    fails_with(sft(&bad_cfg, &d.join("b1"), &[]), &["bad.jsonl:7", "not valid JSON"]);
+    let stderr = |o: Output| String::from_utf8_lossy(&ok(o).stderr).to_string();
+    let skip = ["--set", "data.on_bad_record=\"skip\"", "--set", "train.max_steps=1"];
+    let e = stderr(sft(&bad_cfg, &d.join("b2"), &skip));
+    assert!(e.contains("7 examples (2 skipped as bad records, 1 truncated, 0 dropped as too long"), "{e}");
+    assert!(e.contains("bad.jsonl:8") && e.contains("assistant"), "{e}");
+    let e = stderr(sft(&bad_cfg, &d.join("b3"), &[&skip[..], &["--set", "data.overflow=\"drop\""]].concat()));
+    assert!(e.contains("6 examples (2 skipped as bad records, 0 truncated, 1 dropped as too long"), "{e}");
 }

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::Path;
 use taper_model::hf::Family;
-use taper_train::source::Source;
+use taper_train::source::{LoraParts, Source};
 
 pub const DEFAULT_MAX_SHARD_BYTES: u64 = 2 << 30;
 
@@ -127,4 +127,25 @@ pub fn export_hf(src: &Source, out: &Path, max_shard_bytes: u64) -> Result<Famil
         write_json(&out.join("generation_config.json"), &g)?;
     }
     Ok(family)
+}
+
+/// A LoRA checkpoint as a PEFT adapter dir: `adapter_config.json`, `adapter_model.safetensors`
+/// and the tokenizer files. PEFT's module names are the Llama family's, so the base must be one.
+pub fn export_peft(src: &Source, l: &LoraParts, out: &Path) -> Result<()> {
+    let family = Family::for_config(&src.config)?;
+    if family == Family::Gpt2 {
+        anyhow::bail!(
+            "{}: PEFT adapters need a Llama-family base (GPT-2 fuses q, k and v); pass --merge-lora",
+            src.dir.display()
+        );
+    }
+    std::fs::create_dir_all(out).with_context(|| out.display().to_string())?;
+    taper_train::sft::write_peft(out, &l.adapters, &l.config, &l.base)?;
+    std::fs::copy(&src.tokenizer_path, out.join("tokenizer.json"))?;
+    for f in ["tokenizer_config.json", "chat_template.jinja"] {
+        if src.dir.join(f).exists() {
+            std::fs::copy(src.dir.join(f), out.join(f))?;
+        }
+    }
+    Ok(())
 }

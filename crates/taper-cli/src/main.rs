@@ -89,6 +89,10 @@ struct ExportArgs {
     /// Shard HF safetensors above this many bytes.
     #[arg(long, default_value_t = export::DEFAULT_MAX_SHARD_BYTES)]
     max_shard_bytes: u64,
+    /// For a LoRA checkpoint: fold the adapters into the base and write a full model. Without
+    /// it, `--format hf` writes the PEFT adapter alone.
+    #[arg(long)]
+    merge_lora: bool,
 }
 
 #[derive(Subcommand)]
@@ -485,6 +489,23 @@ fn score_cmd(a: ScoreArgs) -> Result<()> {
 
 fn export_cmd(a: ExportArgs) -> Result<()> {
     let src = source::load(&a.src, &candle_core::Device::Cpu)?;
+    match (&src.lora, a.merge_lora, a.format.as_str()) {
+        (None, true, _) => bail!("--merge-lora: {} has no LoRA adapters (it is a full model)", a.src),
+        (Some(_), false, "gguf") => {
+            bail!("{} is a LoRA checkpoint: pass --merge-lora to fold its adapters into the base for GGUF", a.src)
+        }
+        (Some(l), false, _) => {
+            export::export_peft(&src, l, &a.out)?;
+            println!(
+                "wrote {} (PEFT LoRA adapter, r {}, over base {}; --merge-lora writes a full model)",
+                a.out.display(),
+                l.config.r,
+                l.base
+            );
+            return Ok(());
+        }
+        _ => {}
+    }
     match a.format.as_str() {
         "hf" => {
             let family = export::export_hf(&src, &a.out, a.max_shard_bytes)?;

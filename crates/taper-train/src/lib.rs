@@ -7,6 +7,7 @@ pub mod pretrain;
 pub mod schedule;
 pub mod sft;
 pub mod source;
+pub mod steps;
 
 pub use config::RunConfig;
 

@@ -2,13 +2,12 @@
 //! (forward, backward, accumulate, clip, update, log, eval, checkpoint).
 
 use crate::checkpoint::{self, TrainerState, FORMAT_VERSION};
-use crate::config::{DataConfig, OnNonFinite, RunConfig};
-use crate::optim::{global_norm, Optimizer, Param};
+use crate::config::{DataConfig, RunConfig};
+use crate::optim::{Optimizer, Param};
+use crate::steps::{accumulate, guarded_update, save_checkpoint, Metrics};
 use crate::{io_err, Result, TrainError};
 use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
-use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use taper_data::{datasets, prepare, tokenizer, Shard, WindowSampler};
@@ -52,6 +51,23 @@ pub struct StepLog {
     pub skipped_steps: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
+}
+
+impl StepLog {
+    /// A line whose throughput and elapsed time [`crate::steps::Metrics::step`] fills in.
+    pub fn new(step: u64, loss: f64, lr: f64, grad_norm: f64, tokens: u64, skipped: u64, val: Option<f64>) -> Self {
+        Self {
+            step,
+            loss,
+            lr,
+            grad_norm,
+            tokens_per_sec: 0.0,
+            tokens,
+            elapsed_s: 0.0,
+            skipped_steps: skipped,
+            val_loss: val,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -214,26 +230,12 @@ pub fn loss_and_grads(
     micro: &[(Tensor, Tensor)],
     mut rngs: Option<Vec<Rng>>,
 ) -> Result<(f64, Vec<Tensor>)> {
-    let n = micro.len() as f64;
-    let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
-    let mut loss_sum = 0.0;
-    for (i, (x, y)) in micro.iter().enumerate() {
+    accumulate(params, micro.len(), |i| {
+        let (x, y) = &micro[i];
         let rng = rngs.as_mut().map(|r| &mut r[i]);
         let logits = model.forward(x, 0, None, rng)?; // (B, T, V)
-        let (loss, _) = cross_entropy(&flatten_logits(&logits)?, y, -100)?;
-        loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let store = (loss / n)?.backward()?;
-        for (acc, p) in grads.iter_mut().zip(params) {
-            let g = store
-                .get(p.var.as_tensor())
-                .ok_or_else(|| TrainError::Invalid(format!("no gradient reached `{}`", p.name)))?;
-            *acc = Some(match acc.take() {
-                Some(a) => (a + g)?,
-                None => g.clone(),
-            });
-        }
-    }
-    Ok((loss_sum / n, grads.into_iter().map(|g| g.expect("every micro-batch fills every slot")).collect()))
+        Ok(cross_entropy(&flatten_logits(&logits)?, y, -100)?.0)
+    })
 }
 
 /// Mean loss over `n` fixed validation batches, with no backward graph.
@@ -338,11 +340,10 @@ pub fn pretrain(mut cfg: RunConfig, run_dir: &Path, resume: Resume, obs: &mut dy
     // The run dir: resolved config and metrics (cut back to the resumed step).
     let cfg_path = run_dir.join("config.toml");
     std::fs::write(&cfg_path, cfg.to_toml()).map_err(io_err(&cfg_path))?;
-    let metrics_path = run_dir.join("metrics.jsonl");
-    let mut metrics = open_metrics(&metrics_path, step)?;
+    let mut metrics = Metrics::open(run_dir, step, started)?;
 
     let tc = cfg.train.clone();
-    let end = if tc.stop_at_step > 0 { tc.stop_at_step.min(tc.max_steps) } else { tc.max_steps };
+    let end = tc.end_step();
     obs.started(&RunInfo {
         start_step: step,
         end_step: end,
@@ -355,7 +356,6 @@ pub fn pretrain(mut cfg: RunConfig, run_dir: &Path, resume: Resume, obs: &mut dy
 
     let tokens_per_step = (tc.batch_size * tc.grad_accum_steps * t) as u64;
     let (mut last_loss, mut last_val, mut last_ck) = (f64::NAN, None, None);
-    let mut window = (Instant::now(), 0u64);
     while step < end {
         let lr = cfg.schedule.lr(step, cfg.optim.lr, tc.max_steps);
         let micro: Vec<(Tensor, Tensor)> = (0..tc.grad_accum_steps as u64)
@@ -363,38 +363,14 @@ pub fn pretrain(mut cfg: RunConfig, run_dir: &Path, resume: Resume, obs: &mut dy
             .collect::<Result<_>>()?;
         let rngs: Vec<Rng> = (0..tc.grad_accum_steps as u64).map(|m| Rng::derive(cfg.seed, &[step, m])).collect();
         let dropout = cfg.model.dropout > 0.0;
-        let (loss, mut grads) = loss_and_grads(&model, opt.params(), &micro, dropout.then_some(rngs))?;
-        let norm = global_norm(&grads)?;
-        let bad = if !loss.is_finite() {
-            Some(("loss", loss))
-        } else if !norm.is_finite() {
-            Some(("gradient norm", norm))
-        } else {
-            None
-        };
-        match (bad, tc.on_nonfinite) {
-            (Some((what, value)), OnNonFinite::Stop) => {
-                return Err(TrainError::NonFinite { step: step + 1, what, value })
-            }
-            (Some((what, value)), OnNonFinite::Skip) => {
-                skipped += 1;
-                obs.message(&format!("step {}: {what} is {value}; skipped ({skipped} so far)", step + 1));
-            }
-            (None, _) => {
-                if tc.grad_clip > 0.0 && norm > tc.grad_clip {
-                    let scale = tc.grad_clip / (norm + 1e-6);
-                    grads = grads.iter().map(|g| g * scale).collect::<candle_core::Result<_>>()?;
-                }
-                opt.step(&grads, lr)?;
-            }
-        }
+        let (loss, grads) = loss_and_grads(&model, opt.params(), &micro, dropout.then_some(rngs))?;
+        let norm = guarded_update(&mut opt, grads, loss, lr, &tc, step, &mut skipped, obs)?;
         step += 1;
         tokens += tokens_per_step;
-        window.1 += tokens_per_step;
+        metrics.add_tokens(tokens_per_step);
         last_loss = loss;
 
-        let is_last = step == end;
-        let val_loss = if (tc.eval_every > 0 && step % tc.eval_every == 0) || is_last {
+        let val_loss = if tc.eval_due(step) {
             let v = evaluate(&eval_model, &val, tc.eval_batches)?;
             obs.eval(step, v);
             last_val = Some(v);
@@ -402,27 +378,11 @@ pub fn pretrain(mut cfg: RunConfig, run_dir: &Path, resume: Resume, obs: &mut dy
         } else {
             None
         };
-        if step % tc.log_every == 0 || val_loss.is_some() || is_last {
-            let secs = window.0.elapsed().as_secs_f64();
-            let log = StepLog {
-                step,
-                loss,
-                lr,
-                grad_norm: norm,
-                tokens_per_sec: window.1 as f64 / secs.max(1e-9),
-                tokens,
-                elapsed_s: started.elapsed().as_secs_f64(),
-                skipped_steps: skipped,
-                val_loss,
-            };
-            writeln!(metrics, "{}", serde_json::to_string(&log).expect("log serialises"))
-                .map_err(io_err(&metrics_path))?;
-            obs.step(&log);
-            window = (Instant::now(), 0);
+        if step % tc.log_every == 0 || val_loss.is_some() || step == end {
+            let log = StepLog::new(step, loss, lr, norm, tokens, skipped, val_loss);
+            metrics.step(log, None, obs)?;
         }
-        if (tc.checkpoint_every > 0 && step % tc.checkpoint_every == 0) || is_last {
-            let model_tensors: HashMap<String, Tensor> =
-                opt.params().iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect();
+        if tc.checkpoint_due(step) {
             let state = TrainerState {
                 format_version: FORMAT_VERSION,
                 step,
@@ -438,11 +398,8 @@ pub fn pretrain(mut cfg: RunConfig, run_dir: &Path, resume: Resume, obs: &mut dy
                 lora: None,
                 base: None,
             };
-            let dir =
-                checkpoint::save(&ck_root, &model_tensors, &opt.state_tensors(), &data.tokenizer, state, |_| Ok(()))?;
-            checkpoint::prune(&ck_root, tc.keep_checkpoints)?;
-            obs.checkpoint(&dir);
-            last_ck = Some(dir);
+            let keep = tc.keep_checkpoints;
+            last_ck = Some(save_checkpoint(&ck_root, &opt, state, &data.tokenizer, keep, |_, _| Ok(()), obs)?);
         }
     }
     Ok(Summary {

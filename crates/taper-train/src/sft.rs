@@ -2,16 +2,16 @@
 //! masked to the responses, packed rows, full or LoRA fine-tuning, exact-match evaluation.
 
 use crate::checkpoint::{self, TrainerState, FORMAT_VERSION};
-use crate::config::{OnNonFinite, TrainConfig, Validate};
-use crate::optim::{global_norm, OptimConfig, Optimizer};
+use crate::config::{TrainConfig, Validate};
+use crate::optim::{OptimConfig, Optimizer};
 use crate::pretrain::{select_device, Observer, RunInfo, StepLog, Summary};
 use crate::schedule::ScheduleConfig;
 use crate::source::{self, Source};
+use crate::steps::{accumulate, guarded_update, save_checkpoint, Metrics};
 use crate::{io_err, Result, TrainError};
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use taper_data::chat::{ChatTemplate, Role};
@@ -189,6 +189,17 @@ fn make_rows(examples: &[Tokenized], seq_len: usize, packing: bool, batch: usize
     }
 }
 
+/// The units (packed rows or padded batches) of global micro-batch `g`: each epoch is a fresh
+/// seeded permutation, so every example is seen once per epoch and a batch mixes lengths and
+/// tasks. It depends on (seed, g) alone, so a resumed run draws the same batches.
+fn epoch_pick(seed: u64, units: usize, per_batch: usize, g: u64) -> Vec<usize> {
+    let per_epoch = (units / per_batch).max(1) as u64;
+    let (epoch, k) = (g / per_epoch, (g % per_epoch) as usize);
+    let mut perm: Vec<usize> = (0..units).collect();
+    Rng::derive(seed, &[epoch, 0x5348_5546]).shuffle(&mut perm);
+    perm[k * per_batch..((k + 1) * per_batch).min(units)].to_vec()
+}
+
 /// Reads and tokenises `paths` as the config says; logs what was skipped, truncated, dropped.
 fn load_examples(
     paths: &[String],
@@ -291,7 +302,10 @@ pub fn sft(cfg: SftConfig, run_dir: &Path, resume: crate::pretrain::Resume, obs:
         return Err(TrainError::Invalid("no training examples left after reading and tokenising".into()));
     }
     let tc = cfg.train.clone();
-    let train_batches = make_rows(&train_tok, seq_len, cfg.data.packing, tc.batch_size, pad)?;
+    // Packed rows are shuffled one by one; padded batches (rows of similar length) as wholes.
+    let per_batch = if cfg.data.packing { tc.batch_size } else { 1 };
+    let train_units =
+        make_rows(&train_tok, seq_len, cfg.data.packing, if cfg.data.packing { 1 } else { tc.batch_size }, pad)?;
     let (eval_examples, eval_batches) = if cfg.data.eval.is_empty() {
         (Vec::new(), Vec::new())
     } else {
@@ -348,9 +362,8 @@ pub fn sft(cfg: SftConfig, run_dir: &Path, resume: crate::pretrain::Resume, obs:
     }
     let cfg_path = run_dir.join("config.toml");
     std::fs::write(&cfg_path, cfg.to_toml()).map_err(io_err(&cfg_path))?;
-    let metrics_path = run_dir.join("metrics.jsonl");
-    let mut metrics = crate::pretrain::open_metrics(&metrics_path, step)?;
-    let end = if tc.stop_at_step > 0 { tc.stop_at_step.min(tc.max_steps) } else { tc.max_steps };
+    let mut metrics = Metrics::open(run_dir, step, started)?;
+    let end = tc.end_step();
     obs.started(&RunInfo {
         start_step: step,
         end_step: end,
@@ -362,53 +375,25 @@ pub fn sft(cfg: SftConfig, run_dir: &Path, resume: crate::pretrain::Resume, obs:
     });
     let dropout = src.config.dropout > 0.0 || cfg.lora.as_ref().is_some_and(|l| l.dropout > 0.0);
     let (mut last_loss, mut last_val, mut last_ck) = (f64::NAN, None, None);
-    let mut window = (Instant::now(), 0u64);
     while step < end {
         let lr = cfg.schedule.lr(step, cfg.optim.lr, tc.max_steps);
-        let mut grads: Vec<Option<Tensor>> = vec![None; opt.params().len()];
-        let mut loss_sum = 0.0;
         let mut step_tokens = 0u64;
-        for micro in 0..tc.grad_accum_steps as u64 {
-            // Batches drawn by (seed, step, micro): a resumed run sees the same ones.
-            let pick = Rng::derive(cfg.seed, &[step, micro, 7]).below(train_batches.len() as u64) as usize;
-            let rows = &train_batches[pick];
+        let (loss, grads) = accumulate(opt.params(), tc.grad_accum_steps, |micro| {
+            let g = step * tc.grad_accum_steps as u64 + micro as u64;
+            let rows: Vec<Row> = epoch_pick(cfg.seed, train_units.len(), per_batch, g)
+                .into_iter()
+                .flat_map(|u| train_units[u].clone())
+                .collect();
             step_tokens += rows.iter().map(|r| r.len() as u64).sum::<u64>();
-            let mut rng = Rng::derive(cfg.seed, &[step, micro]);
-            let (loss, _) = batch_loss(&model, rows, &device, dropout.then_some(&mut rng))?;
-            loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let store = (loss / tc.grad_accum_steps as f64)?.backward()?;
-            for (acc, p) in grads.iter_mut().zip(opt.params()) {
-                let g = store
-                    .get(p.var.as_tensor())
-                    .ok_or_else(|| TrainError::Invalid(format!("no gradient reached `{}`", p.name)))?;
-                *acc = Some(match acc.take() {
-                    Some(a) => (a + g)?,
-                    None => g.clone(),
-                });
-            }
-        }
-        let mut grads: Vec<Tensor> = grads.into_iter().map(|g| g.expect("filled above")).collect();
-        let loss = loss_sum / tc.grad_accum_steps as f64;
-        let norm = global_norm(&grads)?;
-        if !loss.is_finite() || !norm.is_finite() {
-            let (what, value) = if !loss.is_finite() { ("loss", loss) } else { ("gradient norm", norm) };
-            if tc.on_nonfinite == OnNonFinite::Stop {
-                return Err(TrainError::NonFinite { step: step + 1, what, value });
-            }
-            skipped += 1;
-        } else {
-            if tc.grad_clip > 0.0 && norm > tc.grad_clip {
-                let scale = tc.grad_clip / (norm + 1e-6);
-                grads = grads.iter().map(|g| g * scale).collect::<candle_core::Result<_>>()?;
-            }
-            opt.step(&grads, lr)?;
-        }
+            let mut rng = Rng::derive(cfg.seed, &[step, micro as u64]);
+            Ok(batch_loss(&model, &rows, &device, dropout.then_some(&mut rng))?.0)
+        })?;
+        let norm = guarded_update(&mut opt, grads, loss, lr, &tc, step, &mut skipped, obs)?;
         step += 1;
         tokens += step_tokens;
-        window.1 += step_tokens;
+        metrics.add_tokens(step_tokens);
         last_loss = loss;
-        let is_last = step == end;
-        let val_loss = if !eval_batches.is_empty() && ((tc.eval_every > 0 && step % tc.eval_every == 0) || is_last) {
+        let val_loss = if !eval_batches.is_empty() && tc.eval_due(step) {
             let v = eval_loss(&eval_model, &eval_batches, &device)?;
             obs.eval(step, v);
             last_val = Some(v);
@@ -416,27 +401,10 @@ pub fn sft(cfg: SftConfig, run_dir: &Path, resume: crate::pretrain::Resume, obs:
         } else {
             None
         };
-        if step % tc.log_every == 0 || val_loss.is_some() || is_last {
-            let secs = window.0.elapsed().as_secs_f64();
-            let log = StepLog {
-                step,
-                loss,
-                lr,
-                grad_norm: norm,
-                tokens_per_sec: window.1 as f64 / secs.max(1e-9),
-                tokens,
-                elapsed_s: started.elapsed().as_secs_f64(),
-                skipped_steps: skipped,
-                val_loss,
-            };
-            writeln!(metrics, "{}", serde_json::to_string(&log).expect("log serialises"))
-                .map_err(io_err(&metrics_path))?;
-            obs.step(&log);
-            window = (Instant::now(), 0);
+        if step % tc.log_every == 0 || val_loss.is_some() || step == end {
+            metrics.step(StepLog::new(step, loss, lr, norm, tokens, skipped, val_loss), None, obs)?;
         }
-        if (tc.checkpoint_every > 0 && step % tc.checkpoint_every == 0) || is_last {
-            let model_tensors: HashMap<String, Tensor> =
-                opt.params().iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect();
+        if tc.checkpoint_due(step) {
             let state = TrainerState {
                 format_version: FORMAT_VERSION,
                 step,
@@ -452,17 +420,15 @@ pub fn sft(cfg: SftConfig, run_dir: &Path, resume: crate::pretrain::Resume, obs:
                 lora: cfg.lora.clone(),
                 base: cfg.lora.as_ref().map(|_| cfg.init.clone()),
             };
-            let dir =
-                checkpoint::save(&ck_root, &model_tensors, &opt.state_tensors(), &src.tokenizer_path, state, |tmp| {
-                    copy_model_files(&src, tmp)?;
-                    match &cfg.lora {
-                        Some(l) => write_peft(tmp, &model_tensors, l, &cfg.init),
-                        None => Ok(()),
-                    }
-                })?;
-            checkpoint::prune(&ck_root, tc.keep_checkpoints)?;
-            obs.checkpoint(&dir);
-            last_ck = Some(dir);
+            let extra = |tmp: &Path, tensors: &HashMap<String, Tensor>| {
+                copy_model_files(&src, tmp)?;
+                match &cfg.lora {
+                    Some(l) => write_peft(tmp, tensors, l, &cfg.init),
+                    None => Ok(()),
+                }
+            };
+            let (tok, keep) = (&src.tokenizer_path, tc.keep_checkpoints);
+            last_ck = Some(save_checkpoint(&ck_root, &opt, state, tok, keep, extra, obs)?);
         }
     }
     if !eval_examples.is_empty() {
@@ -472,9 +438,9 @@ pub fn sft(cfg: SftConfig, run_dir: &Path, resume: crate::pretrain::Resume, obs:
             "exact match on held-out prompts: {hits}/{total} = {:.1}%",
             100.0 * hits as f64 / total.max(1) as f64
         ));
-        let line =
-            serde_json::json!({"step": step, "exact_match": hits as f64 / total.max(1) as f64, "exact_match_n": total});
-        writeln!(metrics, "{line}").map_err(io_err(&metrics_path))?;
+        metrics.write(
+            &serde_json::json!({"step": step, "exact_match": hits as f64 / total.max(1) as f64, "exact_match_n": total}),
+        )?;
     }
     Ok(Summary {
         step,
@@ -497,8 +463,9 @@ fn copy_model_files(src: &Source, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `adapter_model.safetensors` and `adapter_config.json` in PEFT's layout, beside taper's files.
-fn write_peft(dir: &Path, adapters: &HashMap<String, Tensor>, l: &LoraConfig, base: &str) -> Result<()> {
+/// `adapter_model.safetensors` and `adapter_config.json` in PEFT's layout, so that
+/// `PeftModel.from_pretrained(base, dir)` loads them (scripts/check_peft.py).
+pub fn write_peft(dir: &Path, adapters: &HashMap<String, Tensor>, l: &LoraConfig, base: &str) -> Result<()> {
     let peft: HashMap<String, Tensor> = adapters.iter().map(|(k, t)| (lora::peft_key(k), t.clone())).collect();
     candle_core::safetensors::save(&peft, dir.join("adapter_model.safetensors"))?;
     let cfg = lora::adapter_config(l, base)?;
@@ -551,4 +518,25 @@ pub fn evaluate_source(
         perplexity: loss.exp(),
         exact_match,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_epoch_sees_every_unit_once_in_a_fresh_order() {
+        let (units, per_batch) = (10, 3);
+        let epoch =
+            |e: u64| -> Vec<usize> { (3 * e..3 * e + 3).flat_map(|g| epoch_pick(5, units, per_batch, g)).collect() };
+        let (a, b) = (epoch(0), epoch(1));
+        assert_eq!(a.len(), 9);
+        let mut sorted = a.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 9, "no unit twice in an epoch: {a:?}");
+        assert_ne!(a, b);
+        assert_eq!(epoch_pick(5, units, per_batch, 4), epoch_pick(5, units, per_batch, 4));
+        assert_eq!(epoch_pick(5, 2, 3, 0).len(), 2, "fewer units than a batch");
+    }
 }

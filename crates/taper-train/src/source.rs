@@ -39,6 +39,17 @@ pub struct Source {
     pub hf_config: Option<Value>,
     /// The run config, for taper checkpoints.
     pub run_config: Option<crate::RunConfig>,
+    /// For a LoRA checkpoint: its adapters and base. `weights` holds them merged.
+    pub lora: Option<LoraParts>,
+}
+
+/// A LoRA checkpoint's own parts, kept beside the merged weights for adapter export.
+pub struct LoraParts {
+    pub config: taper_model::lora::LoraConfig,
+    /// The base model's source spec, as the SFT config named it.
+    pub base: String,
+    /// taper-named adapter tensors (`...q_proj.lora_A.weight`).
+    pub adapters: HashMap<String, Tensor>,
 }
 
 fn bad(path: &Path, reason: impl Into<String>) -> TrainError {
@@ -88,21 +99,22 @@ pub fn resolve(spec: &str) -> Result<PathBuf> {
 pub fn load(spec: &str, device: &Device) -> Result<Source> {
     let dir = resolve(spec)?;
     let is_taper = dir.join("trainer_state.json").exists() || dir.join("checkpoints").is_dir();
-    let (dir, family, config, weights, hf_config, run_config) = if is_taper {
+    let (dir, family, config, weights, hf_config, run_config, lora) = if is_taper {
         let ck_dir = checkpoint::resolve(&dir)?;
         let ck = checkpoint::load_model_checkpoint(&ck_dir, device)?;
         // Adapters apply over their base, merged: every consumer then sees plain weights.
-        let weights = match &ck.lora {
+        let (weights, lora) = match ck.lora {
             Some((l, base)) => {
-                let b = load(base, device)?;
-                taper_model::lora::merge(&b.weights, &ck.weights, l)?
+                let b = load(&base, device)?;
+                let merged = taper_model::lora::merge(&b.weights, &ck.weights, &l)?;
+                (merged, Some(LoraParts { config: l, base, adapters: ck.weights }))
             }
-            None => ck.weights,
+            None => (ck.weights, None),
         };
-        (ck_dir, None, ck.model, weights, None, ck.run)
+        (ck_dir, None, ck.model, weights, None, ck.run, lora)
     } else if dir.join("config.json").exists() {
         let m = taper_model::hf::load_dir(&dir, device)?;
-        (dir, Some(m.family), m.config, m.weights, Some(m.hf_config), None)
+        (dir, Some(m.family), m.config, m.weights, Some(m.hf_config), None, None)
     } else {
         return Err(bad(&dir, "neither a taper checkpoint or run dir nor an HF model dir (no config.json)"));
     };
@@ -157,5 +169,6 @@ pub fn load(spec: &str, device: &Device) -> Result<Source> {
         generation,
         hf_config,
         run_config,
+        lora,
     })
 }
