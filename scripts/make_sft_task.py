@@ -22,6 +22,15 @@ TASKS = {
 }
 
 
+def word_split(rng, data):
+    """Lower-case words of 3-6 letters from `data`, shuffled by `rng`, split 90 / 10 into
+    disjoint train and test vocabularies."""
+    words = sorted({w for w in re.findall(r"[a-z]+", pathlib.Path(data).read_text()) if 3 <= len(w) <= 6})
+    rng.shuffle(words)
+    n_test = len(words) // 10
+    return {"test": words[:n_test], "train": words[n_test:]}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default="../shared/data/tinyshakespeare.txt")
@@ -31,10 +40,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     rng = random.Random(a.seed)
-    words = sorted({w for w in re.findall(r"[a-z]+", pathlib.Path(a.data).read_text()) if 3 <= len(w) <= 6})
-    rng.shuffle(words)
-    n_test = len(words) // 10
-    split = {"test": words[:n_test], "train": words[n_test:]}
+    split = word_split(rng, a.data)
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, count in [("train", a.train), ("test", a.test)]:

@@ -80,14 +80,14 @@ fn pretrain(cfg: &Path, run: &Path, extra: &[&str]) -> Output {
     taper().arg("pretrain").arg("--config").arg(cfg).arg("--run-dir").arg(run).args(extra).output().unwrap()
 }
 
-/// (step, loss bits) of every metrics line.
+/// (step, loss bits) of every step line of the metrics (end-of-run evaluations left out).
 fn losses(run: &Path) -> Vec<(u64, u64)> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| {
+        .filter_map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap().to_bits())
+            Some((v["step"].as_u64().unwrap(), v.get("loss")?.as_f64().unwrap().to_bits()))
         })
         .collect()
 }
@@ -567,4 +567,113 @@ fn sft_lora_resume_export_and_bad_data() {
     assert!(e.contains("bad.jsonl:8") && e.contains("assistant"), "{e}");
     let e = stderr(sft(&bad_cfg, &d.join("b3"), &[&skip[..], &["--set", "data.overflow=\"drop\""]].concat()));
     assert!(e.contains("6 examples (2 skipped as bad records, 0 truncated, 1 dropped as too long"), "{e}");
+}
+
+#[test]
+fn reward_model_and_dpo_tiny_runs_resume_and_bad_pairs() {
+    let d = scratch("align");
+    let (base, _, test) = sft_fixture(&d);
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/pref-words");
+    let pairs: Vec<String> =
+        std::fs::read_to_string(data.join("train.jsonl")).unwrap().lines().take(24).map(String::from).collect();
+    let train = d.join("pairs.jsonl");
+    std::fs::write(&train, pairs[..20].join("\n") + "\n").unwrap();
+    let held = d.join("held.jsonl");
+    std::fs::write(&held, pairs[20..].join("\n") + "\n").unwrap();
+    let common = format!(
+        "seed = 5\ndevice = \"cpu\"\ninit = {base:?}\n[data]\ntrain = [{train:?}]\neval = [{held:?}]\n\
+         prompts = [{test:?}]\nchat_template = \"chatml\"\n"
+    );
+    let steps = "[train]\nmax_steps = 4\nbatch_size = 2\ngrad_accum_steps = 2\nlog_every = 1\neval_every = 2\ncheckpoint_every = 2\n[optim]\nlr = 1e-3\n";
+
+    // Reward model: the head trains, accuracy and margin are logged, the checkpoint holds the head.
+    let rm_cfg = d.join("rm.toml");
+    std::fs::write(&rm_cfg, common.replace("prompts = [", "#prompts = [") + "[rm]\ncenter_coef = 0.01\n" + steps)
+        .unwrap();
+    let rm = d.join("rm");
+    ok(taper().arg("rm").arg("--config").arg(&rm_cfg).arg("--run-dir").arg(&rm).output().unwrap());
+    let log = std::fs::read_to_string(rm.join("metrics.jsonl")).unwrap();
+    assert!(log.contains("\"eval/accuracy\"") && log.contains("\"margin\""), "{log}");
+    let ck = std::fs::read(rm.join("checkpoints/step_00000004/model.safetensors")).unwrap();
+    assert!(safetensors::SafeTensors::deserialize(&ck).unwrap().names().contains(&"score.weight"));
+
+    // DPO with precomputed reference log-probs: resumed equals uninterrupted, bit for bit.
+    let dpo_cfg = d.join("dpo.toml");
+    std::fs::write(
+        &dpo_cfg,
+        common.clone() + "[dpo]\nbeta = 0.1\nprecompute_ref = true\n" + steps + "[eval]\nmax_new_tokens = 8\n",
+    )
+    .unwrap();
+    let dpo = |run: &Path, extra: &[&str]| {
+        taper().arg("dpo").arg("--config").arg(&dpo_cfg).arg("--run-dir").arg(run).args(extra).output().unwrap()
+    };
+    let (whole, split) = (d.join("dpo"), d.join("dpo-split"));
+    let out = ok(dpo(&whole, &[]));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exact match on held-out prompts: "));
+    assert!(whole.join("ref_logps.safetensors").exists());
+    let log = std::fs::read_to_string(whole.join("metrics.jsonl")).unwrap();
+    assert!(log.contains("\"rewards/chosen\"") && log.contains("\"eval/rewards/accuracy\""), "{log}");
+    ok(dpo(&split, &["--set", "train.stop_at_step=2"]));
+    ok(dpo(&split, &["--resume"]));
+    assert_eq!(losses(&whole), losses(&split));
+    let read = |run: &Path| std::fs::read(run.join("checkpoints/step_00000004/model.safetensors")).unwrap();
+    assert!(read(&whole) == read(&split), "weights differ after resume");
+
+    // Bad pairs: named by file and line.
+    let p = "{\"prompt\": \"upper: ab\", \"chosen\": \"AB\", \"rejected\": \"AB\"}";
+    std::fs::write(&train, format!("{}\n{p}\n", pairs[0])).unwrap();
+    fails_with(dpo(&d.join("b1"), &[]), &["pairs.jsonl:2", "identical"]);
+    let long = format!("{{\"prompt\": \"upper: {}\", \"chosen\": \"A\", \"rejected\": \"B\"}}", "x".repeat(80));
+    std::fs::write(&train, format!("{}\n{long}\n", pairs[0])).unwrap();
+    fails_with(dpo(&d.join("b2"), &[]), &["pairs.jsonl:2", "prompt is", "context of 64"]);
+    let empty = "{\"prompt\": \"upper: ab\", \"chosen\": \"AB\", \"rejected\": \"\"}";
+    std::fs::write(&train, format!("{}\n{empty}\n", pairs[0])).unwrap();
+    fails_with(dpo(&d.join("b3"), &[]), &["pairs.jsonl:2", "rejected completion is empty"]);
+
+    // GRPO (verifiable reward) and PPO (the reward model above): tiny runs whose resume is exact.
+    let rl = |kind: &str, reward: &str, section: &str| {
+        let cfg = d.join(format!("{kind}.toml"));
+        let text = format!(
+            "seed = 9\ndevice = \"cpu\"\ninit = {base:?}\n[data]\ntrain = [{test:?}]\neval = [{test:?}]\n\
+             chat_template = \"chatml\"\n[rollout]\nmax_new_tokens = 6\n[reward]\n{reward}\n{section}\n\
+             [train]\nmax_steps = 2\nlog_every = 1\neval_every = 2\ncheckpoint_every = 1\n[optim]\nlr = 1e-3\n"
+        );
+        std::fs::write(&cfg, text).unwrap();
+        cfg
+    };
+    let run = |cmd: &str, cfg: &Path, dir: &Path, extra: &[&str]| {
+        taper().arg(cmd).arg("--config").arg(cfg).arg("--run-dir").arg(dir).args(extra).output().unwrap()
+    };
+    let grpo = rl("grpo", "kind = \"exact_match\"", "[grpo]\ngroup_size = 2\nprompts_per_step = 2\nbeta = 0.04");
+    let rm_reward = format!("kind = \"model\"\npath = {rm:?}");
+    let ppo = rl(
+        "ppo",
+        &rm_reward,
+        "[ppo]\nrollouts_per_step = 4\nminibatches = 2\nepochs = 2\nadaptive_kl = { target = 1.0, horizon = 100.0 }",
+    );
+    for (cmd, cfg, keys) in
+        [("grpo", &grpo, ["\"kl\"", "\"reward_std\""]), ("ppo", &ppo, ["\"value_loss\"", "\"kl_coef\""])]
+    {
+        let (whole, split) = (d.join(format!("{cmd}-whole")), d.join(format!("{cmd}-split")));
+        let out = ok(run(cmd, cfg, &whole, &[]));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("held-out mean reward"), "{cmd}");
+        let log = std::fs::read_to_string(whole.join("metrics.jsonl")).unwrap();
+        assert!(keys.iter().all(|k| log.contains(k)) && log.contains("\"eval/reward\""), "{cmd}: {log}");
+        ok(run(cmd, cfg, &split, &["--set", "train.stop_at_step=1"]));
+        ok(run(cmd, cfg, &split, &["--resume"]));
+        assert_eq!(losses(&whole), losses(&split), "{cmd}");
+        let w = |r: &Path| std::fs::read(r.join("checkpoints/step_00000002/model.safetensors")).unwrap();
+        assert!(w(&whole) == w(&split), "{cmd}: weights differ after resume");
+    }
+
+    // A reward model must read the policy's token ids: one exported to HF with another
+    // tokenizer is refused, naming both vocabularies.
+    ok(taper().arg("export").arg(&rm).args(["--format", "hf", "--out"]).arg(d.join("rm-hf")).output().unwrap());
+    let other = d.join("other");
+    ok(pretrain(&write_config(&d, &TINY.replace("max_steps = 8", "max_steps = 2")), &other, &[]));
+    std::fs::copy(other.join("data/tokenizer.json"), d.join("rm-hf/tokenizer.json")).unwrap();
+    let bad = rl("ppo-bad", &format!("kind = \"model\"\npath = {:?}", d.join("rm-hf")), "");
+    fails_with(run("ppo", &bad, &d.join("p1"), &[]), &["reward model", "tokenizer", "differs from the policy"]);
+    let not_rm = rl("ppo-not-rm", &format!("kind = \"model\"\npath = {base:?}"), "");
+    fails_with(run("ppo", &not_rm, &d.join("p2"), &[]), &["not a reward model"]);
 }

@@ -3,7 +3,13 @@
 //! The losses in [`losses`] are pure functions over candle tensors, checked against golden values from TRL's
 //! formulas (`scripts/golden/align_losses.py`), so that the recipes built on them can be compared with TRL runs.
 
+pub mod dpo;
+pub mod grpo;
 pub mod losses;
+pub mod pairs;
+pub mod ppo;
+pub mod rl;
+pub mod rm;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AlignError {

@@ -50,10 +50,28 @@ pub fn export_hf(src: &Source, out: &Path, max_shard_bytes: u64) -> Result<Famil
     if let Some(&e) = src.eos_ids.first() {
         config["eos_token_id"] = if src.eos_ids.len() == 1 { e.into() } else { json!(src.eos_ids) };
     }
+    // A reward model (taper rm) becomes HF's sequence classifier: one label, the `score` head
+    // read at the last non-pad token, which transformers finds through pad_token_id.
+    let score = src.weights.get("score.weight");
+    if score.is_some() {
+        config["architectures"] = json!([family
+            .architecture()
+            .replace("LMHeadModel", "ForSequenceClassification")
+            .replace("ForCausalLM", "ForSequenceClassification")]);
+        config["num_labels"] = 1.into();
+        config["id2label"] = json!({"0": "LABEL_0"});
+        config["label2id"] = json!({"LABEL_0": 0});
+        config["pad_token_id"] = src.eos_ids.first().map_or(Value::Null, |&e| e.into());
+    }
     write_json(&out.join("config.json"), &config)?;
 
     // Weights, sharded past max_shard_bytes.
-    let tensors = family.weights_to_hf(cfg, &src.weights)?;
+    let mut tensors = family.weights_to_hf(cfg, &src.weights)?;
+    // transformers ignores the LM head of a classifier (it warns); taper reads it back.
+    if let Some(score) = score {
+        tensors.retain(|(n, _)| n != "score.weight");
+        tensors.push(("score.weight".into(), score.clone()));
+    }
     let mut shards: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];
     let mut size = 0u64;
     let total: u64 = tensors.iter().map(|(_, t)| (t.elem_count() * t.dtype().size_in_bytes()) as u64).sum();
@@ -140,7 +158,7 @@ pub fn export_peft(src: &Source, l: &LoraParts, out: &Path) -> Result<()> {
         );
     }
     std::fs::create_dir_all(out).with_context(|| out.display().to_string())?;
-    taper_train::sft::write_peft(out, &l.adapters, &l.config, &l.base)?;
+    taper_train::finetune::write_peft(out, &l.adapters, &l.config, &l.base)?;
     std::fs::copy(&src.tokenizer_path, out.join("tokenizer.json"))?;
     for f in ["tokenizer_config.json", "chat_template.jinja"] {
         if src.dir.join(f).exists() {

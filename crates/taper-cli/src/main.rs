@@ -30,6 +30,14 @@ enum Cmd {
     Pretrain(PretrainArgs),
     /// Supervised fine-tuning (full or LoRA) from a TOML config.
     Sft(PretrainArgs),
+    /// Train a reward model (scalar head, Bradley-Terry loss) on preference pairs.
+    Rm(PretrainArgs),
+    /// Direct preference optimisation (sigmoid / cDPO, IPO, hinge, SimPO) on preference pairs.
+    Dpo(PretrainArgs),
+    /// PPO (RLHF) with a value head and a KL penalty, against a reward model or a verifiable reward.
+    Ppo(PretrainArgs),
+    /// GRPO: group-relative policy optimisation against a reward model or a verifiable reward.
+    Grpo(PretrainArgs),
     /// Loss, perplexity and exact match of a model source on SFT-format data.
     Eval(EvalArgs),
     /// Generate text from any model source.
@@ -214,6 +222,34 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Pretrain(a) => pretrain_cmd(a)?,
         Cmd::Sft(a) => sft_cmd(a)?,
+        Cmd::Rm(a) => {
+            let (run_dir, cfg, resume) = run_setup::<taper_align::rm::RmConfig>(&a)?;
+            let mut obs = Progress::new();
+            let s = taper_align::rm::rm(cfg, &run_dir, resume, &mut obs)?;
+            obs.finish();
+            print_summary(&s, "eval", &run_dir);
+        }
+        Cmd::Dpo(a) => {
+            let (run_dir, cfg, resume) = run_setup::<taper_align::dpo::DpoConfig>(&a)?;
+            let mut obs = Progress::new();
+            let s = taper_align::dpo::dpo(cfg, &run_dir, resume, &mut obs)?;
+            obs.finish();
+            print_summary(&s, "eval", &run_dir);
+        }
+        Cmd::Ppo(a) => {
+            let (run_dir, cfg, resume) = run_setup::<taper_align::ppo::PpoConfig>(&a)?;
+            let mut obs = Progress::new();
+            let s = taper_align::ppo::ppo(cfg, &run_dir, resume, &mut obs)?;
+            obs.finish();
+            print_rl_summary(&s, &run_dir);
+        }
+        Cmd::Grpo(a) => {
+            let (run_dir, cfg, resume) = run_setup::<taper_align::grpo::GrpoConfig>(&a)?;
+            let mut obs = Progress::new();
+            let s = taper_align::grpo::grpo(cfg, &run_dir, resume, &mut obs)?;
+            obs.finish();
+            print_rl_summary(&s, &run_dir);
+        }
         Cmd::Eval(a) => eval_cmd(a)?,
         Cmd::Generate(a) => generate_cmd(a)?,
         Cmd::Score(a) => score_cmd(a)?,
@@ -265,6 +301,17 @@ fn run_setup<T: taper_train::config::Validate>(a: &PretrainArgs) -> Result<(Path
 fn print_summary(s: &pretrain::Summary, val_name: &str, run_dir: &Path) {
     println!(
         "done: step {} train loss {:.4} {val_name} loss {} in {:.1}s; run dir {}",
+        s.step,
+        s.train_loss,
+        s.val_loss.map_or("-".into(), |v| format!("{v:.4}")),
+        s.elapsed_s,
+        run_dir.display()
+    );
+}
+
+fn print_rl_summary(s: &pretrain::Summary, run_dir: &Path) {
+    println!(
+        "done: step {} loss {:.4} held-out reward {} in {:.1}s; run dir {}",
         s.step,
         s.train_loss,
         s.val_loss.map_or("-".into(), |v| format!("{v:.4}")),
@@ -452,6 +499,8 @@ fn score_cmd(a: ScoreArgs) -> Result<()> {
     let device = pretrain::select_device(&a.device)?;
     let src = source::load(&a.model, &device)?;
     let model = Decoder::load(&Weights::new(src.weights.clone()).detached(), &src.config)?;
+    // A reward model (a `score` head) also scores each whole text.
+    let reward_head = src.weights.get(taper_align::rm::SCORE).map(|s| s.detach());
     let text = std::fs::read_to_string(&a.input).with_context(|| a.input.display().to_string())?;
     let mut out = String::new();
     let mut n = 0;
@@ -476,8 +525,14 @@ fn score_cmd(a: ScoreArgs) -> Result<()> {
             logprobs = picked.to_vec1::<f32>()?;
         }
         let sum: f64 = logprobs.iter().map(|&x| x as f64).sum();
-        let row = serde_json::json!({"text": t, "tokens": ids, "logprobs": logprobs, "sum_logprob": sum,
+        let mut row = serde_json::json!({"text": t, "tokens": ids, "logprobs": logprobs, "sum_logprob": sum,
             "n_scored": logprobs.len(), "truncated": truncated});
+        if let Some(head) = &reward_head {
+            let x = Tensor::new(ids.as_slice(), &device)?.unsqueeze(0)?;
+            let h = model.forward_hidden(&x, 0, None, None)?.squeeze(0)?; // (T, C)
+            let r = h.get(ids.len() - 1)?.unsqueeze(0)?.matmul(&head.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+            row["reward"] = r[0].into();
+        }
         out.push_str(&serde_json::to_string(&row)?);
         out.push('\n');
         n += 1;

@@ -5,6 +5,7 @@ pub mod datasets;
 pub mod hub;
 pub mod loader;
 pub mod packing;
+pub mod preference;
 pub mod prepare;
 pub mod sft;
 pub mod shard;

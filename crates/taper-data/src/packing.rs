@@ -31,7 +31,7 @@ impl Row {
         self.input_ids.is_empty()
     }
 
-    fn push(&mut self, index: usize, ex: &Tokenized) {
+    pub fn push(&mut self, index: usize, ex: &Tokenized) {
         let segment = self.examples.len() as u32 + 1;
         self.input_ids.extend_from_slice(&ex.input_ids);
         self.labels.extend_from_slice(&ex.labels);
@@ -40,7 +40,7 @@ impl Row {
         self.examples.push(index);
     }
 
-    fn pad_to(&mut self, len: usize, pad_id: u32) {
+    pub fn pad_to(&mut self, len: usize, pad_id: u32) {
         self.input_ids.resize(len, pad_id);
         self.labels.resize(len, IGNORE_INDEX);
         self.position_ids.resize(len, 0);

@@ -32,14 +32,16 @@ pub enum Example {
     Conversation { messages: Vec<Message>, train_from: usize },
 }
 
-/// An example and where it was read from.
+/// A record and where it was read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SftExample {
+pub struct Located<T> {
     pub path: String,
     /// 1-based line of a JSONL file, or 1-based row of a Parquet file.
     pub line: usize,
-    pub example: Example,
+    pub example: T,
 }
+
+pub type SftExample = Located<Example>;
 
 /// What to do with a record that cannot be used (bad JSON, unknown role, no assistant turn,
 /// a template error while tokenising).
@@ -52,27 +54,55 @@ pub enum OnBadRecord {
     Skip,
 }
 
-#[derive(Debug, Default)]
-pub struct SftData {
-    pub examples: Vec<SftExample>,
+/// The records read from a set of files, and what was skipped.
+#[derive(Debug)]
+pub struct Records<T> {
+    pub examples: Vec<Located<T>>,
     /// Records skipped under [`OnBadRecord::Skip`].
     pub skipped: usize,
     /// The errors of the first skipped records (at most 32).
     pub skip_reasons: Vec<DataError>,
 }
 
-impl SftData {
+pub type SftData = Records<Example>;
+
+impl<T> Default for Records<T> {
+    fn default() -> Self {
+        Self { examples: Vec::new(), skipped: 0, skip_reasons: Vec::new() }
+    }
+}
+
+impl<T> Records<T> {
     fn skip(&mut self, e: DataError) {
         self.skipped += 1;
         if self.skip_reasons.len() < MAX_SKIP_REASONS {
             self.skip_reasons.push(e);
         }
     }
+
+    fn keep(&mut self, on_bad: OnBadRecord, path: &str, line: usize, r: Result<T>) -> Result<()> {
+        match r {
+            Ok(example) => self.examples.push(Located { path: path.to_string(), line, example }),
+            Err(e) if on_bad == OnBadRecord::Skip => self.skip(e),
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
 }
 
 /// Reads SFT records from files and directories. A directory contributes every `.jsonl`,
 /// `.json` (JSON Lines) and `.parquet` file below it, in path order.
 pub fn read_sft(paths: &[PathBuf], on_bad: OnBadRecord) -> Result<SftData> {
+    read_records(paths, on_bad, parse_record)
+}
+
+/// Reads records of any kind, each JSON object (JSONL line or Parquet row) parsed by `parse`
+/// with its file and line for error messages.
+pub fn read_records<T>(
+    paths: &[PathBuf],
+    on_bad: OnBadRecord,
+    parse: impl Fn(&serde_json::Value, &str, usize) -> Result<T>,
+) -> Result<Records<T>> {
     let mut files = Vec::new();
     for p in paths {
         if p.is_dir() {
@@ -90,12 +120,12 @@ pub fn read_sft(paths: &[PathBuf], on_bad: OnBadRecord) -> Result<SftData> {
         let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
         return Err(DataError::Dataset { name: names.join(", "), reason: "no .jsonl, .json or .parquet files".into() });
     }
-    let mut data = SftData::default();
+    let mut data = Records::default();
     for f in &files {
         if f.extension().is_some_and(|e| e == "parquet") {
-            read_parquet(f, on_bad, &mut data)?;
+            read_parquet(f, on_bad, &mut data, &parse)?;
         } else {
-            read_jsonl(f, on_bad, &mut data)?;
+            read_jsonl(f, on_bad, &mut data, &parse)?;
         }
     }
     Ok(data)
@@ -118,16 +148,9 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-fn keep(data: &mut SftData, on_bad: OnBadRecord, path: &str, line: usize, r: Result<Example>) -> Result<()> {
-    match r {
-        Ok(example) => data.examples.push(SftExample { path: path.to_string(), line, example }),
-        Err(e) if on_bad == OnBadRecord::Skip => data.skip(e),
-        Err(e) => return Err(e),
-    }
-    Ok(())
-}
+type Parse<'a, T> = &'a dyn Fn(&serde_json::Value, &str, usize) -> Result<T>;
 
-fn read_jsonl(f: &Path, on_bad: OnBadRecord, data: &mut SftData) -> Result<()> {
+fn read_jsonl<T>(f: &Path, on_bad: OnBadRecord, data: &mut Records<T>, parse: Parse<T>) -> Result<()> {
     let text = std::fs::read_to_string(f).map_err(io_err(f))?;
     let path = f.display().to_string();
     for (i, line) in text.lines().enumerate() {
@@ -136,14 +159,14 @@ fn read_jsonl(f: &Path, on_bad: OnBadRecord, data: &mut SftData) -> Result<()> {
         }
         let r = serde_json::from_str::<serde_json::Value>(line)
             .map_err(|e| DataError::BadLine { path: path.clone(), line: i + 1, reason: format!("not valid JSON: {e}") })
-            .and_then(|v| parse_record(&v, &path, i + 1));
-        keep(data, on_bad, &path, i + 1, r)?;
+            .and_then(|v| parse(&v, &path, i + 1));
+        data.keep(on_bad, &path, i + 1, r)?;
     }
     Ok(())
 }
 
 #[cfg(feature = "parquet")]
-fn read_parquet(f: &Path, on_bad: OnBadRecord, data: &mut SftData) -> Result<()> {
+fn read_parquet<T>(f: &Path, on_bad: OnBadRecord, data: &mut Records<T>, parse: Parse<T>) -> Result<()> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let path = f.display().to_string();
     let bad = |reason: String| DataError::Dataset { name: path.clone(), reason };
@@ -152,14 +175,14 @@ fn read_parquet(f: &Path, on_bad: OnBadRecord, data: &mut SftData) -> Result<()>
     let rows = reader.get_row_iter(None).map_err(|e| bad(e.to_string()))?;
     for (i, row) in rows.enumerate() {
         let row = row.map_err(|e| bad(format!("row {}: {e}", i + 1)))?;
-        let r = parse_record(&row.to_json_value(), &path, i + 1);
-        keep(data, on_bad, &path, i + 1, r)?;
+        let r = parse(&row.to_json_value(), &path, i + 1);
+        data.keep(on_bad, &path, i + 1, r)?;
     }
     Ok(())
 }
 
 #[cfg(not(feature = "parquet"))]
-fn read_parquet(f: &Path, _on_bad: OnBadRecord, _data: &mut SftData) -> Result<()> {
+fn read_parquet<T>(f: &Path, _on_bad: OnBadRecord, _data: &mut Records<T>, _parse: Parse<T>) -> Result<()> {
     Err(DataError::Dataset {
         name: f.display().to_string(),
         reason: "Parquet support is not compiled in (taper-data's `parquet` feature)".into(),
@@ -206,7 +229,7 @@ pub fn parse_record(v: &serde_json::Value, path: &str, line: usize) -> Result<Ex
     }
 }
 
-fn parse_messages(v: &serde_json::Value, field: &str, path: &str, line: usize) -> Result<Vec<Message>> {
+pub fn parse_messages(v: &serde_json::Value, field: &str, path: &str, line: usize) -> Result<Vec<Message>> {
     let bad = |reason: String| DataError::BadLine { path: path.to_string(), line, reason };
     let list = v.as_array().ok_or_else(|| bad(format!("`{field}` is not a list of messages")))?;
     if list.is_empty() {

@@ -358,6 +358,11 @@ impl Decoder {
         Ok(nn::linear(&h, &self.lm_head, None)?)
     }
 
+    /// The LM head over final hidden states: (B, T, C) -> (B, T, V).
+    pub fn head(&self, h: &Tensor) -> Result<Tensor> {
+        Ok(nn::linear(h, &self.lm_head, None)?)
+    }
+
     pub fn forward_hidden_packed(
         &self,
         ids: &Tensor,

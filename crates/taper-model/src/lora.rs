@@ -113,7 +113,13 @@ pub fn merge(
 ) -> Result<HashMap<String, Tensor>> {
     let mut out = base.clone();
     for (name, a) in adapters {
-        let Some(linear) = name.strip_suffix(".lora_A.weight") else { continue };
+        let Some(linear) = name.strip_suffix(".lora_A.weight") else {
+            // Trained alongside the adapters (a reward head): taken as is.
+            if !name.ends_with(".lora_B.weight") {
+                out.insert(name.clone(), a.clone());
+            }
+            continue;
+        };
         let b = adapters
             .get(&format!("{linear}.lora_B.weight"))
             .ok_or_else(|| ModelError::MissingTensor { name: format!("{linear}.lora_B.weight") })?;

@@ -210,18 +210,26 @@ pub fn parse_as<T: Validate>(text: &str, origin: &str, overrides: &[String]) -> 
     for (key, value) in &root {
         match value {
             toml::Value::Table(section) if !section.is_empty() => {
+                let mut whole = toml::Table::new();
+                whole.insert(key.clone(), value.clone());
+                let Err(whole_err) = toml::Value::Table(whole).try_into::<T>() else { continue };
+                // Each key on its own finds every bad one; a section read as a whole (a tagged
+                // enum such as [reward]) fails that way only for its missing fields.
+                let before = errs.len();
                 for (sub, v) in section {
                     let mut inner = toml::Table::new();
                     inner.insert(sub.clone(), v.clone());
                     let mut one = toml::Table::new();
                     one.insert(key.clone(), toml::Value::Table(inner));
                     if let Err(e) = toml::Value::Table(one).try_into::<T>() {
-                        errs.push(format!(
-                            "{}: {key}.{sub}: {}",
-                            place(&format!("{key}.{sub}"), key, sub),
-                            first_line(&e.to_string())
-                        ));
+                        let msg = first_line(&e.to_string());
+                        if !msg.contains("missing field") {
+                            errs.push(format!("{}: {key}.{sub}: {msg}", place(&format!("{key}.{sub}"), key, sub)));
+                        }
                     }
+                }
+                if errs.len() == before {
+                    errs.push(format!("{}: [{key}]: {}", place(key, "", key), first_line(&whole_err.to_string())));
                 }
             }
             _ => {

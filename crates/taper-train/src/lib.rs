@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod finetune;
 pub mod optim;
 pub mod pretrain;
 pub mod schedule;

@@ -174,18 +174,31 @@ impl Optimizer {
         Ok(())
     }
 
-    /// The state as named tensors (`{param}.{slot}`), for a safetensors file.
+    /// The state as named tensors (`{param}.{slot}`, and the update count as `updates`), for a
+    /// safetensors file.
     pub fn state_tensors(&self) -> HashMap<String, Tensor> {
         let names = slot_names(self.cfg.name);
-        self.params
+        let mut map: HashMap<String, Tensor> = self
+            .params
             .iter()
             .zip(&self.slots)
             .flat_map(|(p, s)| names.iter().zip(s).map(move |(n, t)| (format!("{}.{n}", p.name), t.clone())))
-            .collect()
+            .collect();
+        // Recipes that update several times per step (PPO's minibatches) need the true count.
+        if let Some(dev) = self.params.first().map(|p| p.var.device().clone()) {
+            if let Ok(t) = Tensor::new(&[self.step as i64], &dev) {
+                map.insert(UPDATES.into(), t);
+            }
+        }
+        map
     }
 
-    /// Restores what [`Self::state_tensors`] saved, after `step` updates.
+    /// Restores what [`Self::state_tensors`] saved; `step` updates unless it saved its count.
     pub fn load_state(&mut self, mut map: HashMap<String, Tensor>, step: u64, origin: &str) -> Result<()> {
+        let step = match map.remove(UPDATES) {
+            Some(t) => t.flatten_all()?.to_vec1::<i64>()?.first().map_or(step, |&n| n as u64),
+            None => step,
+        };
         let names = slot_names(self.cfg.name);
         for (p, slots) in self.params.iter().zip(self.slots.iter_mut()) {
             for (n, slot) in names.iter().zip(slots.iter_mut()) {
@@ -208,6 +221,8 @@ impl Optimizer {
         Ok(())
     }
 }
+
+const UPDATES: &str = "updates";
 
 /// The global L2 norm of all gradients.
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {

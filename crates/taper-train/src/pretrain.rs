@@ -234,7 +234,7 @@ pub fn loss_and_grads(
         let (x, y) = &micro[i];
         let rng = rngs.as_mut().map(|r| &mut r[i]);
         let logits = model.forward(x, 0, None, rng)?; // (B, T, V)
-        Ok(cross_entropy(&flatten_logits(&logits)?, y, -100)?.0)
+        Ok::<_, TrainError>(cross_entropy(&flatten_logits(&logits)?, y, -100)?.0)
     })
 }
 
@@ -399,7 +399,8 @@ pub fn pretrain(mut cfg: RunConfig, run_dir: &Path, resume: Resume, obs: &mut dy
                 base: None,
             };
             let keep = tc.keep_checkpoints;
-            last_ck = Some(save_checkpoint(&ck_root, &opt, state, &data.tokenizer, keep, |_, _| Ok(()), obs)?);
+            last_ck =
+                Some(save_checkpoint(&ck_root, &opt, Vec::new(), state, &data.tokenizer, keep, |_, _| Ok(()), obs)?);
         }
     }
     Ok(Summary {

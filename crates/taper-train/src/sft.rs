@@ -1,23 +1,22 @@
 //! The SFT recipe, top to bottom: a model source, chat data rendered with its template and
 //! masked to the responses, packed rows, full or LoRA fine-tuning, exact-match evaluation.
 
-use crate::checkpoint::{self, TrainerState, FORMAT_VERSION};
 use crate::config::{TrainConfig, Validate};
+use crate::finetune::{load_resume, resume_optimizer, trainable, Progress, Saver};
 use crate::optim::{OptimConfig, Optimizer};
 use crate::pretrain::{select_device, Observer, RunInfo, StepLog, Summary};
 use crate::schedule::ScheduleConfig;
 use crate::source::{self, Source};
-use crate::steps::{accumulate, guarded_update, save_checkpoint, Metrics};
+use crate::steps::{accumulate, guarded_update, Metrics};
 use crate::{io_err, Result, TrainError};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use taper_data::chat::{ChatTemplate, Role};
+use taper_data::chat::ChatTemplate;
 use taper_data::packing::{collate, pack, padded_batches, Row};
 use taper_data::sft::{read_sft, EncodeOptions, Example, OnBadRecord, Overflow, SftEncoder, Tokenized};
-use taper_model::lora::{self, LoraConfig};
+use taper_model::lora::LoraConfig;
 use taper_model::{nn::cross_entropy, Decoder, Rng, Sampling, Weights};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -192,7 +191,7 @@ fn make_rows(examples: &[Tokenized], seq_len: usize, packing: bool, batch: usize
 /// The units (packed rows or padded batches) of global micro-batch `g`: each epoch is a fresh
 /// seeded permutation, so every example is seen once per epoch and a batch mixes lengths and
 /// tasks. It depends on (seed, g) alone, so a resumed run draws the same batches.
-fn epoch_pick(seed: u64, units: usize, per_batch: usize, g: u64) -> Vec<usize> {
+pub fn epoch_pick(seed: u64, units: usize, per_batch: usize, g: u64) -> Vec<usize> {
     let per_epoch = (units / per_batch).max(1) as u64;
     let (epoch, k) = (g / per_epoch, (g % per_epoch) as usize);
     let mut perm: Vec<usize> = (0..units).collect();
@@ -245,16 +244,8 @@ pub fn exact_match(
         if limit > 0 && total >= limit {
             break;
         }
-        let (prompt, answer) = match ex {
-            Example::Conversation { messages, .. } => match messages.split_last() {
-                Some((last, rest)) if last.role == Role::Assistant => {
-                    (template.render(rest, true)?, last.content.clone())
-                }
-                _ => continue,
-            },
-            Example::PromptCompletion { prompt, completion } => (prompt.clone(), completion.clone()),
-            Example::Text(_) => continue,
-        };
+        let Some((prompt, answer)) = ex.split_prompt() else { continue };
+        let prompt = prompt.render(template)?;
         let enc =
             src.tokenizer.encode(prompt.as_str(), false).map_err(|e| TrainError::Invalid(format!("prompt: {e}")))?;
         let out = model.generate(enc.get_ids(), max_new, &greedy, &stop, &mut Rng::new(0), |_| {})?;
@@ -313,53 +304,13 @@ pub fn sft(cfg: SftConfig, run_dir: &Path, resume: crate::pretrain::Resume, obs:
         (ex, make_rows(&tok, seq_len, cfg.data.packing, tc.batch_size, pad)?)
     };
 
-    // Trainable parameters: everything, or only the adapters over a frozen (detached) base.
-    let resume_dir = resume.dir(&ck_root)?;
-    let ck = match &resume_dir {
-        Some(d) => Some(checkpoint::load(d, &device)?),
-        None => None,
-    };
-    let fresh: Vec<(String, Tensor)> = match &cfg.lora {
-        Some(l) => lora::init_lora(&src.config, l, cfg.seed, &device)?,
-        None => {
-            let mut v: Vec<(String, Tensor)> = src.weights.iter().map(|(k, t)| (k.clone(), t.clone())).collect();
-            v.sort_by(|a, b| a.0.cmp(&b.0));
-            v
-        }
-    };
-    let named: Vec<(String, Tensor)> = match &ck {
-        Some(ck) => fresh
-            .into_iter()
-            .map(|(n, _)| {
-                let t = ck.model.get(&n).ok_or_else(|| TrainError::Checkpoint {
-                    path: ck.dir.display().to_string(),
-                    reason: format!("tensor `{n}` is missing"),
-                })?;
-                Ok((n, t.clone()))
-            })
-            .collect::<Result<_>>()?,
-        None => fresh,
-    };
-    let vars: Vec<(String, Var)> =
-        named.into_iter().map(|(n, t)| Ok((n, Var::from_tensor(&t)?))).collect::<Result<_>>()?;
-    let trainable = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone()));
-    let weights = match &cfg.lora {
-        Some(l) => Weights::new(src.weights.iter().map(|(k, t)| (k.clone(), t.detach())).collect())
-            .with_lora(trainable, l.clone()),
-        None => Weights::from_pairs(trainable),
-    };
+    let ck = load_resume(&resume, &ck_root, &device)?;
+    let (vars, weights) = trainable(&src, cfg.lora.as_ref(), cfg.seed, Vec::new(), ck.as_ref())?;
     let model = Decoder::load(&weights, &src.config)?;
     let eval_model = Decoder::load(&weights.detached(), &src.config)?;
     let n_trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     let mut opt = Optimizer::new(cfg.optim.clone(), vars)?;
-    let (mut step, mut tokens, mut skipped) = (0u64, 0u64, 0u64);
-    if let Some(ck) = ck {
-        opt.load_state(ck.optimizer, ck.state.step - ck.state.skipped_steps, &ck.dir.display().to_string())?;
-        step = ck.state.step;
-        tokens = ck.state.tokens_seen;
-        skipped = ck.state.skipped_steps;
-        obs.message(&format!("resumed from {} at step {step}", ck.dir.display()));
-    }
+    let (mut step, mut tokens, mut skipped) = resume_optimizer(&mut opt, ck, obs)?;
     let cfg_path = run_dir.join("config.toml");
     std::fs::write(&cfg_path, cfg.to_toml()).map_err(io_err(&cfg_path))?;
     let mut metrics = Metrics::open(run_dir, step, started)?;
@@ -375,6 +326,16 @@ pub fn sft(cfg: SftConfig, run_dir: &Path, resume: crate::pretrain::Resume, obs:
     });
     let dropout = src.config.dropout > 0.0 || cfg.lora.as_ref().is_some_and(|l| l.dropout > 0.0);
     let (mut last_loss, mut last_val, mut last_ck) = (f64::NAN, None, None);
+    let saver = Saver {
+        ck_root: &ck_root,
+        src: &src,
+        init: &cfg.init,
+        lora: cfg.lora.as_ref(),
+        seed: cfg.seed,
+        keep: tc.keep_checkpoints,
+        heads: &[],
+        frozen: &[],
+    };
     while step < end {
         let lr = cfg.schedule.lr(step, cfg.optim.lr, tc.max_steps);
         let mut step_tokens = 0u64;
@@ -386,7 +347,7 @@ pub fn sft(cfg: SftConfig, run_dir: &Path, resume: crate::pretrain::Resume, obs:
                 .collect();
             step_tokens += rows.iter().map(|r| r.len() as u64).sum::<u64>();
             let mut rng = Rng::derive(cfg.seed, &[step, micro as u64]);
-            Ok(batch_loss(&model, &rows, &device, dropout.then_some(&mut rng))?.0)
+            Ok::<_, TrainError>(batch_loss(&model, &rows, &device, dropout.then_some(&mut rng))?.0)
         })?;
         let norm = guarded_update(&mut opt, grads, loss, lr, &tc, step, &mut skipped, obs)?;
         step += 1;
@@ -405,30 +366,8 @@ pub fn sft(cfg: SftConfig, run_dir: &Path, resume: crate::pretrain::Resume, obs:
             metrics.step(StepLog::new(step, loss, lr, norm, tokens, skipped, val_loss), None, obs)?;
         }
         if tc.checkpoint_due(step) {
-            let state = TrainerState {
-                format_version: FORMAT_VERSION,
-                step,
-                tokens_seen: tokens,
-                data_cursor: step,
-                rng_seed: cfg.seed,
-                skipped_steps: skipped,
-                val_loss: last_val,
-                tokenizer_sha256: taper_data::tokenizer::sha256_file(&src.tokenizer_path)?,
-                config: cfg.to_toml(),
-                files: Default::default(),
-                model: Some(src.config.clone()),
-                lora: cfg.lora.clone(),
-                base: cfg.lora.as_ref().map(|_| cfg.init.clone()),
-            };
-            let extra = |tmp: &Path, tensors: &HashMap<String, Tensor>| {
-                copy_model_files(&src, tmp)?;
-                match &cfg.lora {
-                    Some(l) => write_peft(tmp, tensors, l, &cfg.init),
-                    None => Ok(()),
-                }
-            };
-            let (tok, keep) = (&src.tokenizer_path, tc.keep_checkpoints);
-            last_ck = Some(save_checkpoint(&ck_root, &opt, state, tok, keep, extra, obs)?);
+            let at = Progress { step, tokens, skipped, val_loss: last_val };
+            last_ck = Some(saver.save(&opt, cfg.to_toml(), at, None, obs)?);
         }
     }
     if !eval_examples.is_empty() {
@@ -449,28 +388,6 @@ pub fn sft(cfg: SftConfig, run_dir: &Path, resume: crate::pretrain::Resume, obs:
         elapsed_s: started.elapsed().as_secs_f64(),
         checkpoint: last_ck,
     })
-}
-
-/// The tokenizer's companions (special tokens, chat template, generation defaults), so the
-/// checkpoint is a complete model source.
-fn copy_model_files(src: &Source, dir: &Path) -> Result<()> {
-    for f in ["tokenizer_config.json", "chat_template.jinja", "generation_config.json"] {
-        let p = src.dir.join(f);
-        if p.exists() {
-            std::fs::copy(&p, dir.join(f)).map_err(io_err(&p))?;
-        }
-    }
-    Ok(())
-}
-
-/// `adapter_model.safetensors` and `adapter_config.json` in PEFT's layout, so that
-/// `PeftModel.from_pretrained(base, dir)` loads them (scripts/check_peft.py).
-pub fn write_peft(dir: &Path, adapters: &HashMap<String, Tensor>, l: &LoraConfig, base: &str) -> Result<()> {
-    let peft: HashMap<String, Tensor> = adapters.iter().map(|(k, t)| (lora::peft_key(k), t.clone())).collect();
-    candle_core::safetensors::save(&peft, dir.join("adapter_model.safetensors"))?;
-    let cfg = lora::adapter_config(l, base)?;
-    let p = dir.join("adapter_config.json");
-    std::fs::write(&p, serde_json::to_string_pretty(&cfg).expect("json")).map_err(io_err(&p))
 }
 
 /// What `taper eval` reports.

@@ -38,11 +38,11 @@ impl TrainConfig {
 /// The mean of `n` micro-batch losses and, for each parameter, the gradient of that mean:
 /// each micro-batch backpropagates loss / n and the gradients add up, so accumulation over
 /// micro-batches equals one big batch.
-pub fn accumulate(
+pub fn accumulate<E: From<candle_core::Error> + From<TrainError>>(
     params: &[Param],
     n: usize,
-    mut micro_loss: impl FnMut(usize) -> Result<Tensor>,
-) -> Result<(f64, Vec<Tensor>)> {
+    mut micro_loss: impl FnMut(usize) -> std::result::Result<Tensor, E>,
+) -> std::result::Result<(f64, Vec<Tensor>), E> {
     let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
     let mut loss_sum = 0.0;
     for i in 0..n {
@@ -148,20 +148,25 @@ impl Metrics {
     }
 }
 
-/// Writes the optimizer's parameters and state as the next checkpoint (atomically), keeps the
-/// newest `keep`, and reports it. `extra` adds files to the checkpoint before it is sealed.
+/// Writes the optimizer's parameters (and `frozen` weights beside them) and its state as the
+/// next checkpoint (atomically), keeps the newest `keep`, and reports it. `extra` adds files to
+/// the checkpoint before it is sealed; it sees the trained tensors.
+#[allow(clippy::too_many_arguments)]
 pub fn save_checkpoint(
     ck_root: &Path,
     opt: &Optimizer,
+    frozen: Vec<(String, Tensor)>,
     state: TrainerState,
     tokenizer: &Path,
     keep: usize,
     extra: impl FnOnce(&Path, &HashMap<String, Tensor>) -> Result<()>,
     obs: &mut dyn Observer,
 ) -> Result<PathBuf> {
-    let model: HashMap<String, Tensor> =
+    let trained: HashMap<String, Tensor> =
         opt.params().iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect();
-    let dir = checkpoint::save(ck_root, &model, &opt.state_tensors(), tokenizer, state, |tmp| extra(tmp, &model))?;
+    let mut model = trained.clone();
+    model.extend(frozen);
+    let dir = checkpoint::save(ck_root, &model, &opt.state_tensors(), tokenizer, state, |tmp| extra(tmp, &trained))?;
     checkpoint::prune(ck_root, keep)?;
     obs.checkpoint(&dir);
     Ok(dir)

@@ -313,7 +313,18 @@ pub fn load_dir(dir: &Path, device: &Device) -> Result<HfModel> {
             _ => {}
         }
     }
-    if let Some(extra) = weights.keys().find(|k| !specs.iter().any(|(n, _, _)| n == *k)) {
+    // A sequence classifier's head (a reward model's `score`) rides along: (labels, width).
+    if let Some(score) = weights.get("score.weight") {
+        if score.rank() != 2 || score.dim(1)? != config.n_embd {
+            return Err(ModelError::ShapeMismatch {
+                name: "score.weight".into(),
+                expected: vec![1, config.n_embd],
+                found: score.dims().to_vec(),
+            });
+        }
+    }
+    if let Some(extra) = weights.keys().find(|k| k.as_str() != "score.weight" && !specs.iter().any(|(n, _, _)| n == *k))
+    {
         return Err(ModelError::Config(format!(
             "{}: unexpected tensor `{extra}` for a {model_type} model with this config",
             dir.display()

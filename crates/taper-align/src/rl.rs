@@ -1,0 +1,341 @@
+//! What the RL recipes (PPO, GRPO) share: prompt data, rollouts with the KV cache and sampling,
+//! rewards (a reward model or a verifiable check against the prompt's answer), per-token
+//! log-probs of the sampled responses, and the held-out evaluation.
+
+use crate::pairs::shifted;
+use crate::rm::RewardModel;
+use crate::{AlignError, Result};
+use candle_core::{DType, Device, Tensor, D};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use taper_data::chat::ChatTemplate;
+use taper_data::packing::{collate, Row};
+use taper_data::preference::read_prompts;
+use taper_data::sft::{OnBadRecord, Tokenized, IGNORE_INDEX};
+use taper_model::{nn, Decoder, Rng, Sampling};
+use taper_train::pretrain::Observer;
+use taper_train::source::Source;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PromptDataConfig {
+    /// Prompt records (`prompt`, optional `answer`) or SFT records, JSONL or Parquet.
+    pub train: Vec<String>,
+    /// Held-out prompts: mean reward of greedy answers (and exact match when they have answers).
+    pub eval: Vec<String>,
+    /// "stop" or "skip" on a bad record.
+    pub on_bad_record: String,
+    /// A prompt leaving no room for `max_new_tokens` in the context: "truncate" it from the
+    /// left (TRL's truncation side) or "drop" it; either is counted.
+    pub overflow: String,
+    pub chat_template: Option<String>,
+}
+
+impl Default for PromptDataConfig {
+    fn default() -> Self {
+        Self {
+            train: Vec::new(),
+            eval: Vec::new(),
+            on_bad_record: "stop".into(),
+            overflow: "truncate".into(),
+            chat_template: None,
+        }
+    }
+}
+
+impl PromptDataConfig {
+    pub fn validate(&self) -> Vec<String> {
+        let mut e = Vec::new();
+        if self.train.is_empty() {
+            e.push("data.train: give one or more prompt files".into());
+        }
+        if !matches!(self.on_bad_record.as_str(), "stop" | "skip") {
+            e.push(format!("data.on_bad_record = {:?}: expected \"stop\" or \"skip\"", self.on_bad_record));
+        }
+        if !matches!(self.overflow.as_str(), "truncate" | "drop") {
+            e.push(format!("data.overflow = {:?}: expected \"truncate\" or \"drop\"", self.overflow));
+        }
+        e
+    }
+}
+
+/// Sampling for rollouts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RolloutConfig {
+    pub max_new_tokens: usize,
+    pub temperature: f64,
+    pub top_k: usize,
+    pub top_p: f64,
+}
+
+impl Default for RolloutConfig {
+    fn default() -> Self {
+        Self { max_new_tokens: 32, temperature: 1.0, top_k: 0, top_p: 1.0 }
+    }
+}
+
+impl RolloutConfig {
+    pub fn validate(&self) -> Vec<String> {
+        let mut e = Vec::new();
+        if self.max_new_tokens == 0 {
+            e.push("rollout.max_new_tokens must be > 0".into());
+        }
+        if self.temperature <= 0.0 {
+            e.push("rollout.temperature must be > 0 (RL samples; greedy rollouts never explore)".into());
+        }
+        if !(0.0..=1.0).contains(&self.top_p) || self.top_p == 0.0 {
+            e.push(format!("rollout.top_p = {} must be in (0, 1]", self.top_p));
+        }
+        e
+    }
+}
+
+/// Where rewards come from.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RewardSpec {
+    /// 1 when the response (trimmed) equals the prompt's `answer`, else 0.
+    #[default]
+    ExactMatch,
+    /// 1 when the response matches the regular expression, else 0.
+    Regex { pattern: String },
+    /// 1 - |length - target| / target in characters: a response-length target.
+    Length { target: usize },
+    /// A reward model trained by `taper rm` (its tokenizer must be the policy's).
+    Model { path: String },
+}
+
+/// A loaded reward: the spec's parts made ready.
+pub enum Reward {
+    ExactMatch,
+    Regex(regex::Regex),
+    Length(usize),
+    Model(Box<RewardModel>),
+}
+
+impl Reward {
+    pub fn load(spec: &RewardSpec, policy: &Source, dev: &Device) -> Result<Self> {
+        Ok(match spec {
+            RewardSpec::ExactMatch => Reward::ExactMatch,
+            RewardSpec::Regex { pattern } => Reward::Regex(
+                regex::Regex::new(pattern).map_err(|e| AlignError::Invalid(format!("reward.pattern: {e}")))?,
+            ),
+            RewardSpec::Length { target } if *target == 0 => {
+                return Err(AlignError::Invalid("reward.target must be > 0".into()))
+            }
+            RewardSpec::Length { target } => Reward::Length(*target),
+            RewardSpec::Model { path } => {
+                let rm = RewardModel::load(path, dev)?;
+                if rm.src.tokenizer.get_vocab(true) != policy.tokenizer.get_vocab(true) {
+                    return Err(AlignError::Invalid(format!(
+                        "reward model {path}: its tokenizer ({} tokens) differs from the policy's ({} tokens); \
+                         a reward model must read the policy's token ids",
+                        rm.src.tokenizer.get_vocab_size(true),
+                        policy.tokenizer.get_vocab_size(true)
+                    )));
+                }
+                Reward::Model(Box::new(rm))
+            }
+        })
+    }
+
+    /// Rewards of rollouts (each prompt ids + response ids, the response's text, the answer).
+    pub fn score(&self, rollouts: &[Rollout], prompts: &[RlPrompt], pad: u32) -> Result<Vec<f32>> {
+        Ok(match self {
+            Reward::ExactMatch => rollouts
+                .iter()
+                .map(|r| match &prompts[r.prompt].answer {
+                    Some(a) => f32::from(u8::from(r.text.trim() == a.trim())),
+                    None => 0.0,
+                })
+                .collect(),
+            Reward::Regex(re) => rollouts.iter().map(|r| f32::from(u8::from(re.is_match(&r.text)))).collect(),
+            Reward::Length(t) => {
+                rollouts.iter().map(|r| 1.0 - (r.text.chars().count() as f32 - *t as f32).abs() / *t as f32).collect()
+            }
+            Reward::Model(rm) => {
+                let seqs: Vec<Vec<u32>> =
+                    rollouts.iter().map(|r| [prompts[r.prompt].ids.as_slice(), &r.response].concat()).collect();
+                rm.score(&seqs, pad)?
+            }
+        })
+    }
+}
+
+/// A tokenised prompt and its reference answer.
+#[derive(Debug, Clone)]
+pub struct RlPrompt {
+    pub ids: Vec<u32>,
+    pub answer: Option<String>,
+}
+
+/// Reads, renders and tokenises prompt files; prompts too long for `max_new` new tokens in the
+/// context are truncated from the left or dropped, and counted.
+pub fn load_prompts(
+    paths: &[String],
+    src: &Source,
+    template: &ChatTemplate,
+    cfg: &PromptDataConfig,
+    max_new: usize,
+    obs: &mut dyn Observer,
+) -> Result<Vec<RlPrompt>> {
+    let files: Vec<PathBuf> = paths.iter().map(PathBuf::from).collect();
+    let on_bad = if cfg.on_bad_record == "skip" { OnBadRecord::Skip } else { OnBadRecord::Error };
+    let data = read_prompts(&files, on_bad)?;
+    let room = src.config.block_size.checked_sub(max_new).filter(|&r| r > 0).ok_or_else(|| {
+        AlignError::Invalid(format!(
+            "rollout.max_new_tokens = {max_new} leaves no room for a prompt in the context of {}",
+            src.config.block_size
+        ))
+    })?;
+    let (mut out, mut truncated, mut dropped) = (Vec::new(), 0, 0);
+    for rec in &data.examples {
+        let text = rec.example.prompt.render(template)?;
+        let enc = src
+            .tokenizer
+            .encode(text.as_str(), false)
+            .map_err(|e| AlignError::Invalid(format!("{}:{}: {e}", rec.path, rec.line)))?;
+        let mut ids = enc.get_ids().to_vec();
+        if ids.is_empty() {
+            return Err(AlignError::Invalid(format!("{}:{}: the prompt is empty", rec.path, rec.line)));
+        }
+        if ids.len() > room {
+            if cfg.overflow == "drop" {
+                dropped += 1;
+                continue;
+            }
+            ids.drain(..ids.len() - room);
+            truncated += 1;
+        }
+        out.push(RlPrompt { ids, answer: rec.example.answer.clone() });
+    }
+    obs.message(&format!(
+        "{}: {} prompts ({} skipped as bad records, {} truncated and {} dropped as longer than {room} tokens)",
+        paths.join(", "),
+        out.len(),
+        data.skipped,
+        truncated,
+        dropped
+    ));
+    Ok(out)
+}
+
+/// One sampled response.
+#[derive(Debug, Clone)]
+pub struct Rollout {
+    /// Index into the prompts.
+    pub prompt: usize,
+    /// Response ids, with the stop token when one ended it.
+    pub response: Vec<u32>,
+    /// The response's text without stop tokens.
+    pub text: String,
+}
+
+/// Tokens that end a response: the model's eos ids and the chat end-of-turn markers.
+pub fn stop_ids(src: &Source) -> Vec<u32> {
+    let mut stop = src.eos_ids.clone();
+    for t in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>"] {
+        stop.extend(src.tokenizer.token_to_id(t));
+    }
+    stop.sort_unstable();
+    stop.dedup();
+    stop
+}
+
+/// Samples one response per (prompt index, rng) with the KV cache.
+pub fn rollouts(
+    model: &Decoder,
+    src: &Source,
+    prompts: &[RlPrompt],
+    which: &[(usize, Rng)],
+    sampling: &Sampling,
+    max_new: usize,
+) -> Result<Vec<Rollout>> {
+    let stop = stop_ids(src);
+    which
+        .iter()
+        .map(|(p, rng)| {
+            let mut rng = rng.clone();
+            let response = model.generate(&prompts[*p].ids, max_new, sampling, &stop, &mut rng, |_| {})?;
+            let kept: Vec<u32> = response.iter().copied().filter(|t| !stop.contains(t)).collect();
+            let text = taper_data::tokenizer::decode(&src.tokenizer, &kept)?;
+            Ok(Rollout { prompt: *p, response, text })
+        })
+        .collect()
+}
+
+/// Rows of prompt + response, labels on the response, padded to one length.
+pub fn rollout_rows(rollouts: &[Rollout], prompts: &[RlPrompt], pad: u32) -> Vec<Row> {
+    let seqs: Vec<Tokenized> = rollouts
+        .iter()
+        .map(|r| {
+            let p = &prompts[r.prompt].ids;
+            let mut labels = vec![IGNORE_INDEX; p.len()];
+            labels.extend(r.response.iter().map(|&t| i64::from(t)));
+            Tokenized { input_ids: [p.as_slice(), &r.response].concat(), labels }
+        })
+        .collect();
+    let len = seqs.iter().map(Tokenized::len).max().unwrap_or(1);
+    seqs.iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let mut row = Row::default();
+            row.push(i, t);
+            row.pad_to(len, pad);
+            row
+        })
+        .collect()
+}
+
+/// Per-token outputs of a forward over rollout rows: log-probs of the response tokens (N, T),
+/// their mask (N, T) (position t predicts token t + 1), the final hidden states (N, T, C),
+/// and the logits (N, T, V).
+pub struct TokenOut {
+    pub logp: Tensor,
+    pub mask: Tensor,
+    pub hidden: Tensor,
+    pub logits: Tensor,
+}
+
+pub fn token_forward(model: &Decoder, rows: &[Row], dev: &Device, rng: Option<&mut Rng>) -> Result<TokenOut> {
+    let b = collate(rows)?;
+    let ids = Tensor::from_vec(b.input_ids.clone(), (b.rows, b.seq_len), dev)?;
+    let hidden = model.forward_hidden_packed(&ids, &b.position_ids, &b.segment_ids, rng)?; // (N, T, C)
+    let logits = model.head(&hidden)?; // (N, T, V)
+    let (targets, mask, _) = shifted(&b.labels, b.rows, b.seq_len);
+    let targets = Tensor::from_vec(targets, (b.rows, b.seq_len, 1), dev)?;
+    let logp = nn::log_softmax(&logits)?.gather(&targets, 2)?.squeeze(2)?; // (N, T)
+    let mask = Tensor::from_vec(mask, (b.rows, b.seq_len), dev)?.to_dtype(logp.dtype())?;
+    Ok(TokenOut { logp, mask, hidden, logits })
+}
+
+/// Mean entropy of the policy's next-token distribution over response positions (a metric).
+pub fn mean_entropy(logits: &Tensor, mask: &Tensor) -> Result<f64> {
+    let logits = logits.detach();
+    let lp = nn::log_softmax(&logits)?;
+    let ent = (lp.exp()? * &lp)?.sum(D::Minus1)?.neg()?; // (N, T)
+    let total = (ent * mask)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let n = mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    Ok(total / n.max(1.0))
+}
+
+/// Greedy answers to held-out prompts: (mean reward, exact-match hits, prompts with answers).
+pub fn evaluate(
+    model: &Decoder,
+    src: &Source,
+    prompts: &[RlPrompt],
+    reward: &Reward,
+    max_new: usize,
+    pad: u32,
+) -> Result<(f64, usize, usize)> {
+    let greedy = Sampling { temperature: 0.0, ..Default::default() };
+    let which: Vec<(usize, Rng)> = (0..prompts.len()).map(|i| (i, Rng::new(0))).collect();
+    let outs = rollouts(model, src, prompts, &which, &greedy, max_new)?;
+    let rewards = reward.score(&outs, prompts, pad)?;
+    let mean = rewards.iter().map(|&r| r as f64).sum::<f64>() / rewards.len().max(1) as f64;
+    let with_answers = prompts.iter().filter(|p| p.answer.is_some()).count();
+    let hits =
+        outs.iter().filter(|r| prompts[r.prompt].answer.as_deref().is_some_and(|a| a.trim() == r.text.trim())).count();
+    Ok((mean, hits, with_answers))
+}
