@@ -30,6 +30,11 @@ pub struct DpoSettings {
     pub loss: DpoLoss,
     /// The strength of the implicit KL constraint (inverse temperature).
     pub beta: f64,
+    /// RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization",
+    /// <https://arxiv.org/abs/2404.19733>; TRL's `rpo_alpha`): adds alpha times the chosen
+    /// responses' per-token NLL, so the chosen answers' likelihood cannot fall as DPO pushes
+    /// the rejected ones down. 0 is plain DPO.
+    pub rpo_alpha: f64,
     /// Compute the reference's log-probs of every pair once, into `ref_logps.safetensors` in
     /// the run dir, instead of a reference forward per step.
     pub precompute_ref: bool,
@@ -37,7 +42,7 @@ pub struct DpoSettings {
 
 impl Default for DpoSettings {
     fn default() -> Self {
-        Self { loss: DpoLoss::Sigmoid { label_smoothing: 0.0 }, beta: 0.1, precompute_ref: false }
+        Self { loss: DpoLoss::Sigmoid { label_smoothing: 0.0 }, beta: 0.1, rpo_alpha: 0.0, precompute_ref: false }
     }
 }
 
@@ -81,6 +86,9 @@ impl Validate for DpoConfig {
             e.push("init: name the policy to start from (a checkpoint, run dir, HF dir or hf://Org/Name)".into());
         }
         e.extend(self.data.validate());
+        if self.dpo.rpo_alpha < 0.0 {
+            e.push(format!("dpo.rpo_alpha = {} must be >= 0", self.dpo.rpo_alpha));
+        }
         if self.dpo.beta <= 0.0 {
             e.push(format!("dpo.beta = {} must be > 0", self.dpo.beta));
         }
@@ -102,8 +110,9 @@ impl DpoConfig {
     }
 }
 
-/// Policy log-probs of (chosen, rejected) for a batch of pairs, each (B,), length-averaged when
-/// the loss asks for it. One forward over 2B rows.
+/// Policy log-probs of a batch of pairs: chosen and rejected, each (B,), length-averaged when
+/// the loss asks for it, and the mean per-token NLL of the chosen responses (RPO's term). One
+/// forward over 2B rows.
 fn pair_logps(
     model: &Decoder,
     batch: &[&EncodedPair],
@@ -111,17 +120,19 @@ fn pair_logps(
     average: bool,
     dev: &Device,
     rng: Option<&mut Rng>,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(Tensor, Tensor, Tensor)> {
     let rows = pair_rows(batch, pad);
     let (sums, counts) = sequence_logps(model, &rows, dev, rng)?; // (2B,)
+    let b = batch.len();
+    let chosen_tokens: usize = counts[..b].iter().sum();
+    let nll = (sums.narrow(0, 0, b)?.sum_all()?.neg()? / chosen_tokens.max(1) as f64)?;
     let lp = if average {
         let n: Vec<f32> = counts.iter().map(|&c| c.max(1) as f32).collect();
         (sums / Tensor::from_vec(n, counts.len(), dev)?)?
     } else {
         sums
     };
-    let b = batch.len();
-    Ok((lp.narrow(0, 0, b)?, lp.narrow(0, b, b)?))
+    Ok((lp.narrow(0, 0, b)?, lp.narrow(0, b, b)?, nll))
 }
 
 /// Reference log-probs (chosen, rejected) of every pair, computed once, or read back from the
@@ -145,7 +156,7 @@ fn precompute(
     let (mut c, mut r) = (Vec::new(), Vec::new());
     for chunk in pairs.chunks(16) {
         let batch: Vec<&EncodedPair> = chunk.iter().collect();
-        let (lc, lr) = pair_logps(reference, &batch, pad, average, dev, None)?;
+        let (lc, lr, _) = pair_logps(reference, &batch, pad, average, dev, None)?;
         c.extend(lc.to_vec1::<f32>()?);
         r.extend(lr.to_vec1::<f32>()?);
     }
@@ -180,10 +191,12 @@ fn eval_pairs(
     let (mut loss, mut acc, mut margin, mut chosen, mut rejected, mut n) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
     for chunk in pairs.chunks(16) {
         let batch: Vec<&EncodedPair> = chunk.iter().collect();
-        let (pc, pr) = pair_logps(policy, &batch, pad, avg, dev, None)?;
-        let refs =
-            if s.loss.needs_reference() { Some(pair_logps(reference, &batch, pad, avg, dev, None)?) } else { None };
-        let out = dpo_loss(s.loss, s.beta, &pc, &pr, refs.as_ref().map(|(a, b)| (a, b)))?;
+        let (pc, pr, _) = pair_logps(policy, &batch, pad, avg, dev, None)?;
+        let refs = match s.loss.needs_reference() {
+            true => Some(pair_logps(reference, &batch, pad, avg, dev, None)?),
+            false => None,
+        };
+        let out = dpo_loss(s.loss, s.beta, &pc, &pr, refs.as_ref().map(|(a, b, _)| (a, b)))?;
         let k = batch.len() as f64;
         loss += scalar(&out.loss)? * k;
         acc += out.accuracy * k;
@@ -277,7 +290,7 @@ pub fn dpo(cfg: DpoConfig, run_dir: &Path, resume: Resume, obs: &mut dyn Observe
             let batch: Vec<&EncodedPair> = idx.iter().map(|&i| &train[i]).collect();
             step_tokens += batch.iter().map(|p| (p.chosen.len() + p.rejected.len()) as u64).sum::<u64>();
             let mut rng = Rng::derive(cfg.seed, &[step, micro as u64]);
-            let (pc, pr) = pair_logps(&policy, &batch, pad, avg, &device, dropout.then_some(&mut rng))?;
+            let (pc, pr, nll) = pair_logps(&policy, &batch, pad, avg, &device, dropout.then_some(&mut rng))?;
             let refs = match (&pre, s.loss.needs_reference()) {
                 (_, false) => None,
                 (Some((c, r)), true) => {
@@ -286,7 +299,10 @@ pub fn dpo(cfg: DpoConfig, run_dir: &Path, resume: Resume, obs: &mut dyn Observe
                     };
                     Some((take(c)?, take(r)?))
                 }
-                (None, true) => Some(pair_logps(&reference, &batch, pad, avg, &device, None)?),
+                (None, true) => {
+                    let (c, r, _) = pair_logps(&reference, &batch, pad, avg, &device, None)?;
+                    Some((c, r))
+                }
             };
             let out = dpo_loss(s.loss, s.beta, &pc, &pr, refs.as_ref().map(|(a, b)| (a, b)))?;
             let k = micro_n as f64;
@@ -294,7 +310,7 @@ pub fn dpo(cfg: DpoConfig, run_dir: &Path, resume: Resume, obs: &mut dyn Observe
             margin += out.margin / k;
             chosen += out.chosen_rewards.iter().map(|&x| x as f64).sum::<f64>() / (batch.len() as f64 * k);
             rejected += out.rejected_rewards.iter().map(|&x| x as f64).sum::<f64>() / (batch.len() as f64 * k);
-            Ok::<_, AlignError>(out.loss)
+            Ok::<_, AlignError>(if s.rpo_alpha > 0.0 { (out.loss + (nll * s.rpo_alpha)?)? } else { out.loss })
         })?;
         let norm = guarded_update(&mut opt, grads, loss, lr, &tc, step, &mut skipped, obs)?;
         step += 1;

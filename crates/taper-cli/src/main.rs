@@ -42,6 +42,9 @@ enum Cmd {
     Eval(EvalArgs),
     /// Generate text from any model source.
     Generate(GenerateArgs),
+    /// Sample responses to prompts (prompt/answer or SFT records), one JSONL line per prompt:
+    /// on-policy data for preference pairs or rejection sampling.
+    Sample(SampleArgs),
     /// Per-token log-probabilities of each JSONL line's `text` under a model.
     Score(ScoreArgs),
     /// Export a model source to Hugging Face (safetensors + config.json) or GGUF.
@@ -66,6 +69,36 @@ struct EvalArgs {
     /// Score at most this many examples for exact match (0 = all).
     #[arg(long, default_value_t = 0)]
     limit: usize,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Args)]
+struct SampleArgs {
+    /// A model source: checkpoint, run dir, HF model dir or hf://Org/Name[@rev].
+    #[arg(long)]
+    model: String,
+    /// Prompt files (JSONL or Parquet): `prompt` (+ `answer`) or SFT records.
+    #[arg(long, required = true)]
+    prompts: Vec<PathBuf>,
+    #[arg(long)]
+    out: PathBuf,
+    /// Samples per prompt.
+    #[arg(long, default_value_t = 4)]
+    n: usize,
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    /// "chatml", a tokenizer_config.json or .jinja file; default the model's own template.
+    #[arg(long)]
+    chat_template: Option<String>,
     #[arg(long, default_value = "cpu")]
     device: String,
 }
@@ -254,6 +287,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Generate(a) => generate_cmd(a)?,
         Cmd::Score(a) => score_cmd(a)?,
         Cmd::Export(a) => export_cmd(a)?,
+        Cmd::Sample(a) => sample_cmd(a)?,
         Cmd::Info { path } => info_cmd(&path)?,
     }
     Ok(())
@@ -539,6 +573,57 @@ fn score_cmd(a: ScoreArgs) -> Result<()> {
     }
     std::fs::write(&a.out, out).with_context(|| a.out.display().to_string())?;
     eprintln!("scored {n} texts into {}", a.out.display());
+    Ok(())
+}
+
+fn sample_cmd(a: SampleArgs) -> Result<()> {
+    use taper_data::preference::{read_prompts, Prompt};
+    let device = pretrain::select_device(&a.device)?;
+    let src = source::load(&a.model, &device)?;
+    let template = taper_train::sft::template_for(a.chat_template.as_deref(), &src)?;
+    let model = Decoder::load(&Weights::new(src.weights.clone()).detached(), &src.config)?;
+    let records = read_prompts(&a.prompts, taper_data::sft::OnBadRecord::Error)?;
+    let stop = taper_align::rl::stop_ids(&src);
+    let sampling = Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p };
+    let mut out = String::new();
+    for (i, rec) in records.examples.iter().enumerate() {
+        let text = rec.example.prompt.render(&template)?;
+        let ids = src
+            .tokenizer
+            .encode(text.as_str(), false)
+            .map_err(|e| anyhow::anyhow!("{}:{}: {e}", rec.path, rec.line))?;
+        let ids = ids.get_ids();
+        if ids.len() + a.max_new_tokens > src.config.block_size {
+            bail!(
+                "{}:{}: the prompt is {} tokens; with --max-new-tokens {} it passes the context of {}",
+                rec.path,
+                rec.line,
+                ids.len(),
+                a.max_new_tokens,
+                src.config.block_size
+            );
+        }
+        let samples: Vec<String> = (0..a.n)
+            .map(|k| {
+                let mut rng = Rng::derive(a.seed, &[i as u64, k as u64]);
+                let got = model.generate(ids, a.max_new_tokens, &sampling, &stop, &mut rng, |_| {})?;
+                let kept: Vec<u32> = got.into_iter().filter(|t| !stop.contains(t)).collect();
+                Ok(tokenizer::decode(&src.tokenizer, &kept)?)
+            })
+            .collect::<Result<_>>()?;
+        let prompt = match &rec.example.prompt {
+            Prompt::Text(t) => serde_json::json!(t),
+            Prompt::Chat(m) => serde_json::json!(m
+                .iter()
+                .map(|m| serde_json::json!({"role": m.role.as_str(), "content": m.content}))
+                .collect::<Vec<_>>()),
+        };
+        let line = serde_json::json!({"prompt": prompt, "answer": rec.example.answer, "samples": samples});
+        out.push_str(&line.to_string());
+        out.push('\n');
+    }
+    std::fs::write(&a.out, out).with_context(|| a.out.display().to_string())?;
+    eprintln!("sampled {} x {} responses into {}", records.examples.len(), a.n, a.out.display());
     Ok(())
 }
 

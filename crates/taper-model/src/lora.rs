@@ -220,6 +220,22 @@ mod tests {
             assert!(g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "{n}");
         }
         assert!(base_vars.iter().all(|v| grads.get(v.as_tensor()).is_none()), "frozen base weights get no gradient");
+        // Nor is one computed and kept for them under another id (candle's matmul backward
+        // would store dW^T): no gradient in the store has a linear weight's shape.
+        let weight_shapes: Vec<Vec<usize>> = param_specs(&cfg)
+            .into_iter()
+            .filter(|(n, s, _)| s.len() == 2 && n.contains("_proj"))
+            .flat_map(|(_, s, _)| [s.clone(), vec![s[1], s[0]]])
+            .collect();
+        let adapter_ids: Vec<_> = vars.iter().map(|(_, v)| v.as_tensor().id()).collect();
+        for id in grads.get_ids() {
+            let g = grads.get_id(*id).unwrap();
+            assert!(
+                adapter_ids.contains(id) || !weight_shapes.contains(&g.dims().to_vec()),
+                "a weight-shaped gradient {:?} was stored",
+                g.dims()
+            );
+        }
 
         // Merged weights compute what base + adapters compute.
         let trained: HashMap<String, Tensor> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect();

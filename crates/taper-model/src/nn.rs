@@ -12,7 +12,9 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let (last, lead) = dims.split_last().expect("linear on a scalar");
     let n: usize = lead.iter().product();
-    let y = x.reshape((n, *last))?.matmul(&w.t()?)?; // (N, out)
+    let x = x.reshape((n, *last))?;
+    let frozen = !w.track_op() && x.track_op() && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+    let y = if frozen { x.contiguous()?.apply_op1(FrozenMatmul { wt: w.t()? })? } else { x.matmul(&w.t()?)? }; // (N, out)
     let y = match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,
@@ -20,6 +22,49 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let mut out = lead.to_vec();
     out.push(w.dim(0)?);
     y.reshape(out)
+}
+
+/// `x W^T` for a weight that takes no gradient (a frozen base under LoRA, a fixed head) while
+/// `x` does: candle's matmul backward computes and keeps dW regardless, a weight-sized tensor
+/// per layer per step; this op's backward computes dx alone. CPU only (elsewhere the plain
+/// matmul runs, correct but with the extra gradient).
+struct FrozenMatmul {
+    /// (in, out): the weight transposed, constant.
+    wt: Tensor,
+}
+
+impl candle_core::CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::{CpuStorage, Device, Storage};
+        let (start, end) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("frozen-matmul needs a contiguous input".into()))?;
+        let x = match s {
+            CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], l.shape(), &Device::Cpu)?,
+            CpuStorage::F64(v) => Tensor::from_slice(&v[start..end], l.shape(), &Device::Cpu)?,
+            _ => return Err(candle_core::Error::Msg("frozen-matmul: f32 or f64 only".into())),
+        };
+        let y = x.matmul(&self.wt.to_dtype(x.dtype())?)?;
+        let (storage, layout) = y.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(c) if layout.is_contiguous() && layout.start_offset() == 0 => {
+                Ok((c.clone(), y.shape().clone()))
+            }
+            _ => Err(candle_core::Error::Msg("frozen-matmul: unexpected output layout".into())),
+        }
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.wt.t()?.to_dtype(grad.dtype())?)?)) // (N, out) x (out, in)
+    }
 }
 
 /// Softmax over the last dim. The max is detached: softmax is shift-invariant, so the
@@ -180,6 +225,32 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: i64) -> Re
 
 #[cfg(test)]
 mod tests {
+    /// The frozen-weight matmul computes what matmul does, forward and dx, in f32 and f64.
+    #[test]
+    fn frozen_linear_matches_matmul_and_leaves_the_weight_alone() -> Result<()> {
+        use candle_core::{Device, Var};
+        for dtype in [DType::F32, DType::F64] {
+            let dev = Device::Cpu;
+            let w = Tensor::arange(0f32, 15., &dev)?.reshape((5, 3))?.affine(0.1, -0.7)?.to_dtype(dtype)?;
+            let x = Var::from_tensor(
+                &Tensor::arange(0f32, 24., &dev)?.reshape((2, 4, 3))?.affine(0.05, -0.3)?.to_dtype(dtype)?,
+            )?;
+            let b = Tensor::new(&[0.1f32, 0.2, 0.3, 0.4, 0.5], &dev)?.to_dtype(dtype)?;
+            let y = linear(x.as_tensor(), &w, Some(&b))?;
+            let grads = (y.sqr()?.sum_all()?).backward()?;
+            let dx = grads.get(x.as_tensor()).unwrap().clone();
+            assert!(grads.get_ids().all(|id| grads.get_id(*id).unwrap().dims() != [3, 5]), "no dW^T kept");
+            let plain = x.as_tensor().reshape((8, 3))?.matmul(&w.t()?)?.broadcast_add(&b)?.reshape((2, 4, 5))?;
+            let g2 = (plain.sqr()?.sum_all()?).backward()?;
+            let err = |a: &Tensor, b: &Tensor| -> Result<f64> {
+                (a - b)?.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()
+            };
+            assert!(err(&y, &plain)? < 1e-6);
+            assert!(err(&dx, g2.get(x.as_tensor()).unwrap())? < 1e-5);
+        }
+        Ok(())
+    }
+
     use super::*;
     use candle_core::{Device, Var};
 

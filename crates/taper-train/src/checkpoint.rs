@@ -53,9 +53,13 @@ pub fn step_dir_name(step: u64) -> String {
     format!("step_{step:08}")
 }
 
+/// Streamed, so hashing a large checkpoint does not hold it in memory.
 fn sha256(path: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
-    Ok(format!("{:x}", Sha256::digest(std::fs::read(path).map_err(io_err(path))?)))
+    let mut f = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(io_err(path))?;
+    Ok(format!("{:x}", h.finalize()))
 }
 
 fn fsync(path: &Path) -> Result<()> {
