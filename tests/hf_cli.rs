@@ -97,6 +97,39 @@ fn hub_source_from_an_offline_cache() {
         &["hf://taper-tests/not-there@main", "not in the HF cache", "HF_HUB_OFFLINE"],
     );
     fails_with(hub(&["info", "hf://taper-tests/tiny-qwen3@v2"]), &["tiny-qwen3@v2"]);
+
+    // A hub dataset for SFT: the data files under a prefix of a cached dataset repo.
+    let ds = d.join("hf/hub/datasets--taper-tests--words/snapshots").join(commit);
+    std::fs::create_dir_all(ds.join("data")).unwrap();
+    std::fs::create_dir_all(d.join("hf/hub/datasets--taper-tests--words/refs")).unwrap();
+    std::fs::write(d.join("hf/hub/datasets--taper-tests--words/refs/main"), commit).unwrap();
+    let words = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/sft-words/train.jsonl");
+    let lines: Vec<String> = std::fs::read_to_string(words).unwrap().lines().take(6).map(String::from).collect();
+    std::fs::write(ds.join("data/train.jsonl"), lines.join("\n") + "\n").unwrap();
+    std::fs::write(ds.join("data/test.jsonl"), "not json\n").unwrap();
+    std::fs::write(ds.join("README.md"), "# words\n").unwrap();
+    let cfg = d.join("sft.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "seed = 1\ndevice = \"cpu\"\ninit = {:?}\n[data]\ntrain = [\"hf://datasets/taper-tests/words/data/train\"]\n\
+             max_length = 64\n[train]\nmax_steps = 1\nbatch_size = 2\n[schedule]\nwarmup_steps = 0\n",
+            fixture("qwen3")
+        ),
+    )
+    .unwrap();
+    let out = ok(hub(&["sft", "--config", cfg.to_str().unwrap(), "--run-dir", d.join("sft").to_str().unwrap()]));
+    assert!(out.contains("done: step 1"), "{out}");
+    fails_with(
+        hub(&[
+            "sft",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--set",
+            "data.train=[\"hf://datasets/taper-tests/words/none\"]",
+        ]),
+        &["hf://datasets/taper-tests/words@main", "no .jsonl, .json or .parquet files under \"none\""],
+    );
 }
 
 #[test]

@@ -8,7 +8,7 @@ use crate::pairs::{pair_rows, scalar, sequence_logps, EncodedPair, PairDataConfi
 use crate::{AlignError, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 use taper_data::sft::read_sft;
 use taper_model::lora::LoraConfig;
@@ -221,7 +221,7 @@ pub(crate) fn prompts_exact_match(
     if files.is_empty() {
         return Ok(None);
     }
-    let paths: Vec<PathBuf> = files.iter().map(PathBuf::from).collect();
+    let paths = taper_data::hub::resolve_data(files)?;
     let examples: Vec<_> =
         read_sft(&paths, taper_data::sft::OnBadRecord::Error)?.examples.into_iter().map(|e| e.example).collect();
     let (hits, total) = exact_match(model, src, template, &examples, eval.max_new_tokens, eval.max_examples)?;

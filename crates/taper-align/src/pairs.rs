@@ -97,7 +97,7 @@ pub fn load_pairs(
     cfg: &PairDataConfig,
     obs: &mut dyn Observer,
 ) -> Result<Vec<EncodedPair>> {
-    let files: Vec<PathBuf> = paths.iter().map(PathBuf::from).collect();
+    let files = taper_data::hub::resolve_data(paths)?;
     let data = read_pairs(&files, cfg.on_bad())?;
     let opts = EncodeOptions { max_len: None, overflow: Overflow::Truncate, train_on_all: false, on_bad: cfg.on_bad() };
     let enc = SftEncoder::new(&src.tokenizer, template, opts)?;

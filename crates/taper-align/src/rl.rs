@@ -7,7 +7,6 @@ use crate::rm::RewardModel;
 use crate::{AlignError, Result};
 use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
 use taper_data::chat::ChatTemplate;
 use taper_data::packing::{collate, Row};
 use taper_data::preference::read_prompts;
@@ -180,7 +179,7 @@ pub fn load_prompts(
     max_new: usize,
     obs: &mut dyn Observer,
 ) -> Result<Vec<RlPrompt>> {
-    let files: Vec<PathBuf> = paths.iter().map(PathBuf::from).collect();
+    let files = taper_data::hub::resolve_data(paths)?;
     let on_bad = if cfg.on_bad_record == "skip" { OnBadRecord::Skip } else { OnBadRecord::Error };
     let data = read_prompts(&files, on_bad)?;
     let room = src.config.block_size.checked_sub(max_new).filter(|&r| r > 0).ok_or_else(|| {

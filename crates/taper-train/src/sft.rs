@@ -133,8 +133,9 @@ impl SftConfig {
     }
 }
 
-fn files(specs: &[String]) -> Vec<PathBuf> {
-    specs.iter().map(PathBuf::from).collect()
+/// Local files for data specs: paths, or hub datasets (`hf://datasets/Org/Name[/prefix]`) fetched.
+fn files(specs: &[String]) -> Result<Vec<PathBuf>> {
+    Ok(taper_data::hub::resolve_data(specs)?)
 }
 
 /// The chat template the config asks for.
@@ -206,7 +207,7 @@ fn load_examples(
     on_bad: OnBadRecord,
     obs: &mut dyn Observer,
 ) -> Result<(Vec<Example>, Vec<Tokenized>)> {
-    let data = read_sft(&files(paths), on_bad)?;
+    let data = read_sft(&files(paths)?, on_bad)?;
     let (tok, stats) = enc.encode_all(&data.examples)?;
     obs.message(&format!(
         "{}: {} examples ({} skipped as bad records, {} truncated, {} dropped as too long, {} with no loss tokens); {} tokens, {} in the loss",
