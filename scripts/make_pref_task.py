@@ -47,7 +47,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default="../shared/data/tinyshakespeare.txt")
     ap.add_argument("--out", default="data/pref-words")
-    ap.add_argument("--train", type=int, default=4000)
+    ap.add_argument("--train", type=int, default=12000)
     ap.add_argument("--test", type=int, default=300)
     ap.add_argument("--seed", type=int, default=1)
     a = ap.parse_args()

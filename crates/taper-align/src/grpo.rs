@@ -38,11 +38,23 @@ pub struct GrpoSettings {
     pub beta: f64,
     /// Divide advantages by the group's standard deviation (false: Dr. GRPO).
     pub scale_rewards: bool,
+    /// "token": every response token weighs the same (DAPO; TRL's default); "sequence": each
+    /// response's tokens are averaged first, as in the GRPO paper, so long responses do not
+    /// outweigh short ones.
+    pub normalize: String,
 }
 
 impl Default for GrpoSettings {
     fn default() -> Self {
-        Self { group_size: 8, prompts_per_step: 4, epochs: 1, clip_eps: 0.2, beta: 0.04, scale_rewards: true }
+        Self {
+            group_size: 8,
+            prompts_per_step: 4,
+            epochs: 1,
+            clip_eps: 0.2,
+            beta: 0.04,
+            scale_rewards: true,
+            normalize: "token".into(),
+        }
     }
 }
 
@@ -95,6 +107,9 @@ impl Validate for GrpoConfig {
         }
         if g.prompts_per_step == 0 || g.epochs == 0 {
             e.push("grpo.prompts_per_step and grpo.epochs must be > 0".into());
+        }
+        if !matches!(g.normalize.as_str(), "token" | "sequence") {
+            e.push(format!("grpo.normalize = {:?}: expected \"token\" or \"sequence\"", g.normalize));
         }
         if g.beta < 0.0 || g.clip_eps <= 0.0 {
             e.push("grpo.beta must be >= 0 and grpo.clip_eps > 0".into());
@@ -157,11 +172,10 @@ pub fn grpo(cfg: GrpoConfig, run_dir: &Path, resume: Resume, obs: &mut dyn Obser
         device: format!("{device:?}"),
     });
     if step == 0 && !eval.is_empty() {
-        let (r, hits, n) = evaluate(&frozen, &src, &eval, &reward, max_new, pad)?;
-        obs.message(&format!("step 0: held-out mean reward {r:.4} (exact match {hits}/{n})"));
-        metrics.write(
-            &serde_json::json!({"step": 0, "eval/reward": r, "eval/exact_match": hits as f64 / n.max(1) as f64}),
-        )?;
+        let e = evaluate(&frozen, &src, &eval, &reward, &cfg.rollout, pad)?;
+        let mut line = serde_json::json!({"step": 0});
+        e.report(0, &mut line, obs);
+        metrics.write(&line)?;
     }
     let g = &cfg.grpo;
     let sampling =
@@ -196,13 +210,23 @@ pub fn grpo(cfg: GrpoConfig, run_dir: &Path, resume: Resume, obs: &mut dyn Obser
         let adv_t = Tensor::from_vec(adv, outs.len(), &device)?;
         let ref_logp = if g.beta > 0.0 { Some(token_forward(&reference, &rows, &device, None)?.logp) } else { None };
         let old = token_forward(&frozen, &rows, &device, None)?;
+        // Sequence normalisation as a reweighted mask: each response's tokens scaled by
+        // mean length / its length, so the token mean becomes the mean of per-response means.
+        let weights = if g.normalize == "sequence" {
+            let lens = old.mask.sum(1)?; // (N,)
+            let scale = (lens.mean_all()?.broadcast_div(&lens.clamp(1.0, f64::MAX)?))?;
+            Some(old.mask.broadcast_mul(&scale.unsqueeze(1)?)?)
+        } else {
+            None
+        };
         let entropy = mean_entropy(&old.logits, &old.mask)?;
         let (mut loss, mut norm, mut kl, mut clip) = (0.0, 0.0, 0.0, 0.0);
         for epoch in 0..g.epochs {
             let (l, grads) = accumulate(opt.params(), 1, |_| {
                 let mut rng = Rng::derive(cfg.seed, &[step, epoch as u64]);
                 let out = token_forward(&policy, &rows, &device, dropout.then_some(&mut rng))?;
-                let o = grpo_loss(&out.logp, &old.logp, ref_logp.as_ref(), &adv_t, &out.mask, g.clip_eps, g.beta)?;
+                let mask = weights.as_ref().unwrap_or(&out.mask);
+                let o = grpo_loss(&out.logp, &old.logp, ref_logp.as_ref(), &adv_t, mask, g.clip_eps, g.beta)?;
                 kl = o.kl;
                 clip = o.clip_frac;
                 Ok::<_, AlignError>(o.loss)
@@ -221,10 +245,9 @@ pub fn grpo(cfg: GrpoConfig, run_dir: &Path, resume: Resume, obs: &mut dyn Obser
         let mut extra = serde_json::json!({"reward": mean, "reward_std": std, "kl": kl, "clip_frac": clip,
             "entropy": entropy, "response_length": len});
         let val = if !eval.is_empty() && tc.eval_due(step) {
-            let (r, hits, n) = evaluate(&frozen, &src, &eval, &reward, max_new, pad)?;
-            obs.message(&format!("step {step}: held-out mean reward {r:.4} (exact match {hits}/{n})"));
-            extra["eval/reward"] = r.into();
-            extra["eval/exact_match"] = (hits as f64 / n.max(1) as f64).into();
+            let e = evaluate(&frozen, &src, &eval, &reward, &cfg.rollout, pad)?;
+            e.report(step, &mut extra, obs);
+            let r = e.sampled_reward.unwrap_or(e.greedy_reward);
             last_val = Some(r);
             Some(r)
         } else {

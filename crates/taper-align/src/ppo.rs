@@ -283,11 +283,10 @@ pub fn ppo(cfg: PpoConfig, run_dir: &Path, resume: Resume, obs: &mut dyn Observe
         device: format!("{device:?}"),
     });
     if step == 0 && !eval.is_empty() {
-        let (r, hits, n) = evaluate(&frozen, &src, &eval, &reward, max_new, pad)?;
-        obs.message(&format!("step 0: held-out mean reward {r:.4} (exact match {hits}/{n})"));
-        metrics.write(
-            &serde_json::json!({"step": 0, "eval/reward": r, "eval/exact_match": hits as f64 / n.max(1) as f64}),
-        )?;
+        let e = evaluate(&frozen, &src, &eval, &reward, &cfg.rollout, pad)?;
+        let mut line = serde_json::json!({"step": 0});
+        e.report(0, &mut line, obs);
+        metrics.write(&line)?;
     }
     let pp = &cfg.ppo;
     let sampling =
@@ -372,13 +371,9 @@ pub fn ppo(cfg: PpoConfig, run_dir: &Path, resume: Resume, obs: &mut dyn Observe
             "clip_frac": clip_sum / k, "vf_clip_frac": vclip_sum / k, "approx_kl": akl_sum / k,
             "response_length": len});
         let val = if !eval.is_empty() && tc.eval_due(step) {
-            let (r, hits, n) = evaluate(&frozen, &src, &eval, &reward, max_new, pad)?;
-            obs.message(&format!(
-                "step {step}: held-out mean reward {r:.4} (exact match {hits}/{n}), KL {:.3}",
-                batch.kl
-            ));
-            extra["eval/reward"] = r.into();
-            extra["eval/exact_match"] = (hits as f64 / n.max(1) as f64).into();
+            let e = evaluate(&frozen, &src, &eval, &reward, &cfg.rollout, pad)?;
+            e.report(step, &mut extra, obs);
+            let r = e.sampled_reward.unwrap_or(e.greedy_reward);
             last_val = Some(r);
             Some(r)
         } else {
@@ -401,4 +396,33 @@ pub fn ppo(cfg: PpoConfig, run_dir: &Path, resume: Resume, obs: &mut dyn Observe
         elapsed_s: started.elapsed().as_secs_f64(),
         checkpoint: last_ck,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Per-token rewards are -kl_coef * KL plus the score on the response's last token; with
+    /// gamma = lam = 1 and zero values the returns are the rewards still to come.
+    #[test]
+    fn rewards_carry_the_kl_penalty_and_the_score_at_the_end() -> Result<()> {
+        let dev = Device::Cpu;
+        let mask = Tensor::new(&[[0f32, 1., 1., 0.], [0., 1., 1., 1.]], &dev)?;
+        let logp = Tensor::new(&[[0f32, -1.0, -2.0, 0.], [0., -0.5, -0.5, -0.5]], &dev)?;
+        let ref_logp = Tensor::new(&[[0f32, -1.5, -1.0, 0.], [0., -0.5, -1.5, -0.5]], &dev)?;
+        let old = TokenOut { logp: logp.clone(), mask, hidden: logp.clone(), logits: logp.unsqueeze(2)? };
+        let p = PpoSettings { gamma: 1.0, lam: 1.0, ..Default::default() };
+        let zeros = Tensor::zeros((2, 4), candle_core::DType::F32, &dev)?;
+        let b = prepare(Vec::new(), &old, zeros, &ref_logp, &[2.0, -1.0], &p, 0.5, &dev)?;
+        // k1 = logp - ref: row 0 [0.5, -1.0], row 1 [0, 1, 0].
+        let want = [[0.0, -0.25 + 0.5 + 2.0, 0.5 + 2.0, 0.0], [0.0, -0.5 - 1.0, -0.5 - 1.0, -1.0]];
+        let got: Vec<Vec<f32>> = b.returns.to_vec2()?;
+        for (g, w) in got.iter().zip(want) {
+            for (a, b) in g.iter().zip(w) {
+                assert!((a - b as f32).abs() < 1e-6, "{got:?}");
+            }
+        }
+        assert!((b.kl - (-0.5 + 1.0) / 2.0).abs() < 1e-6, "mean summed KL per response: {}", b.kl);
+        Ok(())
+    }
 }

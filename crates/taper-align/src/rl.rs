@@ -66,11 +66,13 @@ pub struct RolloutConfig {
     pub temperature: f64,
     pub top_k: usize,
     pub top_p: f64,
+    /// Sampled answers per held-out prompt for the policy's mean reward (0: greedy only).
+    pub eval_samples: usize,
 }
 
 impl Default for RolloutConfig {
     fn default() -> Self {
-        Self { max_new_tokens: 32, temperature: 1.0, top_k: 0, top_p: 1.0 }
+        Self { max_new_tokens: 32, temperature: 1.0, top_k: 0, top_p: 1.0, eval_samples: 0 }
     }
 }
 
@@ -319,22 +321,63 @@ pub fn mean_entropy(logits: &Tensor, mask: &Tensor) -> Result<f64> {
     Ok(total / n.max(1.0))
 }
 
-/// Greedy answers to held-out prompts: (mean reward, exact-match hits, prompts with answers).
+/// A held-out evaluation: greedy answers' mean reward and exact match, and the policy's mean
+/// reward over sampled answers (what RL maximises) when asked for.
+#[derive(Debug, Clone)]
+pub struct Eval {
+    pub greedy_reward: f64,
+    pub hits: usize,
+    pub with_answers: usize,
+    pub sampled_reward: Option<f64>,
+}
+
+impl Eval {
+    /// The metrics keys and the progress line of this evaluation at `step`.
+    pub fn report(&self, step: u64, extra: &mut serde_json::Value, obs: &mut dyn Observer) {
+        let em = self.hits as f64 / self.with_answers.max(1) as f64;
+        extra["eval/reward"] = self.greedy_reward.into();
+        extra["eval/exact_match"] = em.into();
+        let sampled = match self.sampled_reward {
+            Some(r) => {
+                extra["eval/sampled_reward"] = r.into();
+                format!(", sampled mean reward {r:.4}")
+            }
+            None => String::new(),
+        };
+        obs.message(&format!(
+            "step {step}: held-out mean reward {:.4} (exact match {}/{}){sampled}",
+            self.greedy_reward, self.hits, self.with_answers
+        ));
+    }
+}
+
+/// Greedy answers to held-out prompts, and `samples` sampled ones per prompt (fixed seeds, so
+/// every evaluation draws alike).
 pub fn evaluate(
     model: &Decoder,
     src: &Source,
     prompts: &[RlPrompt],
     reward: &Reward,
-    max_new: usize,
+    rollout: &RolloutConfig,
     pad: u32,
-) -> Result<(f64, usize, usize)> {
+) -> Result<Eval> {
+    let mean = |r: &[f32]| r.iter().map(|&x| x as f64).sum::<f64>() / r.len().max(1) as f64;
     let greedy = Sampling { temperature: 0.0, ..Default::default() };
     let which: Vec<(usize, Rng)> = (0..prompts.len()).map(|i| (i, Rng::new(0))).collect();
-    let outs = rollouts(model, src, prompts, &which, &greedy, max_new)?;
-    let rewards = reward.score(&outs, prompts, pad)?;
-    let mean = rewards.iter().map(|&r| r as f64).sum::<f64>() / rewards.len().max(1) as f64;
+    let outs = rollouts(model, src, prompts, &which, &greedy, rollout.max_new_tokens)?;
+    let greedy_reward = mean(&reward.score(&outs, prompts, pad)?);
     let with_answers = prompts.iter().filter(|p| p.answer.is_some()).count();
     let hits =
         outs.iter().filter(|r| prompts[r.prompt].answer.as_deref().is_some_and(|a| a.trim() == r.text.trim())).count();
-    Ok((mean, hits, with_answers))
+    let sampled_reward = if rollout.eval_samples > 0 {
+        let s = Sampling { temperature: rollout.temperature, top_k: rollout.top_k, top_p: rollout.top_p };
+        let which: Vec<(usize, Rng)> = (0..prompts.len())
+            .flat_map(|i| (0..rollout.eval_samples).map(move |k| (i, Rng::derive(0x4556_414C, &[i as u64, k as u64]))))
+            .collect();
+        let outs = rollouts(model, src, prompts, &which, &s, rollout.max_new_tokens)?;
+        Some(mean(&reward.score(&outs, prompts, pad)?))
+    } else {
+        None
+    };
+    Ok(Eval { greedy_reward, hits, with_answers, sampled_reward })
 }
