@@ -3,7 +3,8 @@
 //! one sampled response per prompt (KV cache); a score from the reward model or a verifiable
 //! reward; per-token rewards = -kl_coef * KL(policy || reference) plus the score on the last
 //! token; values from a value head on the policy's hidden states; GAE; whitened advantages;
-//! then epochs x minibatches of the clipped policy loss + vf_coef * the clipped value loss.
+//! then epochs x minibatches of the clipped policy loss + vf_coef * the clipped value loss (the
+//! value head a linear probe on the policy's hidden states, which its loss does not train).
 //! The KL coefficient is fixed or adapted towards a target (Ziegler et al. 2019, eq. 2).
 
 use crate::losses::{gae, kl_per_token, ppo_policy_loss, ppo_value_loss, whiten, KlEstimator};
@@ -337,7 +338,9 @@ pub fn ppo(cfg: PpoConfig, run_dir: &Path, resume: Resume, obs: &mut dyn Observe
                 let (l, grads) = accumulate(opt.params(), 1, |_| {
                     let mut rng = Rng::derive(cfg.seed, &[step, epoch as u64, m as u64]);
                     let out = token_forward(&policy, &rows, &device, dropout.then_some(&mut rng))?;
-                    let v = values(&out.hidden, &vw, &vb)?;
+                    // The value head reads the policy's features but does not train them: with
+                    // one shared trunk the value loss's gradient would pull the LM off course.
+                    let v = values(&out.hidden.detach(), &vw, &vb)?;
                     let adv = pick(&batch.advantages)?;
                     let pol = ppo_policy_loss(&out.logp, &pick(&batch.old_logp)?, &adv, &out.mask, pp.clip_eps)?;
                     let (vloss, vclip) =
