@@ -5,7 +5,7 @@
 
 use crate::losses::{group_advantages, grpo_loss};
 use crate::rl::{
-    evaluate, load_prompts, mean_entropy, rollout_rows, rollouts, token_forward, PromptDataConfig, Reward, RewardSpec,
+    evaluate, mean_entropy, rollout_rows, rollouts, token_forward, PromptDataConfig, PromptRun, RewardSpec,
     RolloutConfig,
 };
 use crate::{AlignError, Result};
@@ -18,9 +18,9 @@ use taper_model::{Decoder, Rng, Sampling, Weights};
 use taper_train::config::{TrainConfig, Validate};
 use taper_train::finetune::{load_resume, resume_optimizer, trainable, Progress, Saver};
 use taper_train::optim::{OptimConfig, Optimizer};
-use taper_train::pretrain::{select_device, Observer, Resume, RunInfo, StepLog, Summary};
+use taper_train::pretrain::{Observer, Resume, RunInfo, StepLog, Summary};
 use taper_train::schedule::ScheduleConfig;
-use taper_train::sft::{epoch_pick, template_for};
+use taper_train::sft::epoch_pick;
 use taper_train::steps::{accumulate, guarded_update, Metrics};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -131,23 +131,9 @@ impl GrpoConfig {
 
 pub fn grpo(cfg: GrpoConfig, run_dir: &Path, resume: Resume, obs: &mut dyn Observer) -> Result<Summary> {
     let started = Instant::now();
-    let device = select_device(&cfg.device)?;
-    std::fs::create_dir_all(run_dir).map_err(|e| AlignError::Invalid(format!("{}: {e}", run_dir.display())))?;
-    let ck_root = run_dir.join("checkpoints");
-    let src = taper_train::source::load(&cfg.init, &device)?;
-    let template = template_for(cfg.data.chat_template.as_deref(), &src)?;
-    let pad = src.eos_ids.first().copied().unwrap_or(0);
+    let PromptRun { device, ck_root, src, pad, train, eval, reward } =
+        PromptRun::setup(&cfg.device, &cfg.init, &cfg.data, &cfg.rollout, &cfg.reward, run_dir, obs)?;
     let max_new = cfg.rollout.max_new_tokens;
-    let train = load_prompts(&cfg.data.train, &src, &template, &cfg.data, max_new, obs)?;
-    if train.is_empty() {
-        return Err(AlignError::Invalid("no prompts left after reading and tokenising".into()));
-    }
-    let eval = if cfg.data.eval.is_empty() {
-        Vec::new()
-    } else {
-        load_prompts(&cfg.data.eval, &src, &template, &cfg.data, max_new, obs)?
-    };
-    let reward = Reward::load(&cfg.reward, &src, &device)?;
 
     let ck = load_resume(&resume, &ck_root, &device)?;
     let (vars, weights) = trainable(&src, cfg.lora.as_ref(), cfg.seed, Vec::new(), ck.as_ref())?;
@@ -157,8 +143,7 @@ pub fn grpo(cfg: GrpoConfig, run_dir: &Path, resume: Resume, obs: &mut dyn Obser
     let n_trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     let mut opt = Optimizer::new(cfg.optim.clone(), vars)?;
     let (mut step, mut tokens, mut skipped) = resume_optimizer(&mut opt, ck, obs)?;
-    let p = std::path::PathBuf::from(run_dir).join("config.toml");
-    std::fs::write(&p, cfg.to_toml()).map_err(|e| AlignError::Invalid(format!("{}: {e}", p.display())))?;
+    crate::pairs::PairRun::save_config(run_dir, &cfg.to_toml())?;
     let mut metrics = Metrics::open(run_dir, step, started)?;
     let tc = cfg.train.clone();
     let end = tc.end_step();

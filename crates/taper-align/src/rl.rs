@@ -381,3 +381,45 @@ pub fn evaluate(
     };
     Ok(Eval { greedy_reward, hits, with_answers, sampled_reward })
 }
+
+/// What the RL recipes (PPO, GRPO) set up alike: the device, the starting policy, its pad id,
+/// the train and held-out prompts, and the reward.
+pub struct PromptRun {
+    pub device: Device,
+    pub ck_root: std::path::PathBuf,
+    pub src: Source,
+    pub pad: u32,
+    pub train: Vec<RlPrompt>,
+    pub eval: Vec<RlPrompt>,
+    pub reward: Reward,
+}
+
+impl PromptRun {
+    pub fn setup(
+        device: &str,
+        init: &str,
+        data: &PromptDataConfig,
+        rollout: &RolloutConfig,
+        reward: &RewardSpec,
+        run_dir: &std::path::Path,
+        obs: &mut dyn Observer,
+    ) -> Result<Self> {
+        let device = taper_train::pretrain::select_device(device)?;
+        std::fs::create_dir_all(run_dir).map_err(|e| AlignError::Invalid(format!("{}: {e}", run_dir.display())))?;
+        let src = taper_train::source::load(init, &device)?;
+        let template = taper_train::sft::template_for(data.chat_template.as_deref(), &src)?;
+        let pad = src.eos_ids.first().copied().unwrap_or(0);
+        let max_new = rollout.max_new_tokens;
+        let train = load_prompts(&data.train, &src, &template, data, max_new, obs)?;
+        if train.is_empty() {
+            return Err(AlignError::Invalid("no prompts left after reading and tokenising".into()));
+        }
+        let eval = if data.eval.is_empty() {
+            Vec::new()
+        } else {
+            load_prompts(&data.eval, &src, &template, data, max_new, obs)?
+        };
+        let reward = Reward::load(reward, &src, &device)?;
+        Ok(Self { device, ck_root: run_dir.join("checkpoints"), src, pad, train, eval, reward })
+    }
+}
