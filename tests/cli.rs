@@ -677,3 +677,95 @@ fn reward_model_and_dpo_tiny_runs_resume_and_bad_pairs() {
     let not_rm = rl("ppo-not-rm", &format!("kind = \"model\"\npath = {base:?}"), "");
     fails_with(run("ppo", &not_rm, &d.join("p2"), &[]), &["not a reward model"]);
 }
+
+/// Every alignment recipe trains LoRA adapters on a frozen base: the checkpoint carries PEFT
+/// adapter files and no base tensor, the adapters moved, a LoRA PPO
+/// run resumes exactly, and a LoRA reward model merges and exports.
+#[test]
+fn alignment_recipes_train_lora_adapters() {
+    let d = scratch("align-lora");
+    let (base, _, test) = sft_fixture(&d);
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/pref-words");
+    let pairs: Vec<String> =
+        std::fs::read_to_string(data.join("train.jsonl")).unwrap().lines().take(8).map(String::from).collect();
+    let train = d.join("pairs.jsonl");
+    std::fs::write(&train, pairs.join("\n") + "\n").unwrap();
+    let lora = "[lora]\nr = 4\nalpha = 8.0\ntarget_modules = [\"q\", \"v\", \"up\"]\n";
+    let steps = "[train]\nmax_steps = 2\nbatch_size = 2\nlog_every = 1\ncheckpoint_every = 1\n[optim]\nlr = 1e-2\n";
+    let pair_cfg = |extra: &str| {
+        format!(
+            "seed = 5\ndevice = \"cpu\"\ninit = {base:?}\n[data]\ntrain = [{train:?}]\nchat_template = \"chatml\"\n\
+             {extra}{lora}{steps}"
+        )
+    };
+    let rl_cfg = |reward: &str, section: &str| {
+        format!(
+            "seed = 9\ndevice = \"cpu\"\ninit = {base:?}\n[data]\ntrain = [{test:?}]\nchat_template = \"chatml\"\n\
+             [rollout]\nmax_new_tokens = 6\n[reward]\n{reward}\n{section}\n{lora}{steps}"
+        )
+    };
+    let tensors = |path: &Path| -> Vec<(String, Vec<u8>)> {
+        let bytes = std::fs::read(path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut v: Vec<(String, Vec<u8>)> =
+            st.tensors().into_iter().map(|(n, t)| (n.to_string(), t.data().to_vec())).collect();
+        v.sort();
+        v
+    };
+    let base_tensors = tensors(&base.join("checkpoints/step_00000002/model.safetensors"));
+    let rm = d.join("rm");
+    let recipes = [
+        ("rm", pair_cfg(""), rm.clone()),
+        ("dpo", pair_cfg("[dpo]\nbeta = 0.1\n"), d.join("dpo")),
+        ("grpo", rl_cfg("kind = \"exact_match\"", "[grpo]\ngroup_size = 2\nprompts_per_step = 2"), d.join("grpo")),
+        (
+            "ppo",
+            rl_cfg(&format!("kind = \"model\"\npath = {rm:?}"), "[ppo]\nrollouts_per_step = 4\nminibatches = 2"),
+            d.join("ppo"),
+        ),
+    ];
+    for (cmd, text, run) in &recipes {
+        let cfg = d.join(format!("{cmd}.toml"));
+        std::fs::write(&cfg, text).unwrap();
+        ok(taper().arg(cmd).arg("--config").arg(&cfg).arg("--run-dir").arg(run).output().unwrap());
+        let ck = run.join("checkpoints/step_00000002");
+        // The frozen base stays with the init; the checkpoint holds adapters and heads only.
+        let model = tensors(&ck.join("model.safetensors"));
+        let heads = ["score.weight", "v_head.weight", "v_head.bias"];
+        for (name, _) in &model {
+            assert!(name.contains(".lora_") || heads.contains(&name.as_str()), "{cmd}: {name} saved under LoRA");
+        }
+        assert!(base_tensors.iter().all(|(n, _)| !model.iter().any(|(m, _)| m == n)), "{cmd}");
+        let adapters = tensors(&ck.join("adapter_model.safetensors"));
+        assert_eq!(adapters.iter().filter(|(n, _)| n.contains("lora_B")).count(), 2 * 3, "{cmd}");
+        assert!(
+            adapters.iter().filter(|(n, _)| n.contains("lora_B")).any(|(_, b)| b.iter().any(|&x| x != 0)),
+            "{cmd}: the adapters did not train"
+        );
+        if *cmd == "ppo" {
+            let split = d.join("ppo-split");
+            let run_split = |extra: &[&str]| {
+                ok(taper()
+                    .arg(cmd)
+                    .arg("--config")
+                    .arg(&cfg)
+                    .arg("--run-dir")
+                    .arg(&split)
+                    .args(extra)
+                    .output()
+                    .unwrap())
+            };
+            run_split(&["--set", "train.stop_at_step=1"]);
+            run_split(&["--resume"]);
+            assert_eq!(losses(run), losses(&split));
+            let a = |r: &Path| std::fs::read(r.join("checkpoints/step_00000002/adapter_model.safetensors")).unwrap();
+            assert!(a(run) == a(&split), "LoRA PPO adapters differ after resume");
+        }
+    }
+    // The LoRA reward model, merged, exports as a sequence classifier and still scores.
+    let out = d.join("rm-merged");
+    ok(taper().arg("export").arg(&rm).args(["--format", "hf", "--merge-lora", "--out"]).arg(&out).output().unwrap());
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert!(cfg["architectures"][0].as_str().unwrap().ends_with("ForSequenceClassification"), "{cfg}");
+}
