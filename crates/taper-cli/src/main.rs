@@ -51,6 +51,28 @@ enum Cmd {
     Export(ExportArgs),
     /// Describe a model source.
     Info { path: String },
+    /// Time training steps of a pretraining config's model on random tokens: tokens/s, forward,
+    /// backward and optimizer ms, GFLOP/s, MFU against a measured GEMM peak, peak RSS.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// A pretraining config (TOML); model.vocab_size must be set.
+    #[arg(long)]
+    config: PathBuf,
+    /// Override a config key, type-checked: --set train.batch_size=4 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Timed steps.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Print one JSON line instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -289,6 +311,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Export(a) => export_cmd(a)?,
         Cmd::Sample(a) => sample_cmd(a)?,
         Cmd::Info { path } => info_cmd(&path)?,
+        Cmd::Bench(a) => bench_cmd(a)?,
     }
     Ok(())
 }
@@ -352,6 +375,33 @@ fn print_rl_summary(s: &pretrain::Summary, run_dir: &Path) {
         s.elapsed_s,
         run_dir.display()
     );
+}
+
+fn bench_cmd(a: BenchArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.config).with_context(|| format!("config {}", a.config.display()))?;
+    let cfg: taper_train::RunConfig = taper_train::config::parse_as(&text, &a.config.display().to_string(), &a.set)?;
+    let r = taper_train::bench::bench(&cfg, a.steps, a.warmup)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    println!(
+        "{} ({} threads): {:.2}M params, {} tokens/step",
+        r.implementation,
+        r.threads,
+        r.params as f64 / 1e6,
+        r.tokens_per_step
+    );
+    println!("tokens/s      {:.0}", r.tokens_per_sec);
+    println!(
+        "ms/step       {:.1} (forward {:.1}, backward {:.1}, optimizer {:.1})",
+        r.step_ms, r.forward_ms, r.backward_ms, r.optimizer_ms
+    );
+    println!("GFLOP/s       {:.1} ({:.3} GFLOP/token)", r.gflops, r.flops_per_token / 1e9);
+    println!("GEMM peak     {:.1} GFLOP/s at the model's matmul shapes", r.gemm_peak_gflops);
+    println!("MFU           {:.1}%", 100.0 * r.mfu);
+    println!("peak RSS      {:.0} MB", r.peak_rss_mb);
+    Ok(())
 }
 
 fn pretrain_cmd(a: PretrainArgs) -> Result<()> {

@@ -1,5 +1,6 @@
 //! Optimizers, LR schedules, the training loop (the pretrain recipe) and checkpoints.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod finetune;

@@ -1,0 +1,209 @@
+//! `taper bench`: the throughput of a pretraining step, split into forward, backward and
+//! optimizer, with achieved FLOP/s set against a GEMM peak measured on this machine at the
+//! model's own matmul shapes. `scripts/bench_torch.py` prints the same figures for PyTorch.
+
+use crate::config::RunConfig;
+use crate::optim::Optimizer;
+use crate::pretrain::select_device;
+use crate::{Result, TrainError};
+use candle_core::{DType, Device, Tensor, Var};
+use serde::Serialize;
+use std::time::Instant;
+use taper_model::{flatten_logits, init_weights, nn::cross_entropy, Decoder, ModelConfig, Rng, Weights};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub implementation: &'static str,
+    pub threads: usize,
+    pub params: usize,
+    /// 6 x (matmul parameters) + 12 x layers x width x context (PaLM's count, attention included).
+    pub flops_per_token: f64,
+    pub tokens_per_step: usize,
+    pub steps: usize,
+    pub tokens_per_sec: f64,
+    pub step_ms: f64,
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    pub optimizer_ms: f64,
+    pub gflops: f64,
+    /// FLOP-weighted GEMM throughput at the model's matmul shapes (forward and both backward
+    /// products), the best a step made of nothing but matmuls could do here.
+    pub gemm_peak_gflops: f64,
+    pub mfu: f64,
+    pub peak_rss_mb: f64,
+}
+
+/// Parameters that enter a matmul: the attention and MLP projections and the output head.
+fn matmul_params(cfg: &ModelConfig) -> usize {
+    let c = cfg.n_embd;
+    let (q, kv) = (cfg.n_head * cfg.head_dim(), cfg.kv_heads() * cfg.head_dim());
+    let mlp_mats = if matches!(cfg.mlp, taper_model::Mlp::Swiglu) { 3 } else { 2 };
+    cfg.n_layer * (c * q + 2 * c * kv + q * c + mlp_mats * c * cfg.hidden()) + cfg.vocab_size * c
+}
+
+pub fn flops_per_token(cfg: &ModelConfig) -> f64 {
+    6.0 * matmul_params(cfg) as f64 + 12.0 * (cfg.n_layer * cfg.n_embd * cfg.block_size) as f64
+}
+
+/// (m, k, n) of every weight matmul in one step's forward: x (m, k) times W^T (k, n).
+fn matmul_shapes(cfg: &ModelConfig, rows: usize) -> Vec<(usize, usize, usize, usize)> {
+    let c = cfg.n_embd;
+    let (q, kv, h) = (cfg.n_head * cfg.head_dim(), cfg.kv_heads() * cfg.head_dim(), cfg.hidden());
+    let mlp_in = if matches!(cfg.mlp, taper_model::Mlp::Swiglu) { 2 } else { 1 };
+    // (m, k, n, how many per step)
+    vec![
+        (rows, c, q, cfg.n_layer),
+        (rows, c, kv, 2 * cfg.n_layer),
+        (rows, q, c, cfg.n_layer),
+        (rows, c, h, mlp_in * cfg.n_layer),
+        (rows, h, c, cfg.n_layer),
+        (rows, c, cfg.vocab_size, 1),
+    ]
+}
+
+/// Seconds per call of `f`, the best of `reps` after one warm-up call.
+fn best_of(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let t = Instant::now();
+        f()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+/// GFLOP/s of the model's matmuls (forward x W^T, backward dX = dY W and dW = dY^T X) at their
+/// real shapes, weighted by how often a step runs each.
+pub fn gemm_peak(cfg: &ModelConfig, rows: usize, dev: &Device) -> Result<f64> {
+    let mut rng = Rng::new(1);
+    let mut rand = |r: usize, c: usize| -> Result<Tensor> {
+        let v: Vec<f32> = (0..r * c).map(|_| rng.normal() as f32).collect();
+        Ok(Tensor::from_vec(v, (r, c), dev)?)
+    };
+    let (mut flops, mut secs) = (0.0, 0.0);
+    for (m, k, n, count) in matmul_shapes(cfg, rows) {
+        let (x, w, dy) = (rand(m, k)?, rand(n, k)?, rand(m, n)?);
+        let fwd = best_of(3, || Ok(drop(x.matmul(&w.t()?)?)))?;
+        let dx = best_of(3, || Ok(drop(dy.matmul(&w)?)))?;
+        let dw = best_of(3, || Ok(drop(dy.t()?.matmul(&x)?)))?;
+        flops += 3.0 * 2.0 * (m * k * n) as f64 * count as f64;
+        secs += (fwd + dx + dw) * count as f64;
+    }
+    Ok(flops / secs / 1e9)
+}
+
+/// Peak resident set size of this process, in MB.
+pub fn peak_rss_mb() -> f64 {
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage only writes the struct it is given.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    if rc != 0 {
+        return f64::NAN;
+    }
+    usage.ru_maxrss as f64 / 1024.0 // kilobytes on Linux
+}
+
+/// Times `steps` training steps (after `warmup` untimed ones) of the config's model on random
+/// tokens: forward with the loss, backward, optimizer update. Each phase is timed apart,
+/// forcing the lazy parts to finish by reading the loss and the gradients' presence.
+pub fn bench(cfg: &RunConfig, steps: usize, warmup: usize) -> Result<BenchReport> {
+    let dev = select_device(&cfg.device)?;
+    let m = &cfg.model;
+    if m.vocab_size == 0 {
+        return Err(TrainError::Invalid(
+            "bench: set model.vocab_size (no tokenizer is trained for a benchmark)".into(),
+        ));
+    }
+    let (b, t) = (cfg.train.batch_size, m.block_size);
+    let vars: Vec<(String, Var)> = init_weights(m, cfg.seed, &dev)?
+        .into_iter()
+        .map(|(n, t)| Ok((n, Var::from_tensor(&t)?)))
+        .collect::<Result<_>>()?;
+    let params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    let weights = Weights::from_pairs(vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())));
+    let model = Decoder::load(&weights, m)?;
+    let mut opt = Optimizer::new(cfg.optim.clone(), vars)?;
+    let mut rng = Rng::new(cfg.seed);
+    let (mut fwd, mut bwd, mut upd) = (0.0, 0.0, 0.0);
+    for i in 0..warmup + steps {
+        let ids: Vec<u32> = (0..b * t).map(|_| rng.below(m.vocab_size as u64) as u32).collect();
+        let tg: Vec<i64> = (0..b * t).map(|_| rng.below(m.vocab_size as u64) as i64).collect();
+        let (x, y) = (Tensor::from_vec(ids, (b, t), &dev)?, Tensor::from_vec(tg, b * t, &dev)?);
+        let t0 = Instant::now();
+        let logits = model.forward(&x, 0, None, None)?; // (B, T, V)
+        let (loss, _) = cross_entropy(&flatten_logits(&logits)?, &y, -100)?;
+        let loss_value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let t1 = Instant::now();
+        let store = loss.backward()?;
+        let grads: Vec<Tensor> = opt
+            .params()
+            .iter()
+            .map(|p| {
+                store
+                    .get(p.var.as_tensor())
+                    .cloned()
+                    .ok_or_else(|| TrainError::Invalid(format!("no gradient for {}", p.name)))
+            })
+            .collect::<Result<_>>()?;
+        drop(store);
+        dev.synchronize()?;
+        let t2 = Instant::now();
+        opt.step(&grads, cfg.optim.lr)?;
+        dev.synchronize()?;
+        let t3 = Instant::now();
+        if !loss_value.is_finite() {
+            return Err(TrainError::Invalid(format!("bench: loss became {loss_value} at step {i}")));
+        }
+        if i >= warmup {
+            fwd += (t1 - t0).as_secs_f64();
+            bwd += (t2 - t1).as_secs_f64();
+            upd += (t3 - t2).as_secs_f64();
+        }
+    }
+    let n = steps.max(1) as f64;
+    let step_s = (fwd + bwd + upd) / n;
+    let tokens_per_sec = (b * t) as f64 / step_s;
+    let fpt = flops_per_token(m);
+    let gflops = fpt * tokens_per_sec / 1e9;
+    let peak = gemm_peak(m, b * t, &dev)?;
+    Ok(BenchReport {
+        implementation: "taper",
+        threads: candle_core::utils::get_num_threads(),
+        params,
+        flops_per_token: fpt,
+        tokens_per_step: b * t,
+        steps,
+        tokens_per_sec,
+        step_ms: step_s * 1e3,
+        forward_ms: fwd / n * 1e3,
+        backward_ms: bwd / n * 1e3,
+        optimizer_ms: upd / n * 1e3,
+        gflops,
+        gemm_peak_gflops: peak,
+        mfu: gflops / peak,
+        peak_rss_mb: peak_rss_mb(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The FLOP count follows the formula: for GPT-2 small's shape (12 x 768, vocab
+    /// 50257, context 1024) 6N with N = 85M + 38.6M head, plus the attention term.
+    #[test]
+    fn flops_per_token_counts_matmul_params_and_attention() {
+        let cfg = ModelConfig {
+            vocab_size: 50257,
+            n_layer: 12,
+            n_head: 12,
+            n_embd: 768,
+            block_size: 1024,
+            ..Default::default()
+        };
+        let n = 12 * 12 * 768 * 768 + 50257 * 768;
+        assert_eq!(matmul_params(&cfg), n);
+        assert_eq!(flops_per_token(&cfg), 6.0 * n as f64 + 12.0 * 12.0 * 768.0 * 1024.0);
+    }
+}
