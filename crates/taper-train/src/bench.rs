@@ -61,8 +61,8 @@ fn matmul_shapes(cfg: &ModelConfig, rows: usize) -> Vec<(usize, usize, usize, us
     ]
 }
 
-/// Seconds per call of `f`, the best of `reps` after one warm-up call.
-fn best_of(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+/// Seconds per call of `f` (its result dropped), the best of `reps` after one warm-up call.
+fn best_of(reps: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<f64> {
     f()?;
     let mut best = f64::INFINITY;
     for _ in 0..reps {
@@ -84,9 +84,9 @@ pub fn gemm_peak(cfg: &ModelConfig, rows: usize, dev: &Device) -> Result<f64> {
     let (mut flops, mut secs) = (0.0, 0.0);
     for (m, k, n, count) in matmul_shapes(cfg, rows) {
         let (x, w, dy) = (rand(m, k)?, rand(n, k)?, rand(m, n)?);
-        let fwd = best_of(3, || Ok(drop(x.matmul(&w.t()?)?)))?;
-        let dx = best_of(3, || Ok(drop(dy.matmul(&w)?)))?;
-        let dw = best_of(3, || Ok(drop(dy.t()?.matmul(&x)?)))?;
+        let fwd = best_of(3, || Ok(x.matmul(&w.t()?)?))?;
+        let dx = best_of(3, || Ok(dy.matmul(&w)?))?;
+        let dw = best_of(3, || Ok(dy.t()?.matmul(&x)?))?;
         flops += 3.0 * 2.0 * (m * k * n) as f64 * count as f64;
         secs += (fwd + dx + dw) * count as f64;
     }
