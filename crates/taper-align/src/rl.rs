@@ -329,6 +329,9 @@ pub struct Eval {
     pub hits: usize,
     pub with_answers: usize,
     pub sampled_reward: Option<f64>,
+    /// The share of sampled answers that equal the reference answer: the task's own reward,
+    /// tracked beside a reward model's so that reward hacking shows.
+    pub sampled_exact_match: Option<f64>,
 }
 
 impl Eval {
@@ -343,6 +346,13 @@ impl Eval {
                 format!(", sampled mean reward {r:.4}")
             }
             None => String::new(),
+        };
+        let sampled = match self.sampled_exact_match {
+            Some(m) => {
+                extra["eval/sampled_exact_match"] = m.into();
+                format!("{sampled}, sampled exact match {m:.4}")
+            }
+            None => sampled,
         };
         obs.message(&format!(
             "step {step}: held-out mean reward {:.4} (exact match {}/{}){sampled}",
@@ -367,19 +377,22 @@ pub fn evaluate(
     let outs = rollouts(model, src, prompts, &which, &greedy, rollout.max_new_tokens)?;
     let greedy_reward = mean(&reward.score(&outs, prompts, pad)?);
     let with_answers = prompts.iter().filter(|p| p.answer.is_some()).count();
-    let hits =
-        outs.iter().filter(|r| prompts[r.prompt].answer.as_deref().is_some_and(|a| a.trim() == r.text.trim())).count();
-    let sampled_reward = if rollout.eval_samples > 0 {
+    let right = |r: &Rollout| prompts[r.prompt].answer.as_deref().is_some_and(|a| a.trim() == r.text.trim());
+    let hits = outs.iter().filter(|r| right(r)).count();
+    let (sampled_reward, sampled_exact_match) = if rollout.eval_samples > 0 {
         let s = Sampling { temperature: rollout.temperature, top_k: rollout.top_k, top_p: rollout.top_p };
         let which: Vec<(usize, Rng)> = (0..prompts.len())
             .flat_map(|i| (0..rollout.eval_samples).map(move |k| (i, Rng::derive(0x4556_414C, &[i as u64, k as u64]))))
             .collect();
         let outs = rollouts(model, src, prompts, &which, &s, rollout.max_new_tokens)?;
-        Some(mean(&reward.score(&outs, prompts, pad)?))
+        let answered: Vec<&Rollout> = outs.iter().filter(|r| prompts[r.prompt].answer.is_some()).collect();
+        let em = (!answered.is_empty())
+            .then(|| answered.iter().filter(|r| right(r)).count() as f64 / answered.len() as f64);
+        (Some(mean(&reward.score(&outs, prompts, pad)?)), em)
     } else {
-        None
+        (None, None)
     };
-    Ok(Eval { greedy_reward, hits, with_answers, sampled_reward })
+    Ok(Eval { greedy_reward, hits, with_answers, sampled_reward, sampled_exact_match })
 }
 
 /// What the RL recipes (PPO, GRPO) set up alike: the device, the starting policy, its pad id,
