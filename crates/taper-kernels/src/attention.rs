@@ -311,8 +311,8 @@ macro_rules! float {
 float!(f32);
 float!(f64);
 
-/// Query rows per task and keys per tile: a tile of k and v (64 x D) stays in L1/L2 while the
-/// rows of the query tile go over it.
+/// Query rows per task and keys per tile: a tile's k, v (BK x D) and its transposed kᵀ, vᵀ
+/// stay in L1/L2 while the rows of the query tile go over them.
 const BQ: usize = 32;
 const BK: usize = 64;
 /// Independent partial sums, so that the dot product vectorises without reassociation.
@@ -375,17 +375,71 @@ macro_rules! multiversion {
 }
 
 multiversion!(fwd_tile_mv => fwd_tile(
-    mask: &RowMask, i0: usize, q: &[T], k: &[T], v: &[T], out: &mut [T], lse: &mut [T], scale: T, d: usize
+    mask: &RowMask, i0: usize, q: &[T], kv: &HeadKv<T>, out: &mut [T], lse: &mut [T], scale: T
 ));
 multiversion!(bwd_head_mv => bwd_head(
-    mask: &RowMask, h: &HeadRows<T>, k: &[T], v: &[T], dq: &mut [T], dk: &mut [T], dv: &mut [T], scale: T, d: usize
+    mask: &RowMask, h: &HeadRows<T>, kv: &HeadKv<T>, dq: &mut [T], dk: &mut [T], dv: &mut [T], scale: T
 ));
 
-/// y += a x
+/// y += Σ_i a_i x_i, x the rows (len(a), D) of one matrix, four at a time so that y is loaded
+/// and stored once per four rows.
 #[inline(always)]
-fn axpy<T: Float>(y: &mut [T], a: T, x: &[T]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * *x;
+fn axpy_rows<T: Float>(y: &mut [T], a: &[T], x: &[T]) {
+    let d = y.len();
+    let quads = a.chunks_exact(4);
+    let rest = quads.remainder();
+    let mut rows = x.chunks_exact(d);
+    for c in quads {
+        let (x0, x1, x2, x3) = (rows.next().unwrap(), rows.next().unwrap(), rows.next().unwrap(), rows.next().unwrap());
+        for ((((y, x0), x1), x2), x3) in y.iter_mut().zip(x0).zip(x1).zip(x2).zip(x3) {
+            *y += (c[0] * *x0 + c[1] * *x1) + (c[2] * *x2 + c[3] * *x3);
+        }
+    }
+    for (a, x) in rest.iter().zip(rows) {
+        for (y, x) in y.iter_mut().zip(x) {
+            *y += *a * *x;
+        }
+    }
+}
+
+/// acc[c] = x · column c of a (D, W) transposed block starting at `bt`: BK scores in one sweep of
+/// x with no horizontal sums, since the keys run along the vector lanes.
+#[inline(always)]
+fn row_block<T: Float>(x: &[T], bt: &[T], w: usize, acc: &mut [T; BK]) {
+    *acc = [T::ZERO; BK];
+    for (i, &a) in x.iter().enumerate() {
+        let col: &[T; BK] = bt[i * w..i * w + BK].try_into().expect("a padded block");
+        for c in 0..BK {
+            acc[c] += a * col[c];
+        }
+    }
+}
+
+/// One key/value head: k and v (Tk, D) and their transposes (D, W), W = Tk rounded up to BK with
+/// zero columns, so that every key tile is a whole block.
+struct HeadKv<'a, T> {
+    k: &'a [T],
+    v: &'a [T],
+    kt: Vec<T>,
+    vt: Vec<T>,
+    w: usize,
+    d: usize,
+}
+
+impl<'a, T: Float> HeadKv<'a, T> {
+    fn new(k: &'a [T], v: &'a [T], d: usize, with_vt: bool) -> Self {
+        let tk = k.len() / d;
+        let w = tk.div_ceil(BK) * BK;
+        let transpose = |x: &[T]| {
+            let mut t = vec![T::ZERO; d * w];
+            for (j, row) in x.chunks_exact(d).enumerate() {
+                for (i, &e) in row.iter().enumerate() {
+                    t[i * w + j] = e;
+                }
+            }
+            t
+        };
+        Self { k, v, kt: transpose(k), vt: if with_vt { transpose(v) } else { Vec::new() }, w, d }
     }
 }
 
@@ -406,24 +460,26 @@ fn slice<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a
 
 impl FusedAttention {
     fn fwd<T: Float>(&self, q: &[T], k: &[T], v: &[T]) -> (Vec<T>, Vec<T>) {
-        let Dims { hq, hkv, tq, tk, d, .. } = self.dims;
+        let Dims { b, hq, hkv, tq, tk, d } = self.dims;
         let rep = self.dims.rep();
         let mut out = vec![T::ZERO; q.len()];
         let mut lse = vec![T::NEG_INF; q.len() / d.max(1)];
-        if d == 0 || tq == 0 {
+        if d == 0 || tq == 0 || tk == 0 {
             return (out, lse);
         }
         let scale = T::from_f64(self.opts.scale);
+        let heads: Vec<HeadKv<T>> = (0..b * hkv)
+            .into_par_iter()
+            .map(|g| HeadKv::new(&k[g * tk * d..(g + 1) * tk * d], &v[g * tk * d..(g + 1) * tk * d], d, false))
+            .collect();
         out.par_chunks_mut(tq * d).zip(lse.par_chunks_mut(tq)).enumerate().for_each(|(bh, (out, lse))| {
             let (r, h) = (bh / hq, bh % hq);
-            let kvh = r * hkv + h / rep;
+            let kv = &heads[r * hkv + h / rep];
             let q = &q[bh * tq * d..(bh + 1) * tq * d];
-            let k = &k[kvh * tk * d..(kvh + 1) * tk * d];
-            let v = &v[kvh * tk * d..(kvh + 1) * tk * d];
             let mask = RowMask::new(self.dims, &self.opts, r);
             out.par_chunks_mut(BQ * d).zip(lse.par_chunks_mut(BQ)).enumerate().for_each(|(t, (out, lse))| {
                 let i0 = t * BQ;
-                fwd_tile_mv(&mask, i0, &q[i0 * d..i0 * d + out.len()], k, v, out, lse, scale, d);
+                fwd_tile_mv(&mask, i0, &q[i0 * d..i0 * d + out.len()], kv, out, lse, scale);
             });
         });
         (out, lse)
@@ -446,8 +502,7 @@ impl FusedAttention {
         dq.par_chunks_mut(group).zip(dk.par_chunks_mut(tk * d)).zip(dv.par_chunks_mut(tk * d)).enumerate().for_each(
             |(bg, ((dq, dk), dv))| {
                 let r = bg / hkv;
-                let k = &k[bg * tk * d..(bg + 1) * tk * d];
-                let v = &v[bg * tk * d..(bg + 1) * tk * d];
+                let kv = HeadKv::new(&k[bg * tk * d..(bg + 1) * tk * d], &v[bg * tk * d..(bg + 1) * tk * d], d, true);
                 let mask = RowMask::new(self.dims, &self.opts, r);
                 let heads = bg * group..(bg + 1) * group;
                 let (q, o, g) = (&q[heads.clone()], &o[heads.clone()], &g[heads]);
@@ -463,7 +518,7 @@ impl FusedAttention {
                         lse: &lse[rows.clone()],
                         di: &di[rows.clone()],
                     };
-                    bwd_head_mv(&mask, &head, k, v, &mut dq[span], dk, dv, scale, d);
+                    bwd_head_mv(&mask, &head, &kv, &mut dq[span], dk, dv, scale);
                 }
             },
         );
@@ -471,43 +526,50 @@ impl FusedAttention {
     }
 }
 
+/// The key tiles (multiples of BK) that some row of `rows` sees.
+fn tiles(rows: &[RowKeys]) -> std::iter::StepBy<std::ops::Range<usize>> {
+    let lo = rows.iter().filter(|r| r.lo < r.hi).map(|r| r.lo).min().unwrap_or(0);
+    let hi = rows.iter().map(|r| r.hi).max().unwrap_or(0);
+    (lo / BK * BK..hi).step_by(BK)
+}
+
+/// Scores of one row against the key tile at t0, scaled, -inf where the row may not look; and
+/// the range of tile columns [a, b) left by the row's key range (empty: nothing to do).
+#[inline(always)]
+fn tile_scores<T: Float>(
+    mask: &RowMask,
+    row: RowKeys,
+    qi: &[T],
+    kv: &HeadKv<T>,
+    t0: usize,
+    scale: T,
+    s: &mut [T; BK],
+) -> (usize, usize) {
+    let (lo, hi) = (row.lo.max(t0), row.hi.min(t0 + BK));
+    if lo >= hi {
+        return (0, 0);
+    }
+    row_block(qi, &kv.kt[t0..], kv.w, s);
+    for (c, sc) in s.iter_mut().enumerate() {
+        let j = t0 + c;
+        *sc = if j >= lo && j < hi && mask.keep(row, j) { *sc * scale } else { T::NEG_INF };
+    }
+    (lo - t0, hi - t0)
+}
+
 /// Forward of query rows i0..i0+n against all keys of one head: `out` (n, D) accumulates the
 /// unnormalised output, rescaled whenever a row's running max grows.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn fwd_tile<T: Float>(
-    mask: &RowMask,
-    i0: usize,
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    out: &mut [T],
-    lse: &mut [T],
-    scale: T,
-    d: usize,
-) {
-    let n = lse.len();
+fn fwd_tile<T: Float>(mask: &RowMask, i0: usize, q: &[T], kv: &HeadKv<T>, out: &mut [T], lse: &mut [T], scale: T) {
+    let (n, d) = (lse.len(), kv.d);
     let rows: Vec<RowKeys> = (0..n).map(|r| mask.row(i0 + r)).collect();
-    let klo = rows.iter().map(|r| r.lo).min().unwrap_or(0);
-    let khi = rows.iter().map(|r| r.hi).max().unwrap_or(0);
     let mut m = vec![T::NEG_INF; n];
     let mut l = vec![T::ZERO; n];
     let mut s = [T::ZERO; BK];
-    let mut j0 = klo;
-    while j0 < khi {
-        let j1 = (j0 + BK).min(khi);
+    for t0 in tiles(&rows) {
         for (r, row) in rows.iter().enumerate() {
-            let (lo, hi) = (row.lo.max(j0), row.hi.min(j1));
-            if lo >= hi {
-                continue;
-            }
-            let qi = &q[r * d..(r + 1) * d];
-            let s = &mut s[..hi - lo];
-            let mut mx = T::NEG_INF;
-            for (j, sj) in (lo..hi).zip(s.iter_mut()) {
-                *sj = if mask.keep(*row, j) { scale * dot(qi, &k[j * d..(j + 1) * d]) } else { T::NEG_INF };
-                mx = mx.fmax(*sj);
-            }
+            let (a, b) = tile_scores(mask, *row, &q[r * d..(r + 1) * d], kv, t0, scale, &mut s);
+            let mx = s[a..b].iter().fold(T::NEG_INF, |m, x| m.fmax(*x));
             if mx == T::NEG_INF {
                 continue;
             }
@@ -519,15 +581,13 @@ fn fwd_tile<T: Float>(
                 l[r] *= alpha;
                 m[r] = mx;
             }
-            for (j, sj) in (lo..hi).zip(s.iter()) {
-                if *sj != T::NEG_INF {
-                    let p = (*sj - m[r]).exp();
-                    l[r] += p;
-                    axpy(acc, p, &v[j * d..(j + 1) * d]);
-                }
+            let p = &mut s[a..b];
+            for x in p.iter_mut() {
+                *x = (*x - m[r]).exp();
+                l[r] += *x;
             }
+            axpy_rows(acc, p, &kv.v[(t0 + a) * d..(t0 + b) * d]);
         }
-        j0 = j1;
     }
     for r in 0..n {
         if l[r] > T::ZERO {
@@ -546,50 +606,62 @@ struct HeadRows<'a, T> {
     di: &'a [T],
 }
 
-/// Backward of one query head against its key/value head, key tile by key tile so that the tile's
-/// k, v, dk and dv stay in cache while the query rows pass over it.
-#[allow(clippy::too_many_arguments)]
+/// Backward of one query head against its key/value head, a (BQ, BK) block at a time: the
+/// probabilities P and dS = P ∘ (dP - D_i) of the block are rebuilt, then dq takes dS k row by
+/// row and dk, dv take dSᵀ q and Pᵀ dO key by key.
 #[inline(always)]
 fn bwd_head<T: Float>(
     mask: &RowMask,
     h: &HeadRows<T>,
-    k: &[T],
-    v: &[T],
+    kv: &HeadKv<T>,
     dq: &mut [T],
     dk: &mut [T],
     dv: &mut [T],
     scale: T,
-    d: usize,
 ) {
-    let tq = h.lse.len();
-    // Rows that saw no key have lse = -inf, an output fixed at 0 and no gradient.
-    let rows: Vec<RowKeys> = (0..tq).map(|i| mask.row(i)).collect();
-    let klo = rows.iter().map(|r| r.lo).min().unwrap_or(0);
-    let khi = rows.iter().map(|r| r.hi).max().unwrap_or(0);
-    let mut j0 = klo;
-    while j0 < khi {
-        let j1 = (j0 + BK).min(khi);
-        for (i, row) in rows.iter().enumerate() {
-            let (lo, hi) = (row.lo.max(j0), row.hi.min(j1));
-            if lo >= hi || h.lse[i] == T::NEG_INF {
-                continue;
-            }
-            let (qi, gi) = (&h.q[i * d..(i + 1) * d], &h.g[i * d..(i + 1) * d]);
-            let dqi = &mut dq[i * d..(i + 1) * d];
-            for j in lo..hi {
-                if !mask.keep(*row, j) {
+    let (tq, d) = (h.lse.len(), kv.d);
+    let mut p = vec![[T::ZERO; BK]; BQ];
+    let mut ds = vec![[T::ZERO; BK]; BQ];
+    let mut dp = [T::ZERO; BK];
+    let mut col = [T::ZERO; BQ];
+    for i0 in (0..tq).step_by(BQ) {
+        let n = BQ.min(tq - i0);
+        let rows: Vec<RowKeys> = (i0..i0 + n).map(|i| mask.row(i)).collect();
+        let (qt, gt) = (&h.q[i0 * d..(i0 + n) * d], &h.g[i0 * d..(i0 + n) * d]);
+        for t0 in tiles(&rows) {
+            let (mut ka, mut kb) = (BK, 0);
+            for (r, row) in rows.iter().enumerate() {
+                let i = i0 + r;
+                let (pr, dsr) = (&mut p[r], &mut ds[r]);
+                // Rows that saw no key have lse = -inf, an output fixed at 0 and no gradient.
+                let (a, b) = if h.lse[i] == T::NEG_INF {
+                    (0, 0)
+                } else {
+                    tile_scores(mask, *row, &qt[r * d..(r + 1) * d], kv, t0, scale, pr)
+                };
+                if a >= b {
+                    pr.fill(T::ZERO);
+                    dsr.fill(T::ZERO);
                     continue;
                 }
-                let (kj, vj) = (&k[j * d..(j + 1) * d], &v[j * d..(j + 1) * d]);
-                let p = (scale * dot(qi, kj) - h.lse[i]).exp();
-                axpy(&mut dv[j * d..(j + 1) * d], p, gi);
-                // dS = P ∘ (dP - D_i), and the scale carries into both dq and dk.
-                let ds = p * (dot(gi, vj) - h.di[i]) * scale;
-                axpy(dqi, ds, kj);
-                axpy(&mut dk[j * d..(j + 1) * d], ds, qi);
+                (ka, kb) = (ka.min(a), kb.max(b));
+                let gi = &gt[r * d..(r + 1) * d];
+                row_block(gi, &kv.vt[t0..], kv.w, &mut dp);
+                for c in 0..BK {
+                    pr[c] = (pr[c] - h.lse[i]).exp();
+                    // The scale of the scores carries into both dq and dk.
+                    dsr[c] = pr[c] * (dp[c] - h.di[i]) * scale;
+                }
+                axpy_rows(&mut dq[i * d..(i + 1) * d], &dsr[a..b], &kv.k[(t0 + a) * d..(t0 + b) * d]);
+            }
+            for c in ka..kb {
+                let j = t0 + c;
+                col[..n].iter_mut().zip(&p[..n]).for_each(|(x, pr)| *x = pr[c]);
+                axpy_rows(&mut dv[j * d..(j + 1) * d], &col[..n], gt);
+                col[..n].iter_mut().zip(&ds[..n]).for_each(|(x, dsr)| *x = dsr[c]);
+                axpy_rows(&mut dk[j * d..(j + 1) * d], &col[..n], qt);
             }
         }
-        j0 = j1;
     }
 }
 
