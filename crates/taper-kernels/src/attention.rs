@@ -334,7 +334,7 @@ fn dot<T: Float>(a: &[T], b: &[T]) -> T {
     let mut w = LANES / 2;
     while w > 0 {
         for l in 0..w {
-            acc[l] = acc[l] + acc[l + w];
+            acc[l] += acc[l + w];
         }
         w /= 2;
     }
@@ -620,8 +620,8 @@ fn bwd_head<T: Float>(
     scale: T,
 ) {
     let (tq, d) = (h.lse.len(), kv.d);
-    let mut p = vec![[T::ZERO; BK]; BQ];
-    let mut ds = vec![[T::ZERO; BK]; BQ];
+    let mut p = [[T::ZERO; BK]; BQ];
+    let mut ds = [[T::ZERO; BK]; BQ];
     let mut dp = [T::ZERO; BK];
     let mut col = [T::ZERO; BQ];
     for i0 in (0..tq).step_by(BQ) {

@@ -125,10 +125,10 @@ fn naive(c: &Case, q: &[f64], k: &[f64], v: &[f64]) -> Vec<f64> {
                         Some((qs, _)) if qs[r * c.tq + i] == 0 => ji == p,
                         Some((qs, ks)) => ks[r * c.tk + j] == qs[r * c.tq + i],
                     };
-                    !(o.causal && ji > p)
-                        && !(o.window > 0 && p - ji >= o.window as isize)
-                        && !o.key_padding.as_ref().is_some_and(|kp| kp[r * c.tk + j])
-                        && seg_ok
+                    let future = o.causal && ji > p;
+                    let too_old = o.window > 0 && p - ji >= o.window as isize;
+                    let padded = o.key_padding.as_ref().is_some_and(|kp| kp[r * c.tk + j]);
+                    seg_ok && !future && !too_old && !padded
                 };
                 let qi = &q[((r * c.hq + h) * c.tq + i) * d..][..d];
                 let s: Vec<Option<f64>> = (0..c.tk)
