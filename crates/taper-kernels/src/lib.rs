@@ -2,3 +2,6 @@
 //!
 //! On CPU every op runs its own kernel; on other devices it falls back to the composed candle
 //! version with the same math, so CUDA and Metal keep working until they get kernels of their own.
+
+mod attention;
+pub use attention::{attention, attention_composed, AttentionError, AttnOpts};

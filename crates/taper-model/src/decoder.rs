@@ -13,6 +13,7 @@ use crate::rng::Rng;
 use crate::weights::Weights;
 use crate::{ModelError, Result};
 use candle_core::{DType, Device, Tensor, D};
+use taper_kernels::AttnOpts;
 
 /// How a parameter is initialised.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -336,12 +337,11 @@ impl Decoder {
             Some(p) => Some(p.narrow(0, offset, t)?), // (T, C)
             None => None,
         };
-        let mask = nn::causal_mask(t, offset, cfg.sliding_window, dev)?; // (T, L)
         let rope = match &self.inv_freq {
             Some(f) => Some(nn::rope_tables(f, offset, t, dev)?), // (T, D) each
             None => None,
         };
-        self.run(ids, pos, rope, mask, cache, rng)
+        self.run(ids, pos, rope, Visibility::Causal { offset }, cache, rng)
     }
 
     /// Logits (B, T, V) for packed rows: several documents per row, each with positions
@@ -388,7 +388,6 @@ impl Decoder {
             Some(p) => Some(p.index_select(&pid, 0)?.reshape((b, t, cfg.n_embd))?), // (B, T, C)
             None => None,
         };
-        let mask = nn::segment_mask(segment_ids, b, t, cfg.sliding_window, dev)?; // (B, 1, T, T)
         let rope = match &self.inv_freq {
             Some(f) => {
                 let (cos, sin) = nn::rope_tables(f, 0, max_pos + 1, dev)?;
@@ -398,7 +397,7 @@ impl Decoder {
             }
             None => None,
         };
-        self.run(ids, pos, rope, mask, None, rng)
+        self.run(ids, pos, rope, Visibility::Packed(segment_ids), None, rng)
     }
 
     /// The shared body: embeddings (+ positions), the blocks, the final norm.
@@ -407,10 +406,11 @@ impl Decoder {
         ids: &Tensor,
         pos: Option<Tensor>,
         rope: Option<(Tensor, Tensor)>,
-        mask: Tensor,
+        vis: Visibility,
         mut cache: Option<&mut KvCache>,
         mut rng: Option<&mut Rng>,
     ) -> Result<Tensor> {
+        let cfg = &self.cfg;
         let (b, t) = ids.dims2()?;
         let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.n_embd))?;
         if let Some(p) = pos {
@@ -419,7 +419,25 @@ impl Decoder {
         if let Some(r) = rng.as_deref_mut() {
             x = nn::dropout(&x, self.cfg.dropout, r)?;
         }
-        let mask = mask.to_dtype(x.dtype())?;
+        // The fused kernel has no dropout on the attention probabilities; with it active the
+        // composed path runs, which draws the same random numbers it always did.
+        let fused = cfg.kernels && (rng.is_none() || cfg.dropout <= 0.0);
+        let (window, dev) = (cfg.sliding_window, ids.device());
+        let mask = match (vis, fused) {
+            (Visibility::Causal { .. }, true) => Mask::Fused(AttnOpts::causal(cfg.head_dim(), window)),
+            (Visibility::Packed(seg), true) => Mask::Fused(AttnOpts {
+                segments: Some((seg.to_vec(), seg.to_vec())),
+                ..AttnOpts::causal(cfg.head_dim(), window)
+            }),
+            (Visibility::Causal { offset }, false) => {
+                Mask::Additive(nn::causal_mask(t, offset, window, dev)?.to_dtype(x.dtype())?)
+                // (T, L)
+            }
+            (Visibility::Packed(seg), false) => {
+                Mask::Additive(nn::segment_mask(seg, b, t, window, dev)?.to_dtype(x.dtype())?)
+                // (B, 1, T, T)
+            }
+        };
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             x = self.block(layer, &x, rope.as_ref(), &mask, layer_cache, rng.as_deref_mut())?;
@@ -432,7 +450,7 @@ impl Decoder {
         l: &Block,
         x: &Tensor,
         rope: Option<&(Tensor, Tensor)>,
-        mask: &Tensor,
+        mask: &Mask,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         mut rng: Option<&mut Rng>,
     ) -> Result<Tensor> {
@@ -465,14 +483,21 @@ impl Decoder {
             }
             None => (k, v),
         };
-        let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?); // (B, H, L, D)
-        let scale = 1.0 / (hd as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?; // (B, H, T, L)
-        let mut att = nn::softmax(&att)?;
-        if let Some(r) = rng.as_deref_mut() {
-            att = nn::dropout(&att, cfg.dropout, r)?;
-        }
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?; // (B, T, H*D)
+        let y = match mask {
+            // The kernel reads each kv head in place for its group of query heads.
+            Mask::Fused(opts) => taper_kernels::attention(&q, &k, &v, opts)?, // (B, H, T, D)
+            Mask::Additive(mask) => {
+                let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?); // (B, H, L, D)
+                let scale = 1.0 / (hd as f64).sqrt();
+                let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?; // (B, H, T, L)
+                let mut att = nn::softmax(&att)?;
+                if let Some(r) = rng.as_deref_mut() {
+                    att = nn::dropout(&att, cfg.dropout, r)?;
+                }
+                att.matmul(&v)? // (B, H, T, D)
+            }
+        };
+        let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?; // (B, T, H*D)
         let mut y = l.o_proj.forward_rng(&y, rng.as_deref_mut())?;
         if let Some(r) = rng.as_deref_mut() {
             y = nn::dropout(&y, cfg.dropout, r)?;
@@ -495,6 +520,24 @@ impl Decoder {
         }
         Ok((x + y)?)
     }
+}
+
+/// Which keys each query sees, kept as structure until [`Decoder::run`] knows whether the fused
+/// kernel (which takes it as options and skips masked tiles) or the composed path (an additive
+/// mask tensor) will run.
+enum Visibility<'a> {
+    /// Causal over `offset` earlier (cached) positions, within the config's sliding window.
+    Causal { offset: usize },
+    /// Packed rows: causal within each segment, (B * T) ids with 0 for padding, as
+    /// [`nn::segment_mask`] defines it.
+    Packed(&'a [u32]),
+}
+
+/// The attention mask every block of one forward uses.
+enum Mask {
+    Fused(AttnOpts),
+    /// (T, L) or (B, 1, T, T), 0 or -inf.
+    Additive(Tensor),
 }
 
 /// (B, KV, L, D) -> (B, KV * n_rep, L, D), each key/value head serving n_rep query heads.
@@ -658,6 +701,45 @@ mod tests {
                 let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{style}: no gradient for {name}"));
                 let norm = g.sqr()?.sum_all()?.to_scalar::<f32>()?;
                 assert!(norm > 0.0 && norm.is_finite(), "{style}: zero gradient for {name}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The fused attention kernel (`kernels`) and the composed ops agree on logits and on every
+    /// parameter's gradient, plain, packed, windowed and with grouped-query heads.
+    #[test]
+    fn fused_attention_matches_composed() -> Result<()> {
+        for style in ["gpt2", "llama", "llama-window"] {
+            let mut cfg = tiny(style.trim_end_matches("-window"));
+            if style == "llama-window" {
+                cfg.sliding_window = 3;
+            }
+            let dev = Device::Cpu;
+            let init = init_weights(&cfg, 5, &dev)?;
+            let ids = Tensor::new(&[[1u32, 5, 3, 9, 2, 0, 16, 4, 7], [3, 3, 2, 1, 0, 7, 8, 9, 11]], &dev)?;
+            let pos: Vec<u32> = [0, 1, 2, 3, 0, 1, 2, 0, 0, 0, 1, 2, 3, 4, 5, 6, 0, 0].into();
+            let seg: Vec<u32> = [1, 1, 1, 1, 2, 2, 2, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0].into();
+            let mut runs = Vec::new();
+            for kernels in [true, false] {
+                let cfg = ModelConfig { kernels, ..cfg.clone() };
+                let vars: Vec<Var> =
+                    init.iter().map(|(_, t)| Var::from_tensor(t)).collect::<candle_core::Result<_>>()?;
+                let w =
+                    Weights::from_pairs(init.iter().zip(&vars).map(|((n, _), v)| (n.clone(), v.as_tensor().clone())));
+                let model = Decoder::load(&w, &cfg)?;
+                let plain = model.forward(&ids, 0, None, None)?;
+                let packed = model.forward_packed(&ids, &pos, &seg, None)?;
+                let loss = (plain.sqr()?.mean_all()? + packed.sin()?.mean_all()?)?;
+                let grads = loss.backward()?;
+                let mut out = vec![plain.flatten_all()?, packed.flatten_all()?];
+                out.extend(vars.iter().map(|v| grads.get(v.as_tensor()).expect("gradient").flatten_all().unwrap()));
+                runs.push(out);
+            }
+            for (i, (a, b)) in runs[0].iter().zip(&runs[1]).enumerate() {
+                let scale = 1.0 + b.abs()?.max_all()?.to_scalar::<f32>()?;
+                let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()? / scale;
+                assert!(diff < 1e-5, "{style}: output {i} differs by {diff}");
             }
         }
         Ok(())

@@ -32,6 +32,8 @@ pub enum ModelError {
     TooLong { len: usize, max: usize },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Attention(#[from] taper_kernels::AttentionError),
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;

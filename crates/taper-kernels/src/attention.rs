@@ -1,0 +1,816 @@
+//! Fused scaled-dot-product attention with a backward pass (the FlashAttention-2 scheme of
+//! Dao 2023, on CPU).
+//!
+//! The forward walks the keys tile by tile with an online softmax (a running max and sum per
+//! query row), so the (Tq, Tk) probability matrix never exists: it keeps the output and the
+//! per-row logsumexp, and the backward recomputes the probabilities from q, k and that
+//! logsumexp. Grouped-query attention reads each key/value head in place for its group of query
+//! heads instead of repeating it.
+//!
+//! Elsewhere than CPU f32/f64, [`attention`] runs [`attention_composed`]: matmuls, an additive
+//! mask and a softmax built from primitives, the same math with candle's own backward.
+
+use candle_core::{CpuStorage, DType, Device, Layout, Shape, Tensor, WithDType, D};
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+/// Errors from [`attention`] and [`attention_composed`].
+#[derive(Debug, thiserror::Error)]
+pub enum AttentionError {
+    #[error("attention: {0}")]
+    Shape(String),
+    #[error("attention: q, k and v must share one dtype, got {q:?}, {k:?}, {v:?}")]
+    DType { q: DType, k: DType, v: DType },
+    #[error("attention backward: {0}")]
+    Backward(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+type Result<T> = std::result::Result<T, AttentionError>;
+
+/// Which keys each query may see, besides the scale.
+///
+/// Query `i` (0-based among Tq) sits at absolute position `p = Tk - Tq + i`, as when Tq new
+/// queries follow a KV cache of Tk - Tq positions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttnOpts {
+    /// Multiplies q·k before the softmax, usually 1/sqrt(D).
+    pub scale: f64,
+    /// Query at position p sees keys j <= p.
+    pub causal: bool,
+    /// 0: no window; else a query at position p sees only keys with p - j < window (Mistral).
+    pub window: usize,
+    /// (B, Tk), row-major; `true` marks a padding key that no query attends (PyTorch's
+    /// `key_padding_mask` convention).
+    pub key_padding: Option<Vec<bool>>,
+    /// Segment ids of the queries (B * Tq) and of the keys (B * Tk) of packed rows: a query sees
+    /// only keys of its own segment. Segment 0 is padding and, as in taper's `segment_mask`,
+    /// a padding query sees only the key at its own position, so that its row stays defined.
+    pub segments: Option<(Vec<u32>, Vec<u32>)>,
+}
+
+impl AttnOpts {
+    /// No mask at all, `scale` on the scores.
+    pub fn new(scale: f64) -> Self {
+        Self { scale, causal: false, window: 0, key_padding: None, segments: None }
+    }
+
+    /// Causal (and windowed, with `window` > 0) with scale 1/sqrt(head_dim).
+    pub fn causal(head_dim: usize, window: usize) -> Self {
+        Self { causal: true, window, ..Self::new(1.0 / (head_dim as f64).sqrt()) }
+    }
+}
+
+/// Sizes of one call: q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D).
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    b: usize,
+    hq: usize,
+    hkv: usize,
+    tq: usize,
+    tk: usize,
+    d: usize,
+}
+
+impl Dims {
+    fn of(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOpts) -> Result<Self> {
+        let shape = |t: &Tensor, name: &str| -> Result<(usize, usize, usize, usize)> {
+            t.dims4().map_err(|_| AttentionError::Shape(format!("{name} must be (B, H, T, D), got {:?}", t.dims())))
+        };
+        let (b, hq, tq, d) = shape(q, "q")?;
+        let (bk, hkv, tk, dk) = shape(k, "k")?;
+        if v.dims() != k.dims() {
+            return Err(AttentionError::Shape(format!("v {:?} must match k {:?}", v.dims(), k.dims())));
+        }
+        if bk != b || dk != d {
+            return Err(AttentionError::Shape(format!(
+                "q {:?} and k {:?} differ in batch or head dim",
+                q.dims(),
+                k.dims()
+            )));
+        }
+        if hkv == 0 || hq % hkv != 0 {
+            return Err(AttentionError::Shape(format!("{hq} query heads are not a multiple of {hkv} key/value heads")));
+        }
+        if let Some(kp) = &opts.key_padding {
+            if kp.len() != b * tk {
+                return Err(AttentionError::Shape(format!(
+                    "key_padding has {} entries, expected B*Tk = {}",
+                    kp.len(),
+                    b * tk
+                )));
+            }
+        }
+        if let Some((qs, ks)) = &opts.segments {
+            if qs.len() != b * tq || ks.len() != b * tk {
+                return Err(AttentionError::Shape(format!(
+                    "segments have {} query and {} key ids, expected {} and {}",
+                    qs.len(),
+                    ks.len(),
+                    b * tq,
+                    b * tk
+                )));
+            }
+        }
+        Ok(Self { b, hq, hkv, tq, tk, d })
+    }
+
+    /// Query heads per key/value head.
+    fn rep(&self) -> usize {
+        self.hq / self.hkv
+    }
+}
+
+/// Attention softmax(scale · q kᵀ + mask) v over (B, Hq, Tq, D) queries and (B, Hkv, Tk, D)
+/// keys and values, Hq a multiple of Hkv. Returns (B, Hq, Tq, D); a query that sees no key gets
+/// a zero row (and no gradient). Fused on CPU in f32 and f64, composed elsewhere.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOpts) -> Result<Tensor> {
+    let dims = Dims::of(q, k, v, opts)?;
+    if q.dtype() != k.dtype() || q.dtype() != v.dtype() {
+        return Err(AttentionError::DType { q: q.dtype(), k: k.dtype(), v: v.dtype() });
+    }
+    let fused = q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64);
+    if !fused {
+        return attention_composed(q, k, v, opts);
+    }
+    let op = FusedAttention { dims, opts: opts.clone(), lse: Mutex::new(None) };
+    Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+}
+
+/// The same attention from candle primitives: repeated key/value heads, matmuls, an additive
+/// mask and a softmax whose max is detached (like taper-model's `nn::softmax`). Any device and
+/// float dtype; it keeps the (B, Hq, Tq, Tk) probabilities for its backward.
+pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOpts) -> Result<Tensor> {
+    let dims = Dims::of(q, k, v, opts)?;
+    let Dims { b, tq, tk, .. } = dims;
+    let mut add = vec![0f32; b * tq * tk];
+    let mut alive = vec![0f32; b * tq];
+    for r in 0..b {
+        for i in 0..tq {
+            let row = &mut add[(r * tq + i) * tk..(r * tq + i + 1) * tk];
+            for (j, a) in row.iter_mut().enumerate() {
+                if !allowed(&dims, opts, r, i, j) {
+                    *a = f32::NEG_INFINITY;
+                }
+            }
+            // A row with no visible key would be all -inf and its softmax NaN: unmask it so the
+            // softmax stays finite, and zero its probabilities (hence its gradient) afterwards.
+            if row.iter().all(|a| *a == f32::NEG_INFINITY) {
+                row.fill(0.0);
+            } else {
+                alive[r * tq + i] = 1.0;
+            }
+        }
+    }
+    let dev = q.device();
+    let add = Tensor::from_vec(add, (b, 1, tq, tk), dev)?.to_dtype(q.dtype())?;
+    let alive = Tensor::from_vec(alive, (b, 1, tq, 1), dev)?.to_dtype(q.dtype())?;
+    let (k, v) = (repeat_kv(k, dims.rep())?, repeat_kv(v, dims.rep())?); // (B, Hq, Tk, D)
+    let s = (q.matmul(&k.t()?)? * opts.scale)?.broadcast_add(&add)?; // (B, Hq, Tq, Tk)
+    let max = s.max_keepdim(D::Minus1)?.detach();
+    let e = s.broadcast_sub(&max)?.exp()?;
+    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.broadcast_mul(&alive)?;
+    Ok(p.matmul(&v)?) // (B, Hq, Tq, D)
+}
+
+/// The mask, stated directly from its definition (the kernels use key ranges instead; the tests
+/// check one against the other).
+fn allowed(dims: &Dims, opts: &AttnOpts, r: usize, i: usize, j: usize) -> bool {
+    let p = (dims.tk + i) as isize - dims.tq as isize;
+    let j = j as isize;
+    if opts.causal && j > p {
+        return false;
+    }
+    if opts.window > 0 && p - j >= opts.window as isize {
+        return false;
+    }
+    if let Some(kp) = &opts.key_padding {
+        if kp[r * dims.tk + j as usize] {
+            return false;
+        }
+    }
+    if let Some((qs, ks)) = &opts.segments {
+        let s = qs[r * dims.tq + i];
+        if s == 0 {
+            return j == p;
+        }
+        return ks[r * dims.tk + j as usize] == s;
+    }
+    true
+}
+
+/// (B, KV, L, D) -> (B, KV * n_rep, L, D), each key/value head serving n_rep query heads.
+fn repeat_kv(x: &Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, l, d) = x.dims4()?;
+    x.unsqueeze(2)?.broadcast_as((b, kv, n_rep, l, d))?.contiguous()?.reshape((b, kv * n_rep, l, d))
+}
+
+/// The keys one query row may see: the contiguous range [lo, hi) left by causality, the window
+/// and a padding segment, and the segment its keys must carry (None: any).
+#[derive(Clone, Copy)]
+struct RowKeys {
+    lo: usize,
+    hi: usize,
+    seg: Option<u32>,
+}
+
+/// Per-key checks shared by the forward and backward kernels for one batch row.
+struct RowMask<'a> {
+    dims: Dims,
+    opts: &'a AttnOpts,
+    /// This batch row's key padding (Tk) and key segments (Tk).
+    pad: Option<&'a [bool]>,
+    kseg: Option<&'a [u32]>,
+    qseg: Option<&'a [u32]>,
+}
+
+impl<'a> RowMask<'a> {
+    fn new(dims: Dims, opts: &'a AttnOpts, r: usize) -> Self {
+        let tk = dims.tk;
+        Self {
+            dims,
+            opts,
+            pad: opts.key_padding.as_ref().map(|kp| &kp[r * tk..(r + 1) * tk]),
+            kseg: opts.segments.as_ref().map(|(_, ks)| &ks[r * tk..(r + 1) * tk]),
+            qseg: opts.segments.as_ref().map(|(qs, _)| &qs[r * dims.tq..(r + 1) * dims.tq]),
+        }
+    }
+
+    fn row(&self, i: usize) -> RowKeys {
+        let Dims { tq, tk, .. } = self.dims;
+        let p = (tk + i) as isize - tq as isize;
+        let mut lo = 0isize;
+        let mut hi = tk as isize;
+        if self.opts.causal {
+            hi = hi.min(p + 1);
+        }
+        if self.opts.window > 0 {
+            lo = lo.max(p - self.opts.window as isize + 1);
+        }
+        let mut seg = None;
+        if let Some(qs) = self.qseg {
+            match qs[i] {
+                0 => {
+                    lo = lo.max(p);
+                    hi = hi.min(p + 1);
+                }
+                s => seg = Some(s),
+            }
+        }
+        let (lo, hi) = (lo.clamp(0, tk as isize) as usize, hi.clamp(0, tk as isize) as usize);
+        RowKeys { lo, hi: hi.max(lo), seg }
+    }
+
+    #[inline(always)]
+    fn keep(&self, row: RowKeys, j: usize) -> bool {
+        if let Some(pad) = self.pad {
+            if pad[j] {
+                return false;
+            }
+        }
+        match (row.seg, self.kseg) {
+            (Some(s), Some(ks)) => ks[j] == s,
+            _ => true,
+        }
+    }
+}
+
+/// The float operations the kernels need, for f32 and f64.
+trait Float: WithDType {
+    const NEG_INF: Self;
+    const ZERO: Self;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+    fn fmax(self, o: Self) -> Self;
+    /// x <- exp(x - shift) over a slice.
+    fn exp_shifted(x: &mut [Self], shift: Self);
+}
+
+macro_rules! float {
+    ($t:ty, { $($exp:tt)* }) => {
+        impl Float for $t {
+            const NEG_INF: Self = <$t>::NEG_INFINITY;
+            const ZERO: Self = 0.0;
+            #[inline(always)]
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            #[inline(always)]
+            fn ln(self) -> Self {
+                <$t>::ln(self)
+            }
+            #[inline(always)]
+            fn fmax(self, o: Self) -> Self {
+                <$t>::max(self, o)
+            }
+            $($exp)*
+        }
+    };
+}
+float!(f32, {
+    /// A polynomial exp that vectorises (libm's is a call per element, and was most of the
+    /// forward's time): Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, Cephes' degree-6
+    /// polynomial for exp(r) (about 1 ulp), and 2^n put into the exponent bits. Arguments below
+    /// -87 (masked keys: -inf) give 0; NaN stays NaN, since the comparisons let it through.
+    #[inline(always)]
+    fn exp_shifted(x: &mut [f32], shift: f32) {
+        for v in x.iter_mut() {
+            let a = *v - shift;
+            let c = if a > 88.0 { 88.0 } else { a };
+            let c = if c < -87.0 { -87.0 } else { c };
+            // Round to nearest through the float adder: 1.5 * 2^23 pushes the fraction out and
+            // leaves n in the low mantissa bits of t, read without a float-to-int conversion
+            // (whose saturation handling stops the loop from vectorising).
+            let t = c * std::f32::consts::LOG2_E + 12_582_912.0;
+            let n = t - 12_582_912.0;
+            let r = c - n * 0.693_359_4 - n * -2.121_944_4e-4;
+            let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+                + 1.666_666_5e-1)
+                * r
+                + 0.5;
+            let e = p * (r * r) + r + 1.0;
+            let scale = f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23);
+            *v = if a < -87.0 { 0.0 } else { e * scale };
+        }
+    }
+});
+float!(f64, {
+    #[inline(always)]
+    fn exp_shifted(x: &mut [f64], shift: f64) {
+        x.iter_mut().for_each(|v| *v = (*v - shift).exp());
+    }
+});
+
+/// Query rows per task and keys per tile: a tile's k, v (BK x D) and its transposed kᵀ, vᵀ
+/// stay in L1/L2 while the rows of the query tile go over them.
+const BQ: usize = 32;
+const BK: usize = 64;
+/// Independent partial sums, so that the dot product vectorises without reassociation.
+const LANES: usize = 16;
+
+#[inline(always)]
+fn dot<T: Float>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::ZERO; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let mut tail = T::ZERO;
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        tail += *x * *y;
+    }
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut w = LANES / 2;
+    while w > 0 {
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+        w /= 2;
+    }
+    acc[0] + tail
+}
+
+/// Defines `$name`, which runs `$inner` compiled for AVX-512 or AVX2 when the CPU has them: the
+/// crate builds for baseline x86-64, where these loops vectorise only 4 f32 wide. There is no
+/// FMA contraction without fast-math, so every version rounds the same.
+macro_rules! multiversion {
+    ($name:ident => $inner:ident ($($arg:ident: $ty:ty),*)) => {
+        #[allow(clippy::too_many_arguments)]
+        fn $name<T: Float>($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[allow(clippy::too_many_arguments)]
+                #[target_feature(enable = "avx512f")]
+                fn v4<T: Float>($($arg: $ty),*) {
+                    $inner($($arg),*)
+                }
+                #[allow(clippy::too_many_arguments)]
+                #[target_feature(enable = "avx2,fma")]
+                fn v3<T: Float>($($arg: $ty),*) {
+                    $inner($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has just been checked for the features v4 is built with.
+                    return unsafe { v4($($arg),*) };
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: as above, for v3.
+                    return unsafe { v3($($arg),*) };
+                }
+            }
+            $inner($($arg),*)
+        }
+    };
+}
+
+multiversion!(fwd_tile_mv => fwd_tile(
+    mask: &RowMask, i0: usize, q: &[T], kv: &HeadKv<T>, out: &mut [T], lse: &mut [T], scale: T
+));
+multiversion!(bwd_head_mv => bwd_head(
+    mask: &RowMask, h: &HeadRows<T>, kv: &HeadKv<T>, dq: &mut [T], dk: &mut [T], dv: &mut [T], scale: T
+));
+
+/// y += Σ_i a_i x_i, x the rows (len(a), D) of one matrix, four at a time so that y is loaded
+/// and stored once per four rows.
+#[inline(always)]
+fn axpy_rows<T: Float>(y: &mut [T], a: &[T], x: &[T]) {
+    let d = y.len();
+    let quads = a.chunks_exact(4);
+    let rest = quads.remainder();
+    let mut rows = x.chunks_exact(d);
+    for c in quads {
+        let (x0, x1, x2, x3) = (rows.next().unwrap(), rows.next().unwrap(), rows.next().unwrap(), rows.next().unwrap());
+        for ((((y, x0), x1), x2), x3) in y.iter_mut().zip(x0).zip(x1).zip(x2).zip(x3) {
+            *y += (c[0] * *x0 + c[1] * *x1) + (c[2] * *x2 + c[3] * *x3);
+        }
+    }
+    for (a, x) in rest.iter().zip(rows) {
+        for (y, x) in y.iter_mut().zip(x) {
+            *y += *a * *x;
+        }
+    }
+}
+
+/// acc[c] = x · column c of a (D, W) transposed block starting at `bt`: BK scores in one sweep of
+/// x with no horizontal sums, since the keys run along the vector lanes. Four separate
+/// accumulators, so that they stay in registers and their add chains overlap.
+#[inline(always)]
+fn row_block<T: Float>(x: &[T], bt: &[T], w: usize, acc: &mut [T; BK]) {
+    const { assert!(BK == 4 * LANES) };
+    let (mut r0, mut r1, mut r2, mut r3) = ([T::ZERO; LANES], [T::ZERO; LANES], [T::ZERO; LANES], [T::ZERO; LANES]);
+    for (i, &a) in x.iter().enumerate() {
+        let col: &[T; BK] = bt[i * w..i * w + BK].try_into().expect("a padded block");
+        for l in 0..LANES {
+            r0[l] += a * col[l];
+            r1[l] += a * col[LANES + l];
+            r2[l] += a * col[2 * LANES + l];
+            r3[l] += a * col[3 * LANES + l];
+        }
+    }
+    for (c, r) in acc.chunks_exact_mut(LANES).zip([r0, r1, r2, r3]) {
+        c.copy_from_slice(&r);
+    }
+}
+
+/// One key/value head: k and v (Tk, D) and their transposes (D, W), W = Tk rounded up to BK with
+/// zero columns, so that every key tile is a whole block.
+struct HeadKv<'a, T> {
+    k: &'a [T],
+    v: &'a [T],
+    kt: Vec<T>,
+    vt: Vec<T>,
+    w: usize,
+    d: usize,
+}
+
+impl<'a, T: Float> HeadKv<'a, T> {
+    fn new(k: &'a [T], v: &'a [T], d: usize, with_vt: bool) -> Self {
+        let tk = k.len() / d;
+        let w = tk.div_ceil(BK) * BK;
+        let transpose = |x: &[T]| {
+            let mut t = vec![T::ZERO; d * w];
+            for (j, row) in x.chunks_exact(d).enumerate() {
+                for (i, &e) in row.iter().enumerate() {
+                    t[i * w + j] = e;
+                }
+            }
+            t
+        };
+        Self { k, v, kt: transpose(k), vt: if with_vt { transpose(v) } else { Vec::new() }, w, d }
+    }
+}
+
+/// The custom op. The forward leaves the logsumexp of each query row (B, Hq, Tq) here for the
+/// backward: a candle op has one output, and the op object lives in the graph with it.
+struct FusedAttention {
+    dims: Dims,
+    opts: AttnOpts,
+    lse: Mutex<Option<CpuStorage>>,
+}
+
+fn slice<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
+    let (start, end) = l.contiguous_offsets().ok_or_else(|| {
+        candle_core::Error::wrap(AttentionError::Shape("fused attention needs contiguous inputs".into()))
+    })?;
+    Ok(&T::cpu_storage_as_slice(s)?[start..end])
+}
+
+impl FusedAttention {
+    fn fwd<T: Float>(&self, q: &[T], k: &[T], v: &[T]) -> (Vec<T>, Vec<T>) {
+        let Dims { b, hq, hkv, tq, tk, d } = self.dims;
+        let rep = self.dims.rep();
+        let mut out = vec![T::ZERO; q.len()];
+        let mut lse = vec![T::NEG_INF; q.len() / d.max(1)];
+        if d == 0 || tq == 0 || tk == 0 {
+            return (out, lse);
+        }
+        let scale = T::from_f64(self.opts.scale);
+        let heads: Vec<HeadKv<T>> = (0..b * hkv)
+            .into_par_iter()
+            .map(|g| HeadKv::new(&k[g * tk * d..(g + 1) * tk * d], &v[g * tk * d..(g + 1) * tk * d], d, false))
+            .collect();
+        out.par_chunks_mut(tq * d).zip(lse.par_chunks_mut(tq)).enumerate().for_each(|(bh, (out, lse))| {
+            let (r, h) = (bh / hq, bh % hq);
+            let kv = &heads[r * hkv + h / rep];
+            let q = &q[bh * tq * d..(bh + 1) * tq * d];
+            let mask = RowMask::new(self.dims, &self.opts, r);
+            out.par_chunks_mut(BQ * d).zip(lse.par_chunks_mut(BQ)).enumerate().for_each(|(t, (out, lse))| {
+                let i0 = t * BQ;
+                fwd_tile_mv(&mask, i0, &q[i0 * d..i0 * d + out.len()], kv, out, lse, scale);
+            });
+        });
+        (out, lse)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn bwd<T: Float>(&self, q: &[T], k: &[T], v: &[T], o: &[T], g: &[T], lse: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let Dims { hkv, tq, tk, d, .. } = self.dims;
+        let rep = self.dims.rep();
+        let mut dq = vec![T::ZERO; q.len()];
+        let mut dk = vec![T::ZERO; k.len()];
+        let mut dv = vec![T::ZERO; v.len()];
+        if d == 0 || tq == 0 || tk == 0 {
+            return (dq, dk, dv);
+        }
+        let scale = T::from_f64(self.opts.scale);
+        // One task per (batch, kv head): it owns the dk, dv of that head and the dq of its group
+        // of query heads, so no two tasks write the same gradient.
+        let group = rep * tq * d;
+        dq.par_chunks_mut(group).zip(dk.par_chunks_mut(tk * d)).zip(dv.par_chunks_mut(tk * d)).enumerate().for_each(
+            |(bg, ((dq, dk), dv))| {
+                let r = bg / hkv;
+                let kv = HeadKv::new(&k[bg * tk * d..(bg + 1) * tk * d], &v[bg * tk * d..(bg + 1) * tk * d], d, true);
+                let mask = RowMask::new(self.dims, &self.opts, r);
+                let heads = bg * group..(bg + 1) * group;
+                let (q, o, g) = (&q[heads.clone()], &o[heads.clone()], &g[heads]);
+                let lse = &lse[bg * rep * tq..(bg + 1) * rep * tq];
+                // D_i = rowsum(dO ∘ O), the softmax Jacobian's correction term.
+                let di: Vec<T> = o.chunks_exact(d).zip(g.chunks_exact(d)).map(|(o, g)| dot(o, g)).collect();
+                for hh in 0..rep {
+                    let rows = hh * tq..(hh + 1) * tq;
+                    let span = rows.start * d..rows.end * d;
+                    let head = HeadRows {
+                        q: &q[span.clone()],
+                        g: &g[span.clone()],
+                        lse: &lse[rows.clone()],
+                        di: &di[rows.clone()],
+                    };
+                    bwd_head_mv(&mask, &head, &kv, &mut dq[span], dk, dv, scale);
+                }
+            },
+        );
+        (dq, dk, dv)
+    }
+}
+
+/// The key tiles (multiples of BK) that some row of `rows` sees.
+fn tiles(rows: &[RowKeys]) -> std::iter::StepBy<std::ops::Range<usize>> {
+    let lo = rows.iter().filter(|r| r.lo < r.hi).map(|r| r.lo).min().unwrap_or(0);
+    let hi = rows.iter().map(|r| r.hi).max().unwrap_or(0);
+    (lo / BK * BK..hi).step_by(BK)
+}
+
+/// Scores of one row against the key tile at t0, scaled, -inf where the row may not look; and
+/// the range of tile columns [a, b) left by the row's key range (empty: nothing to do).
+#[inline(always)]
+fn tile_scores<T: Float>(
+    mask: &RowMask,
+    row: RowKeys,
+    qi: &[T],
+    kv: &HeadKv<T>,
+    t0: usize,
+    scale: T,
+    s: &mut [T; BK],
+) -> (usize, usize) {
+    let (lo, hi) = (row.lo.max(t0), row.hi.min(t0 + BK));
+    if lo >= hi {
+        return (0, 0);
+    }
+    row_block(qi, &kv.kt[t0..], kv.w, s);
+    let (a, b) = (lo - t0, hi - t0);
+    s[..a].fill(T::NEG_INF);
+    s[b..].fill(T::NEG_INF);
+    s[a..b].iter_mut().for_each(|x| *x *= scale);
+    if mask.pad.is_some() || row.seg.is_some() {
+        for (j, x) in (lo..hi).zip(&mut s[a..b]) {
+            if !mask.keep(row, j) {
+                *x = T::NEG_INF;
+            }
+        }
+    }
+    (a, b)
+}
+
+/// Forward of query rows i0..i0+n against all keys of one head: `out` (n, D) accumulates the
+/// unnormalised output, rescaled whenever a row's running max grows.
+#[inline(always)]
+fn fwd_tile<T: Float>(mask: &RowMask, i0: usize, q: &[T], kv: &HeadKv<T>, out: &mut [T], lse: &mut [T], scale: T) {
+    let (n, d) = (lse.len(), kv.d);
+    let rows: Vec<RowKeys> = (0..n).map(|r| mask.row(i0 + r)).collect();
+    let mut m = vec![T::NEG_INF; n];
+    let mut l = vec![T::ZERO; n];
+    let mut s = [T::ZERO; BK];
+    for t0 in tiles(&rows) {
+        for (r, row) in rows.iter().enumerate() {
+            let (a, b) = tile_scores(mask, *row, &q[r * d..(r + 1) * d], kv, t0, scale, &mut s);
+            let mx = s[a..b].iter().fold(T::NEG_INF, |m, x| m.fmax(*x));
+            if mx == T::NEG_INF {
+                continue;
+            }
+            let acc = &mut out[r * d..(r + 1) * d];
+            if mx > m[r] {
+                // exp(-inf) = 0 drops nothing on the first visible tile: acc and l are still 0.
+                let alpha = (m[r] - mx).exp();
+                acc.iter_mut().for_each(|a| *a *= alpha);
+                l[r] *= alpha;
+                m[r] = mx;
+            }
+            let p = &mut s[a..b];
+            T::exp_shifted(p, m[r]);
+            l[r] += p.iter().fold(T::ZERO, |acc, x| acc + *x);
+            axpy_rows(acc, p, &kv.v[(t0 + a) * d..(t0 + b) * d]);
+        }
+    }
+    for r in 0..n {
+        if l[r] > T::ZERO {
+            let inv = T::from_f64(1.0) / l[r];
+            out[r * d..(r + 1) * d].iter_mut().for_each(|a| *a *= inv);
+            lse[r] = m[r] + l[r].ln();
+        }
+    }
+}
+
+/// One query head's rows in the backward: q, dO (Tq, D), logsumexp and D_i (Tq).
+struct HeadRows<'a, T> {
+    q: &'a [T],
+    g: &'a [T],
+    lse: &'a [T],
+    di: &'a [T],
+}
+
+/// Backward of one query head against its key/value head, a (BQ, BK) block at a time: the
+/// probabilities P and dS = P ∘ (dP - D_i) of the block are rebuilt, then dq takes dS k row by
+/// row and dk, dv take dSᵀ q and Pᵀ dO key by key.
+#[inline(always)]
+fn bwd_head<T: Float>(
+    mask: &RowMask,
+    h: &HeadRows<T>,
+    kv: &HeadKv<T>,
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+    scale: T,
+) {
+    let (tq, d) = (h.lse.len(), kv.d);
+    let mut p = [[T::ZERO; BK]; BQ];
+    let mut ds = [[T::ZERO; BK]; BQ];
+    let mut dp = [T::ZERO; BK];
+    let mut col = [T::ZERO; BQ];
+    for i0 in (0..tq).step_by(BQ) {
+        let n = BQ.min(tq - i0);
+        let rows: Vec<RowKeys> = (i0..i0 + n).map(|i| mask.row(i)).collect();
+        let (qt, gt) = (&h.q[i0 * d..(i0 + n) * d], &h.g[i0 * d..(i0 + n) * d]);
+        for t0 in tiles(&rows) {
+            let (mut ka, mut kb) = (BK, 0);
+            for (r, row) in rows.iter().enumerate() {
+                let i = i0 + r;
+                let (pr, dsr) = (&mut p[r], &mut ds[r]);
+                // Rows that saw no key have lse = -inf, an output fixed at 0 and no gradient.
+                let (a, b) = if h.lse[i] == T::NEG_INF {
+                    (0, 0)
+                } else {
+                    tile_scores(mask, *row, &qt[r * d..(r + 1) * d], kv, t0, scale, pr)
+                };
+                if a >= b {
+                    pr.fill(T::ZERO);
+                    dsr.fill(T::ZERO);
+                    continue;
+                }
+                (ka, kb) = (ka.min(a), kb.max(b));
+                let gi = &gt[r * d..(r + 1) * d];
+                row_block(gi, &kv.vt[t0..], kv.w, &mut dp);
+                T::exp_shifted(pr, h.lse[i]);
+                for c in 0..BK {
+                    // The scale of the scores carries into both dq and dk.
+                    dsr[c] = pr[c] * (dp[c] - h.di[i]) * scale;
+                }
+                axpy_rows(&mut dq[i * d..(i + 1) * d], &dsr[a..b], &kv.k[(t0 + a) * d..(t0 + b) * d]);
+            }
+            for c in ka..kb {
+                let j = t0 + c;
+                col[..n].iter_mut().zip(&p[..n]).for_each(|(x, pr)| *x = pr[c]);
+                axpy_rows(&mut dv[j * d..(j + 1) * d], &col[..n], gt);
+                col[..n].iter_mut().zip(&ds[..n]).for_each(|(x, dsr)| *x = dsr[c]);
+                axpy_rows(&mut dk[j * d..(j + 1) * d], &col[..n], qt);
+            }
+        }
+    }
+}
+
+impl candle_core::CustomOp3 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Dims { b, hq, tq, d, .. } = self.dims;
+        let (out, lse) = match candle_core::backend::BackendStorage::dtype(s1) {
+            DType::F32 => {
+                let (o, l) = self.fwd::<f32>(slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+                (CpuStorage::F32(o), CpuStorage::F32(l))
+            }
+            DType::F64 => {
+                let (o, l) = self.fwd::<f64>(slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+                (CpuStorage::F64(o), CpuStorage::F64(l))
+            }
+            dt => return Err(candle_core::Error::UnsupportedDTypeForOp(dt, "fused-attention")),
+        };
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
+        Ok((out, Shape::from((b, hq, tq, d))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let guard = self.lse.lock().unwrap_or_else(|e| e.into_inner());
+        let lse = guard.as_ref().ok_or_else(|| {
+            candle_core::Error::wrap(AttentionError::Backward(
+                "no saved logsumexp: the forward did not run on CPU".into(),
+            ))
+        })?;
+        let (dq, dk, dv) = match q.dtype() {
+            DType::F32 => self.bwd_tensors::<f32>(q, k, v, out, grad, lse)?,
+            DType::F64 => self.bwd_tensors::<f64>(q, k, v, out, grad, lse)?,
+            dt => return Err(candle_core::Error::UnsupportedDTypeForOp(dt, "fused-attention")),
+        };
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+impl FusedAttention {
+    fn bwd_tensors<T: Float>(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+        lse: &CpuStorage,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let host = |t: &Tensor| -> candle_core::Result<Vec<T>> { t.flatten_all()?.to_vec1::<T>() };
+        let (qh, kh, vh, oh, gh) = (host(q)?, host(k)?, host(v)?, host(out)?, host(grad)?);
+        let (dq, dk, dv) = self.bwd(&qh, &kh, &vh, &oh, &gh, T::cpu_storage_as_slice(lse)?);
+        let cpu = &Device::Cpu;
+        Ok((
+            Tensor::from_vec(dq, q.shape(), cpu)?,
+            Tensor::from_vec(dk, k.shape(), cpu)?,
+            Tensor::from_vec(dv, v.shape(), cpu)?,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Float;
+
+    /// The polynomial f32 exp within 2 ulp of the true value over the range softmax uses, 0 for
+    /// masked (-inf) scores, NaN kept.
+    #[test]
+    fn f32_exp_is_accurate_and_masks() {
+        let xs: Vec<f32> = (0..20_000).map(|i| -90.0 + i as f32 * 0.0047).chain([0.0, -0.0, 1e-8, 5.0]).collect();
+        let mut ys = xs.clone();
+        f32::exp_shifted(&mut ys, 0.0);
+        for (x, y) in xs.iter().zip(&ys) {
+            let want = (*x as f64).exp();
+            if *x < -87.0 {
+                assert_eq!(*y, 0.0, "exp({x})");
+            } else {
+                let err = (*y as f64 - want).abs() / want;
+                assert!(err < 2.5e-7, "exp({x}) = {y}, want {want}: relative error {err:e}");
+            }
+        }
+        let mut special = [f32::NEG_INFINITY, f32::NAN, 3.0];
+        f32::exp_shifted(&mut special, 1.0);
+        assert_eq!(special[0], 0.0);
+        assert!(special[1].is_nan());
+        assert!((special[2] - 2f32.exp()).abs() < 1e-6);
+    }
+}
