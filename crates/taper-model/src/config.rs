@@ -88,6 +88,8 @@ pub struct ModelConfig {
     pub tie_embeddings: bool,
     pub dropout: f64,
     pub init_std: f64,
+    /// Use taper-kernels' fused CPU ops (false: the composed candle ops, same math).
+    pub kernels: bool,
 }
 
 impl Default for ModelConfig {
@@ -116,6 +118,7 @@ impl Default for ModelConfig {
             tie_embeddings: true,
             dropout: 0.0,
             init_std: 0.02,
+            kernels: true,
         }
     }
 }
