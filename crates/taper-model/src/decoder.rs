@@ -157,6 +157,7 @@ struct NormLayer {
     b: Option<Tensor>,
     kind: Norm,
     eps: f64,
+    kernels: bool,
 }
 
 impl NormLayer {
@@ -171,13 +172,16 @@ impl NormLayer {
             b: if has_bias { Some(w.get(&format!("{name}.bias"), &[c])?) } else { None },
             kind,
             eps: cfg.norm_eps,
+            kernels: cfg.kernels,
         })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self.kind {
-            Norm::LayerNorm => nn::layer_norm(x, &self.w, self.b.as_ref(), self.eps),
-            Norm::RmsNorm => nn::rms_norm(x, &self.w, self.eps),
+        match (self.kind, self.kernels) {
+            (Norm::LayerNorm, false) => nn::layer_norm(x, &self.w, self.b.as_ref(), self.eps),
+            (Norm::LayerNorm, true) => taper_kernels::layer_norm(x, &self.w, self.b.as_ref(), self.eps),
+            (Norm::RmsNorm, false) => nn::rms_norm(x, &self.w, self.eps),
+            (Norm::RmsNorm, true) => taper_kernels::rms_norm(x, &self.w, self.eps),
         }
     }
 }
@@ -358,6 +362,17 @@ impl Decoder {
         Ok(nn::linear(&h, &self.lm_head, None)?)
     }
 
+    /// Mean cross-entropy of logits (N, V) against targets (N,) i64, skipping `ignore_index`,
+    /// as [`nn::cross_entropy`] computes it (in f32), through the fused kernel when the config
+    /// asks for kernels. Returns (loss, number of counted targets).
+    pub fn loss(&self, logits: &Tensor, targets: &Tensor, ignore_index: i64) -> Result<(Tensor, usize)> {
+        Ok(if self.cfg.kernels {
+            taper_kernels::cross_entropy(&logits.to_dtype(DType::F32)?, targets, ignore_index)?
+        } else {
+            nn::cross_entropy(logits, targets, ignore_index)?
+        })
+    }
+
     /// The LM head over final hidden states: (B, T, C) -> (B, T, V).
     pub fn head(&self, h: &Tensor) -> Result<Tensor> {
         Ok(nn::linear(h, &self.lm_head, None)?)
@@ -469,6 +484,7 @@ impl Decoder {
             _ => (q, k),
         };
         let (q, k) = match rope {
+            Some((cos, sin)) if cfg.kernels => (taper_kernels::rope(&q, cos, sin)?, taper_kernels::rope(&k, cos, sin)?),
             Some((cos, sin)) => (nn::rope(&q, cos, sin)?, nn::rope(&k, cos, sin)?),
             None => (q.contiguous()?, k.contiguous()?),
         };
@@ -508,8 +524,11 @@ impl Decoder {
         let hx = l.post_attention_layernorm.forward(&x)?;
         let up = l.up_proj.forward_rng(&hx, rng.as_deref_mut())?;
         let act = match (cfg.mlp, &l.gate_proj) {
+            (Mlp::Swiglu, Some(g)) if cfg.kernels => taper_kernels::swiglu(&g.forward_rng(&hx, rng.as_deref_mut())?, &up)?,
             (Mlp::Swiglu, Some(g)) => (g.forward_rng(&hx, rng.as_deref_mut())?.silu()? * up)?,
+            (Mlp::Gelu, _) if cfg.kernels => taper_kernels::gelu_erf(&up)?,
             (Mlp::Gelu, _) => up.gelu_erf()?,
+            (Mlp::GeluTanh, _) if cfg.kernels => taper_kernels::gelu_tanh(&up)?,
             (Mlp::GeluTanh, _) => up.gelu()?,
             (Mlp::Relu, _) => up.relu()?,
             (Mlp::Swiglu, None) => unreachable!("gate_proj is loaded for swiglu"),
@@ -677,8 +696,9 @@ mod tests {
 
     #[test]
     fn every_parameter_gets_a_nonzero_gradient() -> Result<()> {
-        for style in ["gpt2", "llama", "sinusoidal"] {
+        for (style, kernels) in [("gpt2", true), ("llama", true), ("sinusoidal", true), ("gpt2", false), ("llama", false)] {
             let mut cfg = tiny(style);
+            cfg.kernels = kernels;
             if style == "sinusoidal" {
                 cfg.pos_emb = PosEmb::Sinusoidal;
                 cfg.mlp = Mlp::Relu;
@@ -695,7 +715,7 @@ mod tests {
             let targets = Tensor::new(&[[5i64, 3, 9, 2, 0, 16, 4, 1], [3, 2, 1, 0, 7, 8, 9, 10]], &dev)?;
             let mut rng = Rng::new(0);
             let logits = model.forward(&ids, 0, None, Some(&mut rng))?;
-            let (loss, _) = nn::cross_entropy(&flatten_logits(&logits)?, &targets.flatten_all()?, -100)?;
+            let (loss, _) = model.loss(&flatten_logits(&logits)?, &targets.flatten_all()?, -100)?;
             let grads = loss.backward()?;
             for (name, var) in &vars {
                 let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{style}: no gradient for {name}"));
@@ -740,6 +760,59 @@ mod tests {
                 let scale = 1.0 + b.abs()?.max_all()?.to_scalar::<f32>()?;
                 let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()? / scale;
                 assert!(diff < 1e-5, "{style}: output {i} differs by {diff}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The fused kernels and the composed ops give the same logits, loss and gradients, plain
+    /// and packed, for every norm, MLP and position scheme they replace.
+    #[test]
+    fn kernels_match_composed_ops() -> Result<()> {
+        for style in ["gpt2", "llama", "gelu_tanh", "qwen3"] {
+            let mut cfg = tiny(style);
+            match style {
+                "gelu_tanh" => cfg.mlp = Mlp::GeluTanh,
+                "qwen3" => {
+                    cfg = tiny("llama");
+                    cfg.qk_norm = true;
+                }
+                _ => {}
+            }
+            let dev = Device::Cpu;
+            let init = init_weights(&cfg, 5, &dev)?;
+            let ids = Tensor::new(&[[1u32, 5, 3, 9, 2, 0, 16, 4], [3, 3, 2, 1, 0, 7, 8, 9]], &dev)?;
+            let targets = Tensor::new(&[5i64, 3, 9, -100, 0, 16, 4, 1, 3, 2, 1, 0, 7, 8, -100, 10], &dev)?;
+            let (pos, seg) = ([0u32, 1, 2, 0, 1, 2, 3, 0], [1u32, 1, 1, 2, 2, 2, 2, 0]);
+            let run = |kernels: bool| -> Result<(Vec<f32>, Vec<f32>, Vec<Vec<f32>>)> {
+                let cfg = ModelConfig { kernels, ..cfg.clone() };
+                let vars: Vec<(String, Var)> =
+                    init.iter().map(|(n, t)| Ok((n.clone(), Var::from_tensor(t)?))).collect::<Result<_>>()?;
+                let w = Weights::from_pairs(vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())));
+                let model = Decoder::load(&w, &cfg)?;
+                let logits = model.forward(&ids, 0, None, None)?;
+                let packed = model.forward_packed(&ids.narrow(0, 0, 1)?, &pos, &seg, None)?;
+                let (loss, n) = model.loss(&flatten_logits(&logits)?, &targets, -100)?;
+                assert_eq!(n, 14);
+                let grads = loss.backward()?;
+                let gs = vars
+                    .iter()
+                    .map(|(_, v)| Ok(grads.get(v.as_tensor()).expect("gradient").flatten_all()?.to_vec1()?))
+                    .collect::<Result<_>>()?;
+                let mut out: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+                out.extend(packed.flatten_all()?.to_vec1::<f32>()?);
+                Ok((out, vec![loss.to_scalar::<f32>()?], gs))
+            };
+            let (fused, composed) = (run(true)?, run(false)?);
+            let close = |a: &[f32], b: &[f32], what: &str| {
+                let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+                let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(err <= 1e-5 * scale.max(1.0), "{style}: {what} differ by {err} (scale {scale})");
+            };
+            close(&fused.0, &composed.0, "logits");
+            close(&fused.1, &composed.1, "losses");
+            for (i, (a, b)) in fused.2.iter().zip(&composed.2).enumerate() {
+                close(a, b, &format!("gradients of {}", init[i].0));
             }
         }
         Ok(())

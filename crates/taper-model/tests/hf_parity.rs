@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use taper_model::hf::{load_dir, read_safetensors, safetensors_files};
-use taper_model::{flatten_logits, nn::cross_entropy, Decoder, Rng, Sampling, Weights};
+use taper_model::{flatten_logits, Decoder, Rng, Sampling, Weights};
 
 fn dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(name)
@@ -28,6 +28,7 @@ fn rel(a: &Tensor, b: &Tensor) -> f32 {
 fn parity(arch: &str) {
     let m = load_dir(&dir(arch), &Device::Cpu).unwrap();
     let g = golden(arch);
+    assert!(m.config.kernels, "{arch}: an HF config loads with the fused kernels on");
     let vars: Vec<(String, Var)> = m.weights.iter().map(|(n, t)| (n.clone(), Var::from_tensor(t).unwrap())).collect();
     let w = Weights::from_pairs(vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())));
     let model = Decoder::load(&w, &m.config).unwrap();
@@ -36,7 +37,7 @@ fn parity(arch: &str) {
     let r = rel(&logits, &g["logits"]);
     assert!(r < 1e-5, "{arch}: logits differ by {r} relative");
     let (loss, _) =
-        cross_entropy(&flatten_logits(&logits).unwrap(), &g["targets"].flatten_all().unwrap(), -100).unwrap();
+        model.loss(&flatten_logits(&logits).unwrap(), &g["targets"].flatten_all().unwrap(), -100).unwrap();
     let (ours, theirs) = (loss.to_scalar::<f32>().unwrap(), g["loss"].to_vec1::<f32>().unwrap()[0]);
     assert!(((ours - theirs) / theirs).abs() < 1e-5, "{arch}: loss {ours} vs {theirs}");
 

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::HashMap;
-use taper_model::{flatten_logits, nn::cross_entropy, Decoder, ModelConfig, Weights};
+use taper_model::{flatten_logits, Decoder, ModelConfig, Weights};
 
 fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
     let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
@@ -12,11 +12,13 @@ fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
     diff / scale.max(1e-12)
 }
 
-fn check(style: &str) {
+/// With `kernels`, through taper-kernels' fused ops; without, through the composed ones.
+fn check(style: &str, kernels: bool) {
     let path = format!("{}/tests/fixtures/tiny_{style}.safetensors", env!("CARGO_MANIFEST_DIR"));
     let bytes = std::fs::read(&path).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let cfg: ModelConfig = serde_json::from_str(&meta.metadata().as_ref().unwrap()["config"]).unwrap();
+    let mut cfg: ModelConfig = serde_json::from_str(&meta.metadata().as_ref().unwrap()["config"]).unwrap();
+    cfg.kernels = kernels;
     let dev = Device::Cpu;
     let all: HashMap<String, Tensor> = candle_core::safetensors::load(&path, &dev).unwrap();
     let vars: Vec<(String, Var)> = all
@@ -30,7 +32,7 @@ fn check(style: &str) {
     let rel = max_rel(&logits, &all["logits"]);
     assert!(rel < 1e-5, "{style}: logits differ by {rel} (relative)");
     let (loss, n) =
-        cross_entropy(&flatten_logits(&logits).unwrap(), &all["targets"].flatten_all().unwrap(), -100).unwrap();
+        model.loss(&flatten_logits(&logits).unwrap(), &all["targets"].flatten_all().unwrap(), -100).unwrap();
     assert_eq!(n, 21, "one target of 22 is ignored");
     let (ours, theirs) = (loss.to_scalar::<f32>().unwrap(), all["loss"].to_vec1::<f32>().unwrap()[0]);
     assert!(((ours - theirs) / theirs).abs() < 1e-5, "{style}: loss {ours} vs {theirs}");
@@ -49,10 +51,12 @@ fn check(style: &str) {
 
 #[test]
 fn gpt2_style_matches_pytorch() {
-    check("gpt2");
+    check("gpt2", true);
+    check("gpt2", false);
 }
 
 #[test]
 fn llama_style_matches_pytorch() {
-    check("llama");
+    check("llama", true);
+    check("llama", false);
 }

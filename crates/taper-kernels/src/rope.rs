@@ -1,0 +1,121 @@
+//! Rotary embedding in the rotate-half layout (HF Llama): y = x cos + rotate_half(x) sin,
+//! rotate_half(x) = [-x2, x1] for the halves x1, x2 of each head vector.
+
+use crate::float::{dispatch, fused, rows_per_task, slice, Float};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+/// x: (B, H, T, D); cos, sin: (T, D), or (B, 1, T, D) for rows with positions of their own
+/// (packed sequences). cos and sin are constants: they get no gradient.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let tables = if fused(&[x, cos, sin]) && !cos.track_op() && !sin.track_op() { tables(x, cos)? } else { None };
+    let Some(shape) = tables else {
+        let d = x.dim(D::Minus1)?;
+        let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+        let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        return x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?;
+    };
+    let cos = cos.contiguous()?.reshape(shape)?;
+    let sin = sin.contiguous()?.reshape(shape)?;
+    x.contiguous()?.apply_op3(&cos, &sin, Rope { backward: false })
+}
+
+/// The tables' shape as (Bc, T, D) with Bc 1 or B, when x and the tables fit the kernel.
+fn tables(x: &Tensor, cos: &Tensor) -> Result<Option<(usize, usize, usize)>> {
+    let Ok((b, _, t, d)) = x.dims4() else { return Ok(None) };
+    if d % 2 != 0 {
+        return Ok(None);
+    }
+    Ok(match cos.dims() {
+        [ct, cd] if (*ct, *cd) == (t, d) => Some((1, t, d)),
+        [cb, 1, ct, cd] if (*cb == b || *cb == 1) && (*ct, *cd) == (t, d) => Some((*cb, t, d)),
+        _ => None,
+    })
+}
+
+/// The forward, or with `backward` its transpose: dx = g cos + rotate_half^T(g sin), where
+/// rotate_half^T(u) = [u2, -u1].
+struct Rope {
+    backward: bool,
+}
+
+impl Rope {
+    fn run<T: Float>(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        cs: &CpuStorage,
+        cl: &Layout,
+        ss: &CpuStorage,
+        sl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice::<T>(self.name(), xs, xl)?;
+        let cos = slice::<T>(self.name(), cs, cl)?;
+        let sin = slice::<T>(self.name(), ss, sl)?;
+        let (_, h, t, d) = xl.shape().dims4()?;
+        let cb = cl.shape().dims3()?.0;
+        let half = d / 2;
+        let mut y = vec![T::ZERO; x.len()];
+        if d > 0 {
+            let per = rows_per_task(d);
+            y.par_chunks_mut(per * d).zip(x.par_chunks(per * d)).enumerate().for_each(|(ci, (yc, xc))| {
+                for (ri, (yr, xr)) in yc.chunks_mut(d).zip(xc.chunks(d)).enumerate() {
+                    // Row r of x is (b, h, t); its table row is (b or 0, t).
+                    let r = ci * per + ri;
+                    let (bi, ti) = (r / (h * t), r % t);
+                    let tr = (if cb == 1 { 0 } else { bi }) * t + ti;
+                    let (cr, sr) = (&cos[tr * d..(tr + 1) * d], &sin[tr * d..(tr + 1) * d]);
+                    let (x1, x2) = xr.split_at(half);
+                    let (y1, y2) = yr.split_at_mut(half);
+                    if self.backward {
+                        for i in 0..half {
+                            y1[i] = x1[i] * cr[i] + x2[i] * sr[half + i];
+                            y2[i] = x2[i] * cr[half + i] - x1[i] * sr[i];
+                        }
+                    } else {
+                        for i in 0..half {
+                            y1[i] = x1[i] * cr[i] - x2[i] * sr[i];
+                            y2[i] = x2[i] * cr[half + i] + x1[i] * sr[half + i];
+                        }
+                    }
+                }
+            });
+        }
+        Ok((T::storage(y), xl.shape().clone()))
+    }
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        if self.backward {
+            "taper-rope-bwd"
+        } else {
+            "taper-rope"
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(self.name(), s1, T => self.run::<T>(s1, l1, s2, l2, s3, l3))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = grad.contiguous()?.apply_op3_no_bwd(cos, sin, &Rope { backward: true })?;
+        Ok((Some(dx), None, None))
+    }
+}
