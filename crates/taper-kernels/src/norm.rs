@@ -213,7 +213,9 @@ impl NormBwd {
                     let (mean, rstd) = stats(xr, self.rms, self.eps);
                     // mean(g w) and mean(g w xhat) over the row.
                     let (mut s1, mut s2) = (0f64, 0f64);
-                    for (((&xv, &gv), &wv), (dw, db)) in xr.iter().zip(gr).zip(w).zip(adw.iter_mut().zip(adb.iter_mut())) {
+                    for (((&xv, &gv), &wv), (dw, db)) in
+                        xr.iter().zip(gr).zip(w).zip(adw.iter_mut().zip(adb.iter_mut()))
+                    {
                         let xhat = ((xv - mean) * rstd).to_f64();
                         let gw = (gv * wv).to_f64();
                         s1 += gw;

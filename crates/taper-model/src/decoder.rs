@@ -499,7 +499,9 @@ impl Decoder {
         let hx = l.post_attention_layernorm.forward(&x)?;
         let up = l.up_proj.forward_rng(&hx, rng.as_deref_mut())?;
         let act = match (cfg.mlp, &l.gate_proj) {
-            (Mlp::Swiglu, Some(g)) if cfg.kernels => taper_kernels::swiglu(&g.forward_rng(&hx, rng.as_deref_mut())?, &up)?,
+            (Mlp::Swiglu, Some(g)) if cfg.kernels => {
+                taper_kernels::swiglu(&g.forward_rng(&hx, rng.as_deref_mut())?, &up)?
+            }
             (Mlp::Swiglu, Some(g)) => (g.forward_rng(&hx, rng.as_deref_mut())?.silu()? * up)?,
             (Mlp::Gelu, _) if cfg.kernels => taper_kernels::gelu_erf(&up)?,
             (Mlp::Gelu, _) => up.gelu_erf()?,
@@ -653,7 +655,9 @@ mod tests {
 
     #[test]
     fn every_parameter_gets_a_nonzero_gradient() -> Result<()> {
-        for (style, kernels) in [("gpt2", true), ("llama", true), ("sinusoidal", true), ("gpt2", false), ("llama", false)] {
+        for (style, kernels) in
+            [("gpt2", true), ("llama", true), ("sinusoidal", true), ("gpt2", false), ("llama", false)]
+        {
             let mut cfg = tiny(style);
             cfg.kernels = kernels;
             if style == "sinusoidal" {
