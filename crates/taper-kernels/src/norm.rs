@@ -195,7 +195,7 @@ impl NormBwd {
         let w = slice::<T>(name, ws, wl)?;
         let g = slice::<T>(name, gs, gl)?;
         let c = w.len();
-        let n = if c == 0 { 0 } else { x.len() / c };
+        let n = x.len().checked_div(c).unwrap_or(0);
         let mut out = vec![T::ZERO; (n + 2) * c];
         if c == 0 {
             return Ok((T::storage(out), Shape::from((n + 2, c))));
