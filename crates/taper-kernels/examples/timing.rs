@@ -32,13 +32,13 @@ fn main() -> Result<()> {
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
         xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?.broadcast_mul(&w)?.broadcast_add(&b)
     };
-    let fused = time(10, || fwd_bwd(&x, &|x| taper_kernels::layer_norm(x, &w, Some(&b), 1e-5)))?;
-    let composed = time(10, || fwd_bwd(&x, &composed_ln))?;
+    let fused = time(5, || fwd_bwd(&x, &|x| taper_kernels::layer_norm(x, &w, Some(&b), 1e-5)))?;
+    let composed = time(5, || fwd_bwd(&x, &composed_ln))?;
     println!("layer_norm ({n}, {c}) fwd+bwd: fused {fused:.2} ms, composed {composed:.2} ms");
 
     let h = Var::from_tensor(&Tensor::randn(0f32, 1., (n, c * 4), &dev)?)?;
-    let fused = time(10, || fwd_bwd(&h, &|x| taper_kernels::gelu_erf(x)))?;
-    let composed = time(10, || fwd_bwd(&h, &|x| x.gelu_erf()))?;
+    let fused = time(5, || fwd_bwd(&h, &|x| taper_kernels::gelu_erf(x)))?;
+    let composed = time(5, || fwd_bwd(&h, &|x| x.gelu_erf()))?;
     println!("gelu_erf ({n}, {}) fwd+bwd: fused {fused:.2} ms, composed {composed:.2} ms", c * 4);
 
     let logits = Var::from_tensor(&Tensor::randn(0f32, 1., (n / 4, v), &dev)?)?;
@@ -48,8 +48,8 @@ fn main() -> Result<()> {
         loss.backward()?;
         Ok(())
     };
-    let fused = time(10, || ce(&|l| Ok(taper_kernels::cross_entropy(l, &targets, -100)?.0)))?;
-    let composed = time(10, || {
+    let fused = time(5, || ce(&|l| Ok(taper_kernels::cross_entropy(l, &targets, -100)?.0)))?;
+    let composed = time(5, || {
         ce(&|l| {
             let max = l.max_keepdim(D::Minus1)?.detach();
             let s = l.broadcast_sub(&max)?;

@@ -167,7 +167,10 @@ impl SwigluBwd {
         let mut out = vec![T::ZERO; 2 * n];
         let (dgate, dup) = out.split_at_mut(n);
         let k = MIN_TASK_ELEMS;
-        dgate.par_chunks_mut(k).zip(dup.par_chunks_mut(k)).zip(gate.par_chunks(k).zip(up.par_chunks(k)).zip(grad.par_chunks(k)))
+        dgate
+            .par_chunks_mut(k)
+            .zip(dup.par_chunks_mut(k))
+            .zip(gate.par_chunks(k).zip(up.par_chunks(k)).zip(grad.par_chunks(k)))
             .for_each(|((dg, du), ((gc, uc), oc))| {
                 for ((((dgv, duv), &g), &u), &o) in dg.iter_mut().zip(du.iter_mut()).zip(gc).zip(uc).zip(oc) {
                     let (s, silu) = sigmoid_silu(g);

@@ -131,7 +131,10 @@ macro_rules! dispatch {
                 type $T = f64;
                 $body
             }
-            other => Err($crate::bad($op, format!("f32 or f64 only, got {:?}", candle_core::backend::BackendStorage::dtype(other)))),
+            other => Err($crate::bad(
+                $op,
+                format!("f32 or f64 only, got {:?}", candle_core::backend::BackendStorage::dtype(other)),
+            )),
         }
     };
 }

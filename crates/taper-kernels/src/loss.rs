@@ -149,7 +149,8 @@ impl CrossEntropyBwd {
         let mut dx = vec![T::ZERO; x.len()];
         if v > 0 {
             let per = rows_per_task(v);
-            dx.par_chunks_mut(per * v).zip(x.par_chunks(per * v).zip(targets.par_chunks(per).zip(lse.par_chunks(per))))
+            dx.par_chunks_mut(per * v)
+                .zip(x.par_chunks(per * v).zip(targets.par_chunks(per).zip(lse.par_chunks(per))))
                 .for_each(|(dc, (xc, (tc, lc)))| {
                     for (((dr, xr), &t), &l) in dc.chunks_mut(v).zip(xc.chunks(v)).zip(tc).zip(lc) {
                         if t == self.ignore_index {

@@ -195,7 +195,7 @@ impl NormBwd {
         let w = slice::<T>(name, ws, wl)?;
         let g = slice::<T>(name, gs, gl)?;
         let c = w.len();
-        let n = if c == 0 { 0 } else { x.len() / c };
+        let n = x.len().checked_div(c).unwrap_or(0);
         let mut out = vec![T::ZERO; (n + 2) * c];
         if c == 0 {
             return Ok((T::storage(out), Shape::from((n + 2, c))));
@@ -213,7 +213,9 @@ impl NormBwd {
                     let (mean, rstd) = stats(xr, self.rms, self.eps);
                     // mean(g w) and mean(g w xhat) over the row.
                     let (mut s1, mut s2) = (0f64, 0f64);
-                    for (((&xv, &gv), &wv), (dw, db)) in xr.iter().zip(gr).zip(w).zip(adw.iter_mut().zip(adb.iter_mut())) {
+                    for (((&xv, &gv), &wv), (dw, db)) in
+                        xr.iter().zip(gr).zip(w).zip(adw.iter_mut().zip(adb.iter_mut()))
+                    {
                         let xhat = ((xv - mean) * rstd).to_f64();
                         let gw = (gv * wv).to_f64();
                         s1 += gw;

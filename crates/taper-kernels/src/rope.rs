@@ -68,21 +68,29 @@ impl Rope {
                     let (cr, sr) = (&cos[tr * d..(tr + 1) * d], &sin[tr * d..(tr + 1) * d]);
                     let (x1, x2) = xr.split_at(half);
                     let (y1, y2) = yr.split_at_mut(half);
-                    if self.backward {
-                        for i in 0..half {
-                            y1[i] = x1[i] * cr[i] + x2[i] * sr[half + i];
-                            y2[i] = x2[i] * cr[half + i] - x1[i] * sr[i];
-                        }
-                    } else {
-                        for i in 0..half {
-                            y1[i] = x1[i] * cr[i] - x2[i] * sr[i];
-                            y2[i] = x2[i] * cr[half + i] + x1[i] * sr[half + i];
-                        }
-                    }
+                    rotate(self.backward, x1, x2, y1, y2, cr, sr);
                 }
             });
         }
         Ok((T::storage(y), xl.shape().clone()))
+    }
+}
+
+/// One head vector: the forward, or its transpose. Eight slices run in step, clearer by index.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+fn rotate<T: Float>(backward: bool, x1: &[T], x2: &[T], y1: &mut [T], y2: &mut [T], cr: &[T], sr: &[T]) {
+    let half = x1.len();
+    if backward {
+        for i in 0..half {
+            y1[i] = x1[i] * cr[i] + x2[i] * sr[half + i];
+            y2[i] = x2[i] * cr[half + i] - x1[i] * sr[i];
+        }
+    } else {
+        for i in 0..half {
+            y1[i] = x1[i] * cr[i] - x2[i] * sr[i];
+            y2[i] = x2[i] * cr[half + i] + x1[i] * sr[half + i];
+        }
     }
 }
 

@@ -117,7 +117,8 @@ fn finite_differences(name: &str, fused: Op, inputs: &[Input]) {
         let g: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
         let base: Vec<f64> = inputs[k].t.flatten_all().unwrap().to_vec1().unwrap();
         let n = base.len();
-        let idx: Vec<usize> = if n <= 24 { (0..n).collect() } else { (0..24).map(|_| (pick.uniform() * n as f64) as usize).collect() };
+        let idx: Vec<usize> =
+            if n <= 24 { (0..n).collect() } else { (0..24).map(|_| (pick.uniform() * n as f64) as usize).collect() };
         for i in idx {
             let h = 1e-6;
             let shifted = |d: f64| -> f64 {
@@ -196,7 +197,9 @@ fn both(name: &str, fused: Op, composed: Op, make: &dyn Fn(DType) -> Vec<Input>)
 
 #[test]
 fn norms() {
-    for (shape, transpose) in [(vec![3, 5, 7], false), (vec![1, 1, 1031], false), (vec![11, 9], true), (vec![1, 1], false)] {
+    for (shape, transpose) in
+        [(vec![3, 5, 7], false), (vec![1, 1, 1031], false), (vec![11, 9], true), (vec![1, 1], false)]
+    {
         let c = *shape.last().unwrap();
         let make = |dtype: DType| {
             let mut r = Rng(shape.iter().product::<usize>() as u64);
@@ -229,14 +232,25 @@ fn norms() {
 
 #[test]
 fn softmaxes() {
-    for (shape, transpose) in [(vec![2, 3, 17], false), (vec![1, 1037], false), (vec![13, 6], true), (vec![1, 1, 1], false)]
+    for (shape, transpose) in
+        [(vec![2, 3, 17], false), (vec![1, 1037], false), (vec![13, 6], true), (vec![1, 1, 1], false)]
     {
         let make = |dtype: DType| {
             let x = Rng(3 + shape.len() as u64).tensor(&shape, 3.0, dtype);
             vec![if transpose { transposed(x) } else { inp(x) }]
         };
-        both(&format!("softmax {shape:?}"), &|a| taper_kernels::softmax_last_dim(&a[0]), &|a| ref_softmax(&a[0]), &make);
-        both(&format!("log_softmax {shape:?}"), &|a| taper_kernels::log_softmax(&a[0]), &|a| ref_log_softmax(&a[0]), &make);
+        both(
+            &format!("softmax {shape:?}"),
+            &|a| taper_kernels::softmax_last_dim(&a[0]),
+            &|a| ref_softmax(&a[0]),
+            &make,
+        );
+        both(
+            &format!("log_softmax {shape:?}"),
+            &|a| taper_kernels::log_softmax(&a[0]),
+            &|a| ref_log_softmax(&a[0]),
+            &make,
+        );
     }
 }
 
@@ -298,7 +312,9 @@ fn cross_entropy_with_ignored_rows() {
 
 #[test]
 fn activations() {
-    for (shape, transpose) in [(vec![3, 37], false), (vec![1, 1, 1], false), (vec![5, 4099], false), (vec![19, 3], true)] {
+    for (shape, transpose) in
+        [(vec![3, 37], false), (vec![1, 1, 1], false), (vec![5, 4099], false), (vec![19, 3], true)]
+    {
         let make1 = |dtype: DType| {
             let x = Rng(shape[1] as u64).tensor(&shape, 2.5, dtype);
             vec![if transpose { transposed(x) } else { inp(x) }]
@@ -314,12 +330,7 @@ fn activations() {
                 vec![inp(g), inp(u)]
             }
         };
-        both(
-            &format!("swiglu {shape:?}"),
-            &|a| taper_kernels::swiglu(&a[0], &a[1]),
-            &|a| a[0].silu()? * &a[1],
-            &make2,
-        );
+        both(&format!("swiglu {shape:?}"), &|a| taper_kernels::swiglu(&a[0], &a[1]), &|a| a[0].silu()? * &a[1], &make2);
     }
 }
 
@@ -330,7 +341,8 @@ fn forwards_are_bit_identical_to_candle_activations() {
     let x = Rng(1).tensor(&[4, 513], 3.0, DType::F32);
     let u = Rng(2).tensor(&[4, 513], 1.0, DType::F32);
     let same = |a: Tensor, b: Tensor| {
-        let (a, b): (Vec<f32>, Vec<f32>) = (a.flatten_all().unwrap().to_vec1().unwrap(), b.flatten_all().unwrap().to_vec1().unwrap());
+        let (a, b): (Vec<f32>, Vec<f32>) =
+            (a.flatten_all().unwrap().to_vec1().unwrap(), b.flatten_all().unwrap().to_vec1().unwrap());
         assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
     };
     same(taper_kernels::gelu_erf(&x).unwrap(), x.gelu_erf().unwrap());

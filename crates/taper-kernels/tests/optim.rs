@@ -94,7 +94,8 @@ fn f64_updates_follow_the_rules() {
     let w = values(n, 4, DType::F64);
     let m = values(n, 5, DType::F64);
     let g = values(n, 6, DType::F64);
-    let (w0, m0, g0): (Vec<f64>, Vec<f64>, Vec<f64>) = (w.to_vec1().unwrap(), m.to_vec1().unwrap(), g.to_vec1().unwrap());
+    let (w0, m0, g0): (Vec<f64>, Vec<f64>, Vec<f64>) =
+        (w.to_vec1().unwrap(), m.to_vec1().unwrap(), g.to_vec1().unwrap());
     lion_step(&w, &m, &g, &Lion { lr: 0.1, beta1: 0.9, beta2: 0.99, weight_decay: 0.1 }).unwrap();
     let (w1, m1): (Vec<f64>, Vec<f64>) = (w.to_vec1().unwrap(), m.to_vec1().unwrap());
     for i in 0..n {
@@ -126,7 +127,15 @@ fn bf16_falls_back_to_composed_in_place() {
     let after: Vec<f32> = w.to_dtype(DType::F32).unwrap().to_vec1().unwrap();
     let gs: Vec<f32> = g.to_dtype(DType::F32).unwrap().to_vec1().unwrap();
     for i in 0..8 {
-        let want = before[i] - 0.125 * if gs[i] > 0.0 { 1.0 } else if gs[i] < 0.0 { -1.0 } else { 0.0 };
+        let want = before[i]
+            - 0.125
+                * if gs[i] > 0.0 {
+                    1.0
+                } else if gs[i] < 0.0 {
+                    -1.0
+                } else {
+                    0.0
+                };
         assert!((after[i] - want).abs() < 0.02 * (1.0 + want.abs()), "{i}: {} vs {want}", after[i]);
     }
 }

@@ -524,7 +524,9 @@ impl Decoder {
         let hx = l.post_attention_layernorm.forward(&x)?;
         let up = l.up_proj.forward_rng(&hx, rng.as_deref_mut())?;
         let act = match (cfg.mlp, &l.gate_proj) {
-            (Mlp::Swiglu, Some(g)) if cfg.kernels => taper_kernels::swiglu(&g.forward_rng(&hx, rng.as_deref_mut())?, &up)?,
+            (Mlp::Swiglu, Some(g)) if cfg.kernels => {
+                taper_kernels::swiglu(&g.forward_rng(&hx, rng.as_deref_mut())?, &up)?
+            }
             (Mlp::Swiglu, Some(g)) => (g.forward_rng(&hx, rng.as_deref_mut())?.silu()? * up)?,
             (Mlp::Gelu, _) if cfg.kernels => taper_kernels::gelu_erf(&up)?,
             (Mlp::Gelu, _) => up.gelu_erf()?,
@@ -696,7 +698,9 @@ mod tests {
 
     #[test]
     fn every_parameter_gets_a_nonzero_gradient() -> Result<()> {
-        for (style, kernels) in [("gpt2", true), ("llama", true), ("sinusoidal", true), ("gpt2", false), ("llama", false)] {
+        for (style, kernels) in
+            [("gpt2", true), ("llama", true), ("sinusoidal", true), ("gpt2", false), ("llama", false)]
+        {
             let mut cfg = tiny(style);
             cfg.kernels = kernels;
             if style == "sinusoidal" {
@@ -784,7 +788,9 @@ mod tests {
             let ids = Tensor::new(&[[1u32, 5, 3, 9, 2, 0, 16, 4], [3, 3, 2, 1, 0, 7, 8, 9]], &dev)?;
             let targets = Tensor::new(&[5i64, 3, 9, -100, 0, 16, 4, 1, 3, 2, 1, 0, 7, 8, -100, 10], &dev)?;
             let (pos, seg) = ([0u32, 1, 2, 0, 1, 2, 3, 0], [1u32, 1, 1, 2, 2, 2, 2, 0]);
-            let run = |kernels: bool| -> Result<(Vec<f32>, Vec<f32>, Vec<Vec<f32>>)> {
+            // (logits then packed logits, [loss], each parameter's gradient)
+            type Run = (Vec<f32>, Vec<f32>, Vec<Vec<f32>>);
+            let run = |kernels: bool| -> Result<Run> {
                 let cfg = ModelConfig { kernels, ..cfg.clone() };
                 let vars: Vec<(String, Var)> =
                     init.iter().map(|(n, t)| Ok((n.clone(), Var::from_tensor(t)?))).collect::<Result<_>>()?;

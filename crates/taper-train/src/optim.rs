@@ -2,9 +2,10 @@
 //! tensors for checkpoints.
 
 use crate::{Result, TrainError};
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use taper_kernels::{adamw_step, lion_step, AdamW, Lion};
 use taper_model::ParamKind;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,7 +136,22 @@ impl Optimizer {
         for ((p, g), slots) in self.params.iter().zip(grads).zip(self.slots.iter_mut()) {
             let wd = if p.decay { c.weight_decay } else { 0.0 };
             let w = p.var.as_tensor();
+            // On the CPU in f32 the update is written in place by taper-kernels (same
+            // operations, bit for bit): no new parameter or state tensor per step.
+            let in_place = w.device().is_cpu()
+                && w.dtype() == DType::F32
+                && g.dtype() == DType::F32
+                && w.is_contiguous()
+                && slots.iter().all(|s| s.is_contiguous() && s.dtype() == DType::F32);
             match c.name {
+                OptimKind::Adamw if in_place => {
+                    let h = AdamW { lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: wd, step: self.step };
+                    adamw_step(w, &slots[0], &slots[1], g, &h)?;
+                }
+                OptimKind::Lion if in_place => {
+                    let h = Lion { lr, beta1: c.beta1, beta2: c.beta2, weight_decay: wd };
+                    lion_step(w, &slots[0], g, &h)?;
+                }
                 OptimKind::Adamw => {
                     // torch.optim.AdamW (single-tensor path), term for term.
                     let m = (&slots[0] + ((g - &slots[0])? * (1.0 - c.beta1))?)?;
@@ -175,7 +191,8 @@ impl Optimizer {
     }
 
     /// The state as named tensors (`{param}.{slot}`, and the update count as `updates`), for a
-    /// safetensors file.
+    /// safetensors file. On the CPU the tensors share storage with the live state, which the
+    /// next step updates in place: write them out (or copy them) before stepping again.
     pub fn state_tensors(&self) -> HashMap<String, Tensor> {
         let names = slot_names(self.cfg.name);
         let mut map: HashMap<String, Tensor> = self
@@ -214,7 +231,9 @@ impl Optimizer {
                         t.dims()
                     )));
                 }
-                *slot = t.to_device(slot.device())?.to_dtype(slot.dtype())?;
+                // A tensor of its own: steps update the slot in place, and the loaded tensor may
+                // share storage with the caller's.
+                *slot = t.to_device(slot.device())?.to_dtype(slot.dtype())?.copy()?;
             }
         }
         self.step = step;

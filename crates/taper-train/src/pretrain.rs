@@ -11,7 +11,7 @@ use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use taper_data::{datasets, prepare, tokenizer, Shard, WindowSampler};
-use taper_model::{flatten_logits, init_weights, nn::cross_entropy, Decoder, Rng, Weights};
+use taper_model::{flatten_logits, init_weights, Decoder, Rng, Weights};
 
 /// What the loop reports as it goes; the CLI draws a progress bar from it.
 pub trait Observer {
@@ -234,7 +234,7 @@ pub fn loss_and_grads(
         let (x, y) = &micro[i];
         let rng = rngs.as_mut().map(|r| &mut r[i]);
         let logits = model.forward(x, 0, None, rng)?; // (B, T, V)
-        Ok::<_, TrainError>(cross_entropy(&flatten_logits(&logits)?, y, -100)?.0)
+        Ok::<_, TrainError>(model.loss(&flatten_logits(&logits)?, y, -100)?.0)
     })
 }
 
@@ -244,7 +244,7 @@ pub fn evaluate(model: &Decoder, sampler: &WindowSampler, n: usize) -> Result<f6
     for i in 0..n {
         let (x, y) = batch_tensors(&sampler.batch(i as u64, 0), model.device())?;
         let logits = model.forward(&x, 0, None, None)?;
-        let (loss, _) = cross_entropy(&flatten_logits(&logits)?, &y, -100)?;
+        let (loss, _) = model.loss(&flatten_logits(&logits)?, &y, -100)?;
         total += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     }
     Ok(total / n as f64)

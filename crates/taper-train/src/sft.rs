@@ -17,7 +17,7 @@ use taper_data::chat::ChatTemplate;
 use taper_data::packing::{collate, pack, padded_batches, Row};
 use taper_data::sft::{read_sft, EncodeOptions, Example, OnBadRecord, Overflow, SftEncoder, Tokenized};
 use taper_model::lora::LoraConfig;
-use taper_model::{nn::cross_entropy, Decoder, Rng, Sampling, Weights};
+use taper_model::{Decoder, Rng, Sampling, Weights};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -176,7 +176,7 @@ fn batch_loss(model: &Decoder, rows: &[Row], dev: &Device, rng: Option<&mut Rng>
     let targets = shifted_targets(&b.labels, &b.segment_ids, b.rows, b.seq_len);
     let v = logits.dim(2)?;
     let y = Tensor::from_vec(targets, b.rows * b.seq_len, dev)?;
-    Ok(cross_entropy(&logits.reshape((b.rows * b.seq_len, v))?, &y, -100)?)
+    Ok(model.loss(&logits.reshape((b.rows * b.seq_len, v))?, &y, -100)?)
 }
 
 /// Rows for training or eval: packed, or one example per row padded in length groups.
