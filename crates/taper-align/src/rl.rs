@@ -386,8 +386,8 @@ pub fn evaluate(
             .collect();
         let outs = rollouts(model, src, prompts, &which, &s, rollout.max_new_tokens)?;
         let answered: Vec<&Rollout> = outs.iter().filter(|r| prompts[r.prompt].answer.is_some()).collect();
-        let em = (!answered.is_empty())
-            .then(|| answered.iter().filter(|r| right(r)).count() as f64 / answered.len() as f64);
+        let em =
+            (!answered.is_empty()).then(|| answered.iter().filter(|r| right(r)).count() as f64 / answered.len() as f64);
         (Some(mean(&reward.score(&outs, prompts, pad)?)), em)
     } else {
         (None, None)
