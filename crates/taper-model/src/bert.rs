@@ -62,7 +62,11 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
         s.push(("bert.embeddings.position_embeddings.weight".into(), vec![cfg.block_size, c], Init::Normal(std)));
     }
     if cfg.type_vocab_size > 0 {
-        s.push(("bert.embeddings.token_type_embeddings.weight".into(), vec![cfg.type_vocab_size, c], Init::Normal(std)));
+        s.push((
+            "bert.embeddings.token_type_embeddings.weight".into(),
+            vec![cfg.type_vocab_size, c],
+            Init::Normal(std),
+        ));
     }
     norm(&mut s, "bert.embeddings.LayerNorm");
     for i in 0..cfg.n_layer {
@@ -145,7 +149,11 @@ struct LayerNorm {
 impl LayerNorm {
     fn load(w: &Weights, name: &str, cfg: &ModelConfig) -> Result<Self> {
         let c = cfg.n_embd;
-        Ok(Self { w: w.get(&format!("{name}.weight"), &[c])?, b: w.get(&format!("{name}.bias"), &[c])?, eps: cfg.norm_eps })
+        Ok(Self {
+            w: w.get(&format!("{name}.weight"), &[c])?,
+            b: w.get(&format!("{name}.bias"), &[c])?,
+            eps: cfg.norm_eps,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -333,7 +341,8 @@ impl Bert {
         // Self-attention over every position.
         let hx = if cfg.post_norm { x.clone() } else { l.attention_norm.forward(x)? };
         let heads = |lin: &Linear| -> candle_core::Result<Tensor> {
-            lin.forward(&hx)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous() // (B, H, T, D)
+            lin.forward(&hx)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()
+            // (B, H, T, D)
         };
         let (q, k, v) = (heads(&l.query)?, heads(&l.key)?, heads(&l.value)?);
         let mut att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?; // (B, H, T, T)

@@ -32,7 +32,8 @@ fn parity(name: &str) {
     assert!(max_abs(&g["logits"]) > 0.1);
 
     let v = m.config.vocab_size;
-    let (loss, n) = cross_entropy(&logits.reshape(((), v)).unwrap(), &g["targets"].flatten_all().unwrap(), -100).unwrap();
+    let (loss, n) =
+        cross_entropy(&logits.reshape(((), v)).unwrap(), &g["targets"].flatten_all().unwrap(), -100).unwrap();
     assert_eq!(n, 4);
     let (ours, theirs) = (loss.to_scalar::<f32>().unwrap(), g["loss"].to_vec1::<f32>().unwrap()[0]);
     assert!((ours - theirs).abs() < 1e-5 * theirs.abs(), "{name}: loss {ours} vs {theirs}");
@@ -70,7 +71,8 @@ fn bert_round_trips_through_taper_names() {
     for name in ["bert", "bert_relu_untied"] {
         let m = load_dir(&dir(name), &Device::Cpu).unwrap();
         let raw = candle_core::safetensors::load(dir(name).join("model.safetensors"), &Device::Cpu).unwrap();
-        let back: HashMap<String, Tensor> = m.family.weights_to_hf(&m.config, &m.weights).unwrap().into_iter().collect();
+        let back: HashMap<String, Tensor> =
+            m.family.weights_to_hf(&m.config, &m.weights).unwrap().into_iter().collect();
         for (k, t) in &raw {
             // Untied, transformers computes with `decoder.bias`; `cls.predictions.bias` is unused.
             if k == "cls.predictions.bias" && !m.config.tie_embeddings {

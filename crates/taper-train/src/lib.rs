@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod finetune;
+pub mod mlm;
 pub mod optim;
 pub mod pretrain;
 pub mod schedule;
