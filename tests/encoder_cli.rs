@@ -208,7 +208,7 @@ fn bad_encoder_input_gets_one_clear_line() {
         .output()
         .unwrap());
     let cfg = write(&TINY_MLM.replace("tokenizer = \"char\"", &format!("tokenizer = {:?}", tok.display().to_string())));
-    fails_with(pretrain(&cfg, &d.join("r2"), &[]), &["needs a mask token", "tok.json"]);
+    fails_with(pretrain(&cfg, &d.join("r2"), &[]), &["needs a mask token", "tokenizer.json"]);
     // Objective and kind that do not go together.
     let cfg = write(&TINY_MLM.replace("kind = \"encoder\"", "kind = \"decoder\""));
     fails_with(pretrain(&cfg, &d.join("r3"), &[]), &["objective = \"mlm\" needs model.kind = \"encoder\""]);
