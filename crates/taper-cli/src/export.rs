@@ -125,6 +125,16 @@ pub fn export_hf(src: &Source, out: &Path, max_shard_bytes: u64) -> Result<Famil
             tok_cfg["bos_token"] = t.into();
         }
     }
+    // An encoder's tokenizer names its mask and padding tokens for fill-mask pipelines.
+    for (key, names) in
+        [("mask_token", &taper_data::tokenizer::MASK_TOKENS[..]), ("pad_token", &["[PAD]", "<pad>"][..])]
+    {
+        if cfg.kind == taper_model::ModelKind::Encoder && tok_cfg.get(key).is_none() {
+            if let Some(t) = names.iter().find(|t| src.tokenizer.token_to_id(t).is_some()) {
+                tok_cfg[key] = (*t).into();
+            }
+        }
+    }
     if let Some(t) = &src.chat_template {
         if tok_cfg.get("chat_template").is_none() {
             std::fs::write(out.join("chat_template.jinja"), t)?;

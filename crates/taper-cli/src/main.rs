@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use taper_data::{datasets, prepare, tokenizer};
-use taper_model::{Decoder, Rng, Sampling, Weights};
+use taper_model::{Bert, Decoder, ModelKind, Rng, Sampling, Weights};
 use taper_train::pretrain::{self, Observer, Resume, RunInfo, StepLog};
 use taper_train::{checkpoint, source};
 
@@ -40,7 +40,7 @@ enum Cmd {
     Grpo(PretrainArgs),
     /// Loss, perplexity and exact match of a model source on SFT-format data.
     Eval(EvalArgs),
-    /// Generate text from any model source.
+    /// Generate text from any model source; for an encoder, fill the prompt's mask tokens.
     Generate(GenerateArgs),
     /// Sample responses to prompts (prompt/answer or SFT records), one JSONL line per prompt:
     /// on-policy data for preference pairs or rejection sampling.
@@ -532,6 +532,9 @@ impl Observer for Progress {
 fn generate_cmd(a: GenerateArgs) -> Result<()> {
     let device = pretrain::select_device(&a.device)?;
     let src = source::load(&a.model, &device)?;
+    if src.config.kind == ModelKind::Encoder {
+        return fill_mask(&a, &src);
+    }
     let model = Decoder::load(&Weights::new(src.weights.clone()).detached(), &src.config)?;
     let tok = &src.tokenizer;
     let enc = tok.encode(a.prompt.as_str(), true).map_err(|e| anyhow::anyhow!("prompt: {e}"))?;
@@ -575,6 +578,52 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
         write!(out, "{}", &s[printed..])?;
     }
     writeln!(out)?;
+    Ok(())
+}
+
+/// `taper generate` on an encoder: predicts the prompt's mask tokens, printing the filled text
+/// (each mask replaced by its most likely ordinary token) and each mask's top-k.
+fn fill_mask(a: &GenerateArgs, src: &source::Source) -> Result<()> {
+    use candle_core::{DType, Tensor};
+    let tok = &src.tokenizer;
+    let Some(mask) = tokenizer::mask_id(tok) else {
+        bail!("{}: the tokenizer has no mask token ([MASK] or <mask>) to fill", src.tokenizer_path.display())
+    };
+    let mask_name = tok.id_to_token(mask).unwrap_or_default();
+    let enc = tok.encode(a.prompt.as_str(), true).map_err(|e| anyhow::anyhow!("prompt: {e}"))?;
+    let mut ids = enc.get_ids().to_vec();
+    let at: Vec<usize> = (0..ids.len()).filter(|&i| ids[i] == mask).collect();
+    if at.is_empty() {
+        bail!("the prompt has no {mask_name} token: an encoder model fills masks, e.g. --prompt \"ROMEO: Good {mask_name}orrow\"");
+    }
+    if ids.len() > src.config.block_size {
+        bail!("the prompt is {} tokens, past the model's context of {}", ids.len(), src.config.block_size);
+    }
+    let model = Bert::load(&Weights::new(src.weights.clone()).detached(), &src.config)?;
+    let x = Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?;
+    let logits = model.forward(&x, None, None, None)?.squeeze(0)?.to_dtype(DType::F32)?; // (T, V)
+    let special = tokenizer::special_ids(tok);
+    let k = a.top_k.unwrap_or(5).max(1);
+    let mut lines = Vec::new();
+    for (n, &i) in at.iter().enumerate() {
+        let probs: Vec<f32> = taper_model::nn::softmax(&logits.get(i)?)?.to_vec1()?;
+        // Only ordinary tokens fill a mask: a special token is never a masked-LM target.
+        let mut order: Vec<usize> = (0..probs.len())
+            .filter(|&t| !special.contains(&(t as u32)) && tok.id_to_token(t as u32).is_some())
+            .collect();
+        order.sort_by(|&p, &q| probs[q].total_cmp(&probs[p]));
+        ids[i] = order[0] as u32;
+        let top: Vec<String> = order
+            .iter()
+            .take(k)
+            .map(|&t| format!("{:?} {:.4}", tokenizer::decode(tok, &[t as u32]).unwrap_or_default(), probs[t]))
+            .collect();
+        lines.push(format!("{mask_name} {} (token {i}): {}", n + 1, top.join(", ")));
+    }
+    println!("{}", tok.decode(&ids, true).map_err(|e| anyhow::anyhow!("decode: {e}"))?);
+    for l in lines {
+        println!("{l}");
+    }
     Ok(())
 }
 
@@ -702,6 +751,9 @@ fn export_cmd(a: ExportArgs) -> Result<()> {
             println!("wrote {} ({} model)", a.out.display(), family.model_type());
         }
         _ => {
+            if src.config.kind != ModelKind::Decoder {
+                bail!("{}: GGUF export is for decoder LMs, and this is {}", a.src, src.config.kind.describe());
+            }
             let ty: taper_cli::gguf_export::GgufType = a.gguf_type.parse()?;
             std::fs::create_dir_all(&a.out).with_context(|| a.out.display().to_string())?;
             // Named after what the user gave (a run dir, an HF dir, a hub id), not the checkpoint.
@@ -755,6 +807,10 @@ fn info_cmd(spec: &str) -> Result<()> {
         "                pos {:?}, norm {:?}, mlp {:?}, bias {}, tied {}",
         m.pos_emb, m.norm, m.mlp, m.bias, m.tie_embeddings
     );
+    if m.kind != ModelKind::Decoder {
+        let ln = if m.post_norm { "post-LN" } else { "pre-LN" };
+        println!("kind            {}: bidirectional, {ln}, {} token types", m.kind.describe(), m.type_vocab_size);
+    }
     println!(
         "tokenizer       {} tokens; eos {:?}; bos {:?}; chat template {}",
         tokenizer::vocab_size(&src.tokenizer),

@@ -118,6 +118,22 @@ pub fn eos_id(tok: &Tokenizer) -> Option<u32> {
     [DEFAULT_EOS, "</s>", "<eos>", "<|end_of_text|>"].iter().find_map(|t| tok.token_to_id(t))
 }
 
+/// The names a mask token goes by (BERT's, RoBERTa's), in the order they are looked for.
+pub const MASK_TOKENS: [&str; 2] = ["[MASK]", "<mask>"];
+
+/// The masked-LM mask token, if the tokenizer has one of the usual names.
+pub fn mask_id(tok: &Tokenizer) -> Option<u32> {
+    MASK_TOKENS.iter().find_map(|t| tok.token_to_id(t))
+}
+
+/// Ids of the tokenizer's special tokens (end-of-text, mask, padding, ...), sorted.
+pub fn special_ids(tok: &Tokenizer) -> Vec<u32> {
+    let mut ids: Vec<u32> =
+        tok.get_added_tokens_decoder().into_iter().filter(|(_, t)| t.special).map(|(i, _)| i).collect();
+    ids.sort_unstable();
+    ids
+}
+
 /// Encodes a long text in newline-aligned chunks (in parallel), without special tokens.
 pub fn encode_text(tok: &Tokenizer, text: &str, label: &str) -> Result<Vec<u32>> {
     const CHUNK: usize = 1 << 16;
@@ -171,6 +187,8 @@ mod tests {
             let ids = encode_text(&tok, &text, "t").unwrap();
             assert_eq!(decode(&tok, &ids).unwrap(), text, "{kind:?}");
             assert!(eos_id(&tok).is_some());
+            assert_eq!(special_ids(&tok), vec![eos_id(&tok).unwrap()]);
+            assert_eq!(mask_id(&tok), None);
             if kind == TokenizerKind::Char {
                 assert_eq!(ids.len(), text.chars().count());
                 // Sorted characters, as in nanoGPT: '\n' first, then ' '.
@@ -179,6 +197,15 @@ mod tests {
             } else {
                 assert!(ids.len() < text.len() / 2, "BPE should compress: {}", ids.len());
             }
+        }
+        // A mask token among the specials is found, and stays one token inside text.
+        let specials = vec![DEFAULT_EOS.to_string(), "[MASK]".to_string()];
+        for kind in [TokenizerKind::Char, TokenizerKind::Bpe] {
+            let tok = train(kind, std::slice::from_ref(&f), 300, &specials).unwrap();
+            let m = mask_id(&tok).expect("mask token");
+            assert_eq!(special_ids(&tok).len(), 2);
+            let ids = encode_text(&tok, "All: [MASK] speak.", "t").unwrap();
+            assert_eq!(ids.iter().filter(|&&i| i == m).count(), 1, "{kind:?}: {ids:?}");
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -37,6 +37,30 @@ pub enum Mlp {
     Swiglu,
 }
 
+/// Which transformer shape a config builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelKind {
+    /// Causal decoder-only LM (GPT, Llama).
+    #[default]
+    Decoder,
+    /// Bidirectional encoder with a masked-LM head (BERT).
+    Encoder,
+    /// Encoder and decoder joined by cross-attention ("Attention Is All You Need", Marian, BART).
+    EncoderDecoder,
+}
+
+impl ModelKind {
+    /// For messages: "an encoder (BERT-style masked LM)".
+    pub fn describe(self) -> &'static str {
+        match self {
+            ModelKind::Decoder => "a decoder (causal LM)",
+            ModelKind::Encoder => "an encoder (BERT-style masked LM)",
+            ModelKind::EncoderDecoder => "an encoder-decoder (seq2seq)",
+        }
+    }
+}
+
 /// RoPE frequency scaling for long contexts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -53,6 +77,8 @@ pub struct RopeScaling {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
+    /// decoder | encoder | encoder-decoder.
+    pub kind: ModelKind,
     /// 0 takes the tokenizer's vocabulary size; a larger value pads the embedding table.
     pub vocab_size: usize,
     pub n_layer: usize,
@@ -90,11 +116,17 @@ pub struct ModelConfig {
     pub init_std: f64,
     /// Use taper-kernels' fused CPU ops (false: the composed candle ops, same math).
     pub kernels: bool,
+    /// Encoders: segment (token type) embeddings, BERT's sentence A / B; 0 means none.
+    pub type_vocab_size: usize,
+    /// Encoders: LayerNorm after each residual add (BERT, the original Transformer) rather than
+    /// before each sublayer (GPT-2). Post-LN is what HF's `bert` computes.
+    pub post_norm: bool,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
         Self {
+            kind: ModelKind::Decoder,
             vocab_size: 0,
             n_layer: 4,
             n_head: 4,
@@ -119,6 +151,8 @@ impl Default for ModelConfig {
             dropout: 0.0,
             init_std: 0.02,
             kernels: true,
+            type_vocab_size: 2,
+            post_norm: true,
         }
     }
 }
@@ -201,6 +235,9 @@ impl ModelConfig {
         }
         if self.norm_eps <= 0.0 {
             errs.push(format!("model.norm_eps = {} must be > 0", self.norm_eps));
+        }
+        if self.kind == ModelKind::Encoder {
+            errs.extend(crate::bert::validate(self));
         }
         errs
     }

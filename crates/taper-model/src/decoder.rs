@@ -7,7 +7,7 @@
 //! Tensor names mirror HF's Llama layout (`model.layers.{i}.self_attn.q_proj.weight`); one
 //! place ([`param_specs`]) lists them all with their shapes.
 
-use crate::config::{Mlp, ModelConfig, Norm, PosEmb};
+use crate::config::{Mlp, ModelConfig, ModelKind, Norm, PosEmb};
 use crate::nn;
 use crate::rng::Rng;
 use crate::weights::Weights;
@@ -91,6 +91,9 @@ pub fn init_weights(cfg: &ModelConfig, seed: u64, dev: &Device) -> Result<Vec<(S
 }
 
 fn check(cfg: &ModelConfig) -> Result<()> {
+    if cfg.kind != ModelKind::Decoder {
+        return Err(ModelError::WrongKind { found: cfg.kind, needed: ModelKind::Decoder });
+    }
     let mut errs = cfg.validate();
     if cfg.vocab_size == 0 {
         errs.push("model.vocab_size is 0 (it should have been taken from the tokenizer)".into());

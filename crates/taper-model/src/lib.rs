@@ -4,6 +4,7 @@
 //! forward returns full logits. The ops live in [`nn`], composed from candle primitives so that
 //! gradients flow (candle-nn's fused softmax / norms / rope have no backward).
 
+pub mod bert;
 pub mod config;
 pub mod decoder;
 pub mod gguf;
@@ -13,7 +14,8 @@ pub mod nn;
 pub mod rng;
 pub mod weights;
 
-pub use config::{Mlp, ModelConfig, Norm, PosEmb};
+pub use bert::Bert;
+pub use config::{Mlp, ModelConfig, ModelKind, Norm, PosEmb};
 pub use decoder::{flatten_logits, init_weights, param_specs, sample, Decoder, KvCache, Sampling};
 pub use lora::LoraConfig;
 pub use rng::Rng;
@@ -28,6 +30,8 @@ pub enum ModelError {
     MissingTensor { name: String },
     #[error("tensor `{name}`: expected shape {expected:?}, found {found:?}")]
     ShapeMismatch { name: String, expected: Vec<usize>, found: Vec<usize> },
+    #[error("the model is {}, but this needs {}", .found.describe(), .needed.describe())]
+    WrongKind { found: ModelKind, needed: ModelKind },
     #[error("input of {len} tokens exceeds the model's context of {max} positions")]
     TooLong { len: usize, max: usize },
     #[error(transparent)]

@@ -23,10 +23,11 @@ pub enum ParamKind {
 
 impl ParamKind {
     pub fn of(name: &str) -> Self {
-        if name.contains("embed_") {
-            ParamKind::Embedding
-        } else if name.contains("norm") {
+        // Norms first: BERT's `bert.embeddings.LayerNorm` sits under its embeddings.
+        if name.contains("norm") || name.contains("LayerNorm") {
             ParamKind::Norm
+        } else if name.contains("embed_") || name.contains("_embeddings.") {
+            ParamKind::Embedding
         } else if name.ends_with(".bias") {
             ParamKind::Bias
         } else {

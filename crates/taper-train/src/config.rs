@@ -13,6 +13,11 @@ pub struct RunConfig {
     pub seed: u64,
     /// "auto", "cpu", "cuda:N" or "metal".
     pub device: String,
+    /// "clm" (next token, decoders) or "mlm" (masked tokens, encoders).
+    pub objective: Objective,
+    /// MLM: the share of tokens selected for prediction (of which 80% masked, 10% random,
+    /// 10% kept).
+    pub mlm_probability: f64,
     pub model: ModelConfig,
     pub data: DataConfig,
     pub train: TrainConfig,
@@ -25,6 +30,8 @@ impl Default for RunConfig {
         Self {
             seed: 1337,
             device: "auto".into(),
+            objective: Objective::Clm,
+            mlm_probability: 0.15,
             model: ModelConfig::default(),
             data: DataConfig::default(),
             train: TrainConfig::default(),
@@ -32,6 +39,16 @@ impl Default for RunConfig {
             schedule: ScheduleConfig::default(),
         }
     }
+}
+
+/// What pretraining predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// Causal LM: each next token (a decoder).
+    Clm,
+    /// Masked LM: the selected tokens, seeing both sides (an encoder).
+    Mlm,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -141,6 +158,24 @@ impl RunConfig {
             e.push(format!("schedule.min_lr = {} exceeds optim.lr = {}", self.schedule.min_lr, self.optim.lr));
         }
         let d = &self.data;
+        let encoder = self.model.kind == taper_model::ModelKind::Encoder;
+        match (self.objective, encoder) {
+            (Objective::Mlm, false) => e.push("objective = \"mlm\" needs model.kind = \"encoder\"".into()),
+            (Objective::Clm, true) => e.push("model.kind = \"encoder\" trains with objective = \"mlm\"".into()),
+            _ => {}
+        }
+        if self.model.kind == taper_model::ModelKind::EncoderDecoder {
+            e.push("taper pretrain trains decoders and encoders; model.kind = \"encoder-decoder\" is not one".into());
+        }
+        if self.objective == Objective::Mlm {
+            if !(self.mlm_probability > 0.0 && self.mlm_probability < 1.0) {
+                e.push(format!("mlm_probability = {} must be in (0, 1)", self.mlm_probability));
+            }
+            let trained = matches!(d.tokenizer.as_str(), "char" | "bpe") && d.shards.is_none();
+            if trained && !d.special_tokens.iter().any(|t| taper_data::tokenizer::MASK_TOKENS.contains(&t.as_str())) {
+                e.push("objective = \"mlm\" needs a mask token: add \"[MASK]\" to data.special_tokens".into());
+            }
+        }
         if d.shards.is_none() && d.dataset.is_none() && d.files.is_empty() {
             e.push("data: set one of `dataset`, `files` or `shards`".into());
         }

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod finetune;
+pub mod mlm;
 pub mod optim;
 pub mod pretrain;
 pub mod schedule;

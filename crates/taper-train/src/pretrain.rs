@@ -2,7 +2,8 @@
 //! (forward, backward, accumulate, clip, update, log, eval, checkpoint).
 
 use crate::checkpoint::{self, TrainerState, FORMAT_VERSION};
-use crate::config::{DataConfig, RunConfig};
+use crate::config::{DataConfig, Objective, RunConfig};
+use crate::mlm::{self, Masker};
 use crate::optim::{Optimizer, Param};
 use crate::steps::{accumulate, guarded_update, save_checkpoint, Metrics};
 use crate::{io_err, Result, TrainError};
@@ -11,7 +12,7 @@ use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use taper_data::{datasets, prepare, tokenizer, Shard, WindowSampler};
-use taper_model::{flatten_logits, init_weights, Decoder, Rng, Weights};
+use taper_model::{flatten_logits, init_weights, Bert, Decoder, ModelKind, Rng, Weights};
 
 /// What the loop reports as it goes; the CLI draws a progress bar from it.
 pub trait Observer {
@@ -264,6 +265,22 @@ pub fn resolve_vocab(cfg: &mut RunConfig, tokenizer_path: &Path, tok_vocab: usiz
     Ok(())
 }
 
+/// What the loop trains: the training model (over the optimizer's variables) and its detached
+/// twin for evaluation.
+enum Task {
+    Clm {
+        model: Decoder,
+        eval: Decoder,
+    },
+    Mlm {
+        model: Bert,
+        eval: Bert,
+        masker: Masker,
+        /// The most frequent training token: the accuracy baseline.
+        unigram: u32,
+    },
+}
+
 pub fn pretrain(mut cfg: RunConfig, run_dir: &Path, resume: Resume, obs: &mut dyn Observer) -> Result<Summary> {
     let started = Instant::now();
     let device = select_device(&cfg.device)?;
@@ -290,7 +307,9 @@ pub fn pretrain(mut cfg: RunConfig, run_dir: &Path, resume: Resume, obs: &mut dy
         Some(d) => Some(checkpoint::load(d, &device)?),
         None => None,
     };
+    let encoder = cfg.model.kind == ModelKind::Encoder;
     let named: Vec<(String, Tensor)> = match &ck {
+        None if encoder => taper_model::bert::init_weights(&cfg.model, cfg.seed, &device)?,
         None => init_weights(&cfg.model, cfg.seed, &device)?,
         Some(ck) => {
             let saved: RunConfig = toml::from_str(&ck.state.config).map_err(|e| TrainError::Checkpoint {
@@ -309,7 +328,11 @@ pub fn pretrain(mut cfg: RunConfig, run_dir: &Path, resume: Resume, obs: &mut dy
                     reason: format!("trained with another tokenizer than {}", data.tokenizer.display()),
                 });
             }
-            taper_model::param_specs(&cfg.model)
+            let specs = match encoder {
+                true => taper_model::bert::param_specs(&cfg.model),
+                false => taper_model::param_specs(&cfg.model),
+            };
+            specs
                 .into_iter()
                 .map(|(name, _, _)| {
                     let t = ck.model.get(&name).ok_or_else(|| TrainError::Checkpoint {
@@ -324,8 +347,22 @@ pub fn pretrain(mut cfg: RunConfig, run_dir: &Path, resume: Resume, obs: &mut dy
     let vars: Vec<(String, Var)> =
         named.into_iter().map(|(n, t)| Ok((n, Var::from_tensor(&t)?))).collect::<Result<_>>()?;
     let weights = Weights::from_pairs(vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())));
-    let model = Decoder::load(&weights, &cfg.model)?;
-    let eval_model = Decoder::load(&weights.detached(), &cfg.model)?;
+    let task = match cfg.objective {
+        Objective::Clm => Task::Clm {
+            model: Decoder::load(&weights, &cfg.model)?,
+            eval: Decoder::load(&weights.detached(), &cfg.model)?,
+        },
+        Objective::Mlm => {
+            let masker = Masker::from_tokenizer(&tok, &data.tokenizer, cfg.mlm_probability)?;
+            let unigram = masker.most_frequent(train.shard());
+            Task::Mlm {
+                model: Bert::load(&weights, &cfg.model)?,
+                eval: Bert::load(&weights.detached(), &cfg.model)?,
+                masker,
+                unigram,
+            }
+        }
+    };
     let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     let mut opt = Optimizer::new(cfg.optim.clone(), vars)?;
     let (mut step, mut tokens, mut skipped) = (0u64, 0u64, 0u64);
@@ -359,28 +396,50 @@ pub fn pretrain(mut cfg: RunConfig, run_dir: &Path, resume: Resume, obs: &mut dy
     while step < end {
         let lr = cfg.schedule.lr(step, cfg.optim.lr, tc.max_steps);
         let micro: Vec<(Tensor, Tensor)> = (0..tc.grad_accum_steps as u64)
-            .map(|m| batch_tensors(&train.batch(step, m), &device))
+            .map(|m| match &task {
+                Task::Mlm { masker, .. } => {
+                    masker.batch_tensors(&train.batch(step, m), &mut Masker::rng(cfg.seed, step, m), &device)
+                }
+                Task::Clm { .. } => batch_tensors(&train.batch(step, m), &device),
+            })
             .collect::<Result<_>>()?;
         let rngs: Vec<Rng> = (0..tc.grad_accum_steps as u64).map(|m| Rng::derive(cfg.seed, &[step, m])).collect();
-        let dropout = cfg.model.dropout > 0.0;
-        let (loss, grads) = loss_and_grads(&model, opt.params(), &micro, dropout.then_some(rngs))?;
+        let dropout = (cfg.model.dropout > 0.0).then_some(rngs);
+        let (loss, grads) = match &task {
+            Task::Clm { model, .. } => loss_and_grads(model, opt.params(), &micro, dropout)?,
+            Task::Mlm { model, .. } => mlm::loss_and_grads(model, opt.params(), &micro, dropout)?,
+        };
         let norm = guarded_update(&mut opt, grads, loss, lr, &tc, step, &mut skipped, obs)?;
         step += 1;
         tokens += tokens_per_step;
         metrics.add_tokens(tokens_per_step);
         last_loss = loss;
 
-        let val_loss = if tc.eval_due(step) {
-            let v = evaluate(&eval_model, &val, tc.eval_batches)?;
+        let (mut val_loss, mut extra) = (None, None);
+        if tc.eval_due(step) {
+            let v = match &task {
+                Task::Clm { eval, .. } => evaluate(eval, &val, tc.eval_batches)?,
+                Task::Mlm { eval, masker, unigram, .. } => {
+                    let e = mlm::evaluate(eval, &val, tc.eval_batches, masker, cfg.seed, *unigram)?;
+                    obs.message(&format!(
+                        "step {step}: masked-token accuracy {:.2}% on {} val tokens (unigram baseline, always the \
+                         most frequent training token: {:.2}%)",
+                        100.0 * e.accuracy,
+                        e.masked,
+                        100.0 * e.unigram_accuracy
+                    ));
+                    extra = Some(serde_json::json!({"val_mlm_accuracy": e.accuracy,
+                        "val_unigram_accuracy": e.unigram_accuracy, "val_masked_tokens": e.masked}));
+                    e.loss
+                }
+            };
             obs.eval(step, v);
             last_val = Some(v);
-            Some(v)
-        } else {
-            None
-        };
+            val_loss = Some(v);
+        }
         if step % tc.log_every == 0 || val_loss.is_some() || step == end {
             let log = StepLog::new(step, loss, lr, norm, tokens, skipped, val_loss);
-            metrics.step(log, None, obs)?;
+            metrics.step(log, extra, obs)?;
         }
         if tc.checkpoint_due(step) {
             let state = TrainerState {

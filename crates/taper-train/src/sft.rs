@@ -277,6 +277,7 @@ pub fn sft(cfg: SftConfig, run_dir: &Path, resume: crate::pretrain::Resume, obs:
     std::fs::create_dir_all(run_dir).map_err(io_err(run_dir))?;
     let ck_root = run_dir.join("checkpoints");
     let src = source::load(&cfg.init, &device)?;
+    src.expect_kind(taper_model::ModelKind::Decoder)?;
     let template = template_for(cfg.data.chat_template.as_deref(), &src)?;
     let seq_len =
         if cfg.data.max_length == 0 { src.config.block_size } else { cfg.data.max_length.min(src.config.block_size) };

@@ -43,6 +43,18 @@ pub struct Source {
     pub lora: Option<LoraParts>,
 }
 
+impl Source {
+    /// One clear error when the model is not of the `kind` a command needs (a BERT checkpoint
+    /// given to a decoder recipe), before anything else goes wrong with it.
+    pub fn expect_kind(&self, kind: taper_model::ModelKind) -> Result<()> {
+        if self.config.kind == kind {
+            return Ok(());
+        }
+        let e = taper_model::ModelError::WrongKind { found: self.config.kind, needed: kind };
+        Err(TrainError::Invalid(format!("{}: {e}", self.dir.display())))
+    }
+}
+
 /// A LoRA checkpoint's own parts, kept beside the merged weights for adapter export.
 pub struct LoraParts {
     pub config: taper_model::lora::LoraConfig,

@@ -4,6 +4,7 @@
 //! One file per architecture family; [`Family`] dispatches to them, and is the one place where
 //! weight names map to HF's.
 
+pub mod bert;
 pub mod gpt2;
 pub mod llama;
 pub mod qwen;
@@ -22,6 +23,8 @@ pub enum Family {
     Mistral,
     Qwen2,
     Qwen3,
+    /// An encoder: `BertForMaskedLM`.
+    Bert,
 }
 
 impl Family {
@@ -32,9 +35,10 @@ impl Family {
             "mistral" => Family::Mistral,
             "qwen2" => Family::Qwen2,
             "qwen3" => Family::Qwen3,
+            "bert" => Family::Bert,
             other => {
                 return Err(ModelError::Config(format!(
-                "config.json: model_type {other:?} is not supported (taper reads gpt2, llama, mistral, qwen2, qwen3)"
+                "config.json: model_type {other:?} is not supported (taper reads gpt2, llama, mistral, qwen2, qwen3, bert)"
             )))
             }
         })
@@ -47,6 +51,7 @@ impl Family {
             Family::Mistral => "mistral",
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
+            Family::Bert => "bert",
         }
     }
 
@@ -57,6 +62,7 @@ impl Family {
             Family::Mistral => "MistralForCausalLM",
             Family::Qwen2 => "Qwen2ForCausalLM",
             Family::Qwen3 => "Qwen3ForCausalLM",
+            Family::Bert => "BertForMaskedLM",
         }
     }
 
@@ -64,6 +70,12 @@ impl Family {
     pub fn for_config(cfg: &ModelConfig) -> Result<Self> {
         use crate::{Mlp, Norm, PosEmb};
         let no = |why: &str| Err(ModelError::Config(format!("this model has no Hugging Face equivalent: {why}")));
+        match cfg.kind {
+            crate::ModelKind::Decoder => {}
+            crate::ModelKind::Encoder if cfg.post_norm => return Ok(Family::Bert),
+            crate::ModelKind::Encoder => return no("a pre-LN encoder (HF's bert is post-LN; set model.post_norm)"),
+            k => return no(&format!("{} is not exported yet", k.describe())),
+        }
         match (cfg.pos_emb, cfg.norm, cfg.mlp) {
             (PosEmb::Learned, Norm::LayerNorm, Mlp::Gelu | Mlp::GeluTanh | Mlp::Relu) => {
                 if !cfg.tie_embeddings {
@@ -96,6 +108,7 @@ impl Family {
             Family::Gpt2 => gpt2::config_from_hf(j),
             Family::Llama | Family::Mistral => llama::config_from_hf(j, self),
             Family::Qwen2 | Family::Qwen3 => qwen::config_from_hf(j, self),
+            Family::Bert => bert::config_from_hf(j),
         }
     }
 
@@ -104,6 +117,7 @@ impl Family {
             Family::Gpt2 => gpt2::config_to_hf(cfg),
             Family::Llama | Family::Mistral => llama::config_to_hf(cfg, self),
             Family::Qwen2 | Family::Qwen3 => qwen::config_to_hf(cfg, self),
+            Family::Bert => bert::config_to_hf(cfg),
         };
         j["model_type"] = self.model_type().into();
         j["architectures"] = serde_json::json!([self.architecture()]);
@@ -117,6 +131,7 @@ impl Family {
         let hf = hf.into_iter().map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?))).collect::<Result<HashMap<_, _>>>()?;
         match self {
             Family::Gpt2 => gpt2::weights_from_hf(cfg, hf),
+            Family::Bert => bert::weights_from_hf(cfg, hf),
             _ => Ok(llama_names_from_hf(cfg, hf)),
         }
     }
@@ -125,6 +140,7 @@ impl Family {
     pub fn weights_to_hf(self, cfg: &ModelConfig, w: &HashMap<String, Tensor>) -> Result<Vec<(String, Tensor)>> {
         match self {
             Family::Gpt2 => gpt2::weights_to_hf(cfg, w),
+            Family::Bert => bert::weights_to_hf(cfg, w),
             _ => {
                 let mut v: Vec<(String, Tensor)> = w.iter().map(|(k, t)| (k.clone(), t.clone())).collect();
                 v.sort_by(|a, b| a.0.cmp(&b.0));
@@ -299,7 +315,10 @@ pub fn load_dir(dir: &Path, device: &Device) -> Result<HfModel> {
     let raw = read_safetensors(&safetensors_files(dir)?, device)?;
     let weights = family.weights_from_hf(&config, raw)?;
     // Every expected tensor present with its shape; nothing unexpected left over.
-    let specs = crate::param_specs(&config);
+    let specs = match config.kind {
+        crate::ModelKind::Encoder => crate::bert::param_specs(&config),
+        _ => crate::param_specs(&config),
+    };
     for (name, shape, _) in &specs {
         match weights.get(name) {
             None => return Err(ModelError::MissingTensor { name: format!("{} (in {})", name, dir.display()) }),

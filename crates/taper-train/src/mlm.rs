@@ -1,0 +1,255 @@
+//! The masked-LM objective (BERT, Devlin et al. 2019, 3.1): of the non-special tokens, each is
+//! selected with probability `p` (15%); a selected token becomes the mask token 80% of the
+//! time, a random ordinary token 10%, and stays as it is 10%. The loss is taken only at the
+//! selected positions. Masks are drawn from taper's [`Rng`] keyed by (seed, step, micro-batch),
+//! so a run's masks are a pure function of its seed and a resumed run is bit-exact.
+
+use crate::optim::Param;
+use crate::steps::accumulate;
+use crate::{Result, TrainError};
+use candle_core::{DType, Device, Tensor};
+use taper_data::{tokenizer, Batch, Shard, WindowSampler};
+use taper_model::{nn::cross_entropy, Bert, Rng};
+
+/// Keeps the masking streams apart from the dropout streams of the same (seed, step, micro).
+const MASK_SALT: u64 = 0x4D4C_4D5F_4D41_534B;
+/// The step slot of the validation masks: fixed, so every evaluation masks alike.
+const EVAL_STEP: u64 = u64::MAX;
+
+/// Chooses and corrupts the positions the model must restore.
+#[derive(Debug, Clone)]
+pub struct Masker {
+    pub mask_id: u32,
+    /// Indexed by token id: never selected.
+    special: Vec<bool>,
+    /// The random replacements: every non-special token.
+    ordinary: Vec<u32>,
+    pub probability: f64,
+}
+
+impl Masker {
+    /// `specials` are never selected nor drawn as replacements; `vocab` counts every token id.
+    pub fn new(mask_id: u32, specials: &[u32], vocab: usize, probability: f64) -> Result<Self> {
+        let mut special = vec![false; vocab];
+        for &s in specials.iter().chain([&mask_id]) {
+            if let Some(slot) = special.get_mut(s as usize) {
+                *slot = true;
+            }
+        }
+        let ordinary: Vec<u32> = (0..vocab as u32).filter(|&i| !special[i as usize]).collect();
+        if ordinary.is_empty() {
+            return Err(TrainError::Invalid("masked LM: the tokenizer has no ordinary (non-special) tokens".into()));
+        }
+        Ok(Self { mask_id, special, ordinary, probability })
+    }
+
+    /// From a tokenizer: its mask token (a clear error without one) and its special tokens.
+    pub fn from_tokenizer(tok: &tokenizers::Tokenizer, path: &std::path::Path, probability: f64) -> Result<Self> {
+        let mask_id = tokenizer::mask_id(tok).ok_or_else(|| {
+            TrainError::Invalid(format!(
+                "objective = \"mlm\" needs a mask token, and tokenizer {} has none of {:?}: add \"[MASK]\" to \
+                 data.special_tokens (or train one with `taper tokenizer train --special [MASK]`)",
+                path.display(),
+                tokenizer::MASK_TOKENS
+            ))
+        })?;
+        Self::new(mask_id, &tokenizer::special_ids(tok), tokenizer::vocab_size(tok), probability)
+    }
+
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special.get(id as usize).copied().unwrap_or(false)
+    }
+
+    /// (corrupted inputs, labels): labels hold the original token at selected positions and
+    /// `-100` (ignored) elsewhere. Every position draws the same number of values whatever it
+    /// holds, so one token's fate does not shift the others'.
+    pub fn mask(&self, ids: &[u32], rng: &mut Rng) -> (Vec<u32>, Vec<i64>) {
+        let mut inputs = ids.to_vec();
+        let mut labels = vec![-100i64; ids.len()];
+        for (i, &id) in ids.iter().enumerate() {
+            let (select, what, pick) = (rng.uniform_f64(), rng.uniform_f64(), rng.next_u64());
+            if select >= self.probability || self.is_special(id) {
+                continue;
+            }
+            labels[i] = id as i64;
+            if what < 0.8 {
+                inputs[i] = self.mask_id;
+            } else if what < 0.9 {
+                // Multiply-shift: 64 random bits to an index, negligible bias.
+                let k = ((pick as u128 * self.ordinary.len() as u128) >> 64) as usize;
+                inputs[i] = self.ordinary[k];
+            }
+        }
+        (inputs, labels)
+    }
+
+    /// The stream for step `step`, micro-batch `micro` of a run seeded `seed`.
+    pub fn rng(seed: u64, step: u64, micro: u64) -> Rng {
+        Rng::derive(seed ^ MASK_SALT, &[step, micro])
+    }
+
+    /// A window batch's inputs, masked: ids (B, T) and labels (B*T,).
+    pub fn batch_tensors(&self, b: &Batch, rng: &mut Rng, dev: &Device) -> Result<(Tensor, Tensor)> {
+        let (inputs, labels) = self.mask(&b.inputs, rng);
+        let n = labels.len();
+        Ok((Tensor::from_vec(inputs, (b.batch, b.seq), dev)?, Tensor::from_vec(labels, n, dev)?))
+    }
+
+    /// The most frequent ordinary token of a shard: the unigram baseline's one guess.
+    pub fn most_frequent(&self, shard: &Shard) -> u32 {
+        let mut counts = vec![0u64; self.special.len()];
+        for i in 0..shard.len() {
+            let t = shard.get(i) as usize;
+            if t < counts.len() && !self.special[t] {
+                counts[t] += 1;
+            }
+        }
+        counts.iter().enumerate().max_by_key(|&(i, c)| (c, std::cmp::Reverse(i))).map_or(0, |(i, _)| i as u32)
+    }
+}
+
+/// Mean MLM loss over micro-batches (ids (B, T), labels (B*T,)) and each parameter's
+/// gradient of it; `rngs` turns dropout on.
+pub fn loss_and_grads(
+    model: &Bert,
+    params: &[Param],
+    micro: &[(Tensor, Tensor)],
+    mut rngs: Option<Vec<Rng>>,
+) -> Result<(f64, Vec<Tensor>)> {
+    accumulate(params, micro.len(), |i| {
+        let (x, y) = &micro[i];
+        let rng = rngs.as_mut().map(|r| &mut r[i]);
+        let logits = model.forward(x, None, None, rng)?; // (B, T, V)
+        let v = logits.dim(2)?;
+        Ok::<_, TrainError>(cross_entropy(&logits.reshape(((), v))?, y, -100)?.0)
+    })
+}
+
+/// Masked-token prediction on validation windows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MlmEval {
+    /// Mean cross-entropy at the selected positions.
+    pub loss: f64,
+    /// Share of selected positions whose argmax is the original token.
+    pub accuracy: f64,
+    /// The same share for always guessing the most frequent training token.
+    pub unigram_accuracy: f64,
+    pub masked: usize,
+}
+
+/// [`MlmEval`] over `n` fixed validation batches, masked the same way at every evaluation.
+pub fn evaluate(
+    model: &Bert,
+    sampler: &WindowSampler,
+    n: usize,
+    masker: &Masker,
+    seed: u64,
+    unigram: u32,
+) -> Result<MlmEval> {
+    let (mut loss_sum, mut hits, mut base_hits, mut count) = (0.0, 0usize, 0usize, 0usize);
+    for i in 0..n {
+        let mut rng = Masker::rng(seed, EVAL_STEP, i as u64);
+        let (x, y) = masker.batch_tensors(&sampler.batch(i as u64, 0), &mut rng, model.device())?;
+        let logits = model.forward(&x, None, None, None)?;
+        let v = logits.dim(2)?;
+        let flat = logits.reshape(((), v))?;
+        let (loss, k) = cross_entropy(&flat, &y, -100)?;
+        loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * k as f64;
+        let pred: Vec<u32> = flat.argmax(1)?.to_vec1()?;
+        let labels: Vec<i64> = y.to_vec1()?;
+        for (p, &l) in pred.iter().zip(&labels).filter(|&(_, &l)| l >= 0) {
+            hits += (*p as i64 == l) as usize;
+            base_hits += (unigram as i64 == l) as usize;
+        }
+        count += k;
+    }
+    let per = |x: f64| x / count.max(1) as f64;
+    Ok(MlmEval {
+        loss: per(loss_sum),
+        accuracy: per(hits as f64),
+        unigram_accuracy: per(base_hits as f64),
+        masked: count,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn masker(p: f64) -> Masker {
+        // 100 tokens: 0 is the mask, 1 and 2 are other specials.
+        Masker::new(0, &[1, 2], 100, p).unwrap()
+    }
+
+    /// 15% selected; of those 80% masked, 10% random, 10% unchanged: on 400k tokens each share
+    /// lands within a few standard errors of its target.
+    #[test]
+    fn proportions_are_15_80_10_10() {
+        let m = masker(0.15);
+        let mut r = Rng::new(1);
+        let ids: Vec<u32> = (0..400_000).map(|_| 3 + r.below(97) as u32).collect();
+        let (inputs, labels) = m.mask(&ids, &mut Rng::new(42));
+        let selected: Vec<usize> = (0..ids.len()).filter(|&i| labels[i] >= 0).collect();
+        let n = selected.len() as f64;
+        let sel = n / ids.len() as f64;
+        assert!((sel - 0.15).abs() < 0.003, "selected {sel}");
+        let masked = selected.iter().filter(|&&i| inputs[i] == 0).count() as f64 / n;
+        let kept = selected.iter().filter(|&&i| inputs[i] == ids[i]).count() as f64 / n;
+        let replaced = selected.iter().filter(|&&i| inputs[i] != 0 && inputs[i] != ids[i]).count() as f64 / n;
+        // A random replacement equals the original 1 time in 97: it counts as kept.
+        assert!((masked - 0.8).abs() < 0.006, "masked {masked}");
+        assert!((replaced - 0.1 * 96.0 / 97.0).abs() < 0.005, "replaced {replaced}");
+        assert!((kept - (0.1 + 0.1 / 97.0)).abs() < 0.005, "kept {kept}");
+        // Labels are the originals; unselected positions are untouched.
+        assert!(selected.iter().all(|&i| labels[i] == ids[i] as i64));
+        assert!((0..ids.len()).filter(|&i| labels[i] < 0).all(|i| inputs[i] == ids[i]));
+        // Random replacements are ordinary tokens.
+        assert!(inputs.iter().all(|&t| t == 0 || t >= 3));
+        // mlm_probability is honoured.
+        let (_, l) = masker(0.4).mask(&ids, &mut Rng::new(42));
+        let sel = l.iter().filter(|&&x| x >= 0).count() as f64 / ids.len() as f64;
+        assert!((sel - 0.4).abs() < 0.004, "selected {sel} at p = 0.4");
+    }
+
+    #[test]
+    fn masks_are_a_function_of_the_seed() {
+        let m = masker(0.15);
+        let ids: Vec<u32> = (0..5000).map(|i| 3 + (i * 7 % 97) as u32).collect();
+        let a = m.mask(&ids, &mut Masker::rng(7, 3, 1));
+        assert_eq!(a, m.mask(&ids, &mut Masker::rng(7, 3, 1)));
+        assert_ne!(a, m.mask(&ids, &mut Masker::rng(8, 3, 1)));
+        assert_ne!(a, m.mask(&ids, &mut Masker::rng(7, 4, 1)));
+        assert_ne!(a, m.mask(&ids, &mut Masker::rng(7, 3, 2)));
+        // Not the dropout stream of the same (seed, step, micro).
+        assert_ne!(Masker::rng(7, 3, 1), Rng::derive(7, &[3, 1]));
+    }
+
+    #[test]
+    fn specials_are_never_selected() {
+        let m = masker(0.9);
+        let ids: Vec<u32> = (0..30_000).map(|i| (i % 6) as u32).collect(); // 0, 1, 2 special
+        let (inputs, labels) = m.mask(&ids, &mut Rng::new(3));
+        for i in 0..ids.len() {
+            if ids[i] < 3 {
+                assert_eq!((inputs[i], labels[i]), (ids[i], -100), "special token {} at {i}", ids[i]);
+            }
+        }
+        assert!(labels.iter().filter(|&&l| l >= 0).count() > 12_000);
+    }
+
+    #[test]
+    fn a_tokenizer_without_a_mask_token_is_one_clear_error() {
+        let dir = std::env::temp_dir().join(format!("taper-mlm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("t.txt");
+        std::fs::write(&f, "To be, or not to be.\n").unwrap();
+        let kind = tokenizer::TokenizerKind::Char;
+        let plain = tokenizer::train(kind, std::slice::from_ref(&f), 0, &["<|endoftext|>".into()]).unwrap();
+        let err = Masker::from_tokenizer(&plain, &f, 0.15).unwrap_err().to_string();
+        assert!(err.contains("needs a mask token") && err.contains("[MASK]"), "{err}");
+        let with = tokenizer::train(kind, std::slice::from_ref(&f), 0, &["<|endoftext|>".into(), "[MASK]".into()]);
+        let m = Masker::from_tokenizer(&with.unwrap(), &f, 0.15).unwrap();
+        assert_eq!(m.ordinary.len(), m.special.len() - 2);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
