@@ -8,6 +8,9 @@ fn every_alignment_config_parses() {
     let mut n = 0;
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
+        if !p.is_file() {
+            continue;
+        }
         let name = p.file_name().unwrap().to_string_lossy().to_string();
         let text = std::fs::read_to_string(&p).unwrap();
         let origin = p.display().to_string();
