@@ -37,6 +37,19 @@ pub enum Mlp {
     Swiglu,
 }
 
+/// Which transformer shape a config builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelKind {
+    /// Causal decoder-only LM (GPT, Llama).
+    #[default]
+    Decoder,
+    /// Bidirectional encoder with a masked-LM head (BERT).
+    Encoder,
+    /// Encoder and decoder joined by cross-attention ("Attention Is All You Need", Marian, BART).
+    EncoderDecoder,
+}
+
 /// RoPE frequency scaling for long contexts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -53,6 +66,8 @@ pub struct RopeScaling {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
+    /// decoder | encoder | encoder-decoder.
+    pub kind: ModelKind,
     /// 0 takes the tokenizer's vocabulary size; a larger value pads the embedding table.
     pub vocab_size: usize,
     pub n_layer: usize,
@@ -88,11 +103,19 @@ pub struct ModelConfig {
     pub tie_embeddings: bool,
     pub dropout: f64,
     pub init_std: f64,
+    /// Encoder-decoder only: decoder layers (0 = n_layer; `n_layer` counts the encoder's).
+    pub n_decoder_layer: usize,
+    /// Encoder-decoder only: token embeddings scaled by sqrt(n_embd) (Marian, "Attention Is
+    /// All You Need" 3.4).
+    pub scale_embedding: bool,
+    /// Encoder-decoder only: source and target share one embedding table (`model.shared`).
+    pub share_embeddings: bool,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
         Self {
+            kind: ModelKind::Decoder,
             vocab_size: 0,
             n_layer: 4,
             n_head: 4,
@@ -116,6 +139,9 @@ impl Default for ModelConfig {
             tie_embeddings: true,
             dropout: 0.0,
             init_std: 0.02,
+            n_decoder_layer: 0,
+            scale_embedding: false,
+            share_embeddings: true,
         }
     }
 }
@@ -198,6 +224,9 @@ impl ModelConfig {
         }
         if self.norm_eps <= 0.0 {
             errs.push(format!("model.norm_eps = {} must be > 0", self.norm_eps));
+        }
+        if self.kind == ModelKind::EncoderDecoder {
+            errs.extend(crate::marian::validate(self));
         }
         errs
     }

@@ -9,11 +9,12 @@ pub mod decoder;
 pub mod gguf;
 pub mod hf;
 pub mod lora;
+pub mod marian;
 pub mod nn;
 pub mod rng;
 pub mod weights;
 
-pub use config::{Mlp, ModelConfig, Norm, PosEmb};
+pub use config::{Mlp, ModelConfig, ModelKind, Norm, PosEmb};
 pub use decoder::{flatten_logits, init_weights, param_specs, sample, Decoder, KvCache, Sampling};
 pub use lora::LoraConfig;
 pub use rng::Rng;

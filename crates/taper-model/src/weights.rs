@@ -23,7 +23,7 @@ pub enum ParamKind {
 
 impl ParamKind {
     pub fn of(name: &str) -> Self {
-        if name.contains("embed_") {
+        if name.contains("embed_") || name == "model.shared.weight" {
             ParamKind::Embedding
         } else if name.contains("norm") {
             ParamKind::Norm

@@ -6,6 +6,7 @@
 
 pub mod gpt2;
 pub mod llama;
+pub mod marian;
 pub mod qwen;
 
 use crate::{ModelConfig, ModelError, Result};
@@ -22,6 +23,8 @@ pub enum Family {
     Mistral,
     Qwen2,
     Qwen3,
+    /// The encoder-decoder (`MarianMTModel`).
+    Marian,
 }
 
 impl Family {
@@ -32,9 +35,10 @@ impl Family {
             "mistral" => Family::Mistral,
             "qwen2" => Family::Qwen2,
             "qwen3" => Family::Qwen3,
+            "marian" => Family::Marian,
             other => {
                 return Err(ModelError::Config(format!(
-                "config.json: model_type {other:?} is not supported (taper reads gpt2, llama, mistral, qwen2, qwen3)"
+                "config.json: model_type {other:?} is not supported (taper reads gpt2, llama, mistral, qwen2, qwen3, marian)"
             )))
             }
         })
@@ -47,6 +51,7 @@ impl Family {
             Family::Mistral => "mistral",
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
+            Family::Marian => "marian",
         }
     }
 
@@ -57,6 +62,7 @@ impl Family {
             Family::Mistral => "MistralForCausalLM",
             Family::Qwen2 => "Qwen2ForCausalLM",
             Family::Qwen3 => "Qwen3ForCausalLM",
+            Family::Marian => "MarianMTModel",
         }
     }
 
@@ -64,6 +70,13 @@ impl Family {
     pub fn for_config(cfg: &ModelConfig) -> Result<Self> {
         use crate::{Mlp, Norm, PosEmb};
         let no = |why: &str| Err(ModelError::Config(format!("this model has no Hugging Face equivalent: {why}")));
+        if cfg.kind == crate::ModelKind::EncoderDecoder {
+            return match (cfg.pos_emb, cfg.bias) {
+                (PosEmb::Sinusoidal, true) => Ok(Family::Marian),
+                (p, true) => no(&format!("Marian has sinusoidal positions, this encoder-decoder has {p:?}")),
+                (_, false) => no("Marian has biases on every linear and LayerNorm (set model.bias)"),
+            };
+        }
         match (cfg.pos_emb, cfg.norm, cfg.mlp) {
             (PosEmb::Learned, Norm::LayerNorm, Mlp::Gelu | Mlp::GeluTanh | Mlp::Relu) => {
                 if !cfg.tie_embeddings {
@@ -96,6 +109,7 @@ impl Family {
             Family::Gpt2 => gpt2::config_from_hf(j),
             Family::Llama | Family::Mistral => llama::config_from_hf(j, self),
             Family::Qwen2 | Family::Qwen3 => qwen::config_from_hf(j, self),
+            Family::Marian => marian::config_from_hf(j),
         }
     }
 
@@ -104,6 +118,7 @@ impl Family {
             Family::Gpt2 => gpt2::config_to_hf(cfg),
             Family::Llama | Family::Mistral => llama::config_to_hf(cfg, self),
             Family::Qwen2 | Family::Qwen3 => qwen::config_to_hf(cfg, self),
+            Family::Marian => marian::config_to_hf(cfg),
         };
         j["model_type"] = self.model_type().into();
         j["architectures"] = serde_json::json!([self.architecture()]);
@@ -117,6 +132,7 @@ impl Family {
         let hf = hf.into_iter().map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?))).collect::<Result<HashMap<_, _>>>()?;
         match self {
             Family::Gpt2 => gpt2::weights_from_hf(cfg, hf),
+            Family::Marian => marian::weights_from_hf(cfg, hf),
             _ => Ok(llama_names_from_hf(cfg, hf)),
         }
     }
@@ -125,6 +141,7 @@ impl Family {
     pub fn weights_to_hf(self, cfg: &ModelConfig, w: &HashMap<String, Tensor>) -> Result<Vec<(String, Tensor)>> {
         match self {
             Family::Gpt2 => gpt2::weights_to_hf(cfg, w),
+            Family::Marian => Ok(marian::weights_to_hf(w)),
             _ => {
                 let mut v: Vec<(String, Tensor)> = w.iter().map(|(k, t)| (k.clone(), t.clone())).collect();
                 v.sort_by(|a, b| a.0.cmp(&b.0));
