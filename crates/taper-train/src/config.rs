@@ -18,6 +18,8 @@ pub struct RunConfig {
     pub train: TrainConfig,
     pub optim: OptimConfig,
     pub schedule: ScheduleConfig,
+    /// Encoder-decoder data and evaluation (`model.kind = "encoder-decoder"`).
+    pub seq2seq: crate::seq2seq::Seq2SeqConfig,
 }
 
 impl Default for RunConfig {
@@ -30,6 +32,7 @@ impl Default for RunConfig {
             train: TrainConfig::default(),
             optim: OptimConfig::default(),
             schedule: ScheduleConfig::default(),
+            seq2seq: Default::default(),
         }
     }
 }
@@ -139,6 +142,9 @@ impl RunConfig {
         e.extend(self.schedule.validate(t.max_steps));
         if self.schedule.min_lr > self.optim.lr {
             e.push(format!("schedule.min_lr = {} exceeds optim.lr = {}", self.schedule.min_lr, self.optim.lr));
+        }
+        if self.model.kind == taper_model::ModelKind::EncoderDecoder {
+            e.extend(self.seq2seq.validate(&self.model));
         }
         let d = &self.data;
         if d.shards.is_none() && d.dataset.is_none() && d.files.is_empty() {

@@ -6,6 +6,7 @@ pub mod finetune;
 pub mod optim;
 pub mod pretrain;
 pub mod schedule;
+pub mod seq2seq;
 pub mod sft;
 pub mod source;
 pub mod steps;
