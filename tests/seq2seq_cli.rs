@@ -89,7 +89,11 @@ fn pretrain(cfg: &Path, run: &Path, extra: &[&str]) -> Output {
 }
 
 fn metrics(run: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 #[test]
@@ -108,7 +112,10 @@ fn seq2seq_pretrain_resume_generate_export() {
         .filter(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["source"].as_str().unwrap().len() > 11)
         .count();
     assert!(long > 0);
-    assert!(stdout.contains(&format!("training data: 200 pairs kept; over the length limit: {long} sources")), "{stdout}");
+    assert!(
+        stdout.contains(&format!("training data: 200 pairs kept; over the length limit: {long} sources")),
+        "{stdout}"
+    );
     assert!(stdout.contains("greedy exact match") && stdout.contains("beam search (3 beams"), "{stdout}");
     let lines = metrics(&run);
     let steps: Vec<&serde_json::Value> = lines.iter().filter(|l| l.get("loss").is_some()).collect();
@@ -150,7 +157,8 @@ fn seq2seq_pretrain_resume_generate_export() {
     // Export as a Marian model: config.json names the family and the special ids.
     let exp = d.join("hf");
     ok(taper().arg("export").arg(&run).args(["--format", "hf", "--out"]).arg(&exp).output().unwrap());
-    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(exp.join("config.json")).unwrap()).unwrap();
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(exp.join("config.json")).unwrap()).unwrap();
     assert_eq!(j["model_type"], "marian");
     assert_eq!(j["decoder_layers"], 2);
     assert_eq!(j["decoder_start_token_id"], j["pad_token_id"]);
@@ -186,5 +194,8 @@ fn seq2seq_bad_data_is_one_line() {
     std::fs::write(&train, text.lines().take(200).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
     let out = ok(pretrain(&cfg, &d.join("run2"), &["--set", "train.max_steps=1", "--set", "seq2seq.beams=0"]));
     let all = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(all.contains("sources and 0 targets dropped") && !all.contains(" 0 sources and 0 targets dropped"), "{all}");
+    assert!(
+        all.contains("sources and 0 targets dropped") && !all.contains(" 0 sources and 0 targets dropped"),
+        "{all}"
+    );
 }

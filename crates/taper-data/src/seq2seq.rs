@@ -69,9 +69,8 @@ impl std::fmt::Display for EncodeStats {
 }
 
 fn ids(tok: &Tokenizer, text: &str, what: &str) -> Result<Vec<u32>> {
-    let enc = tok
-        .encode(text, false)
-        .map_err(|e| DataError::Config(format!("cannot tokenise a {what} ({text:?}): {e}")))?;
+    let enc =
+        tok.encode(text, false).map_err(|e| DataError::Config(format!("cannot tokenise a {what} ({text:?}): {e}")))?;
     Ok(enc.get_ids().to_vec())
 }
 

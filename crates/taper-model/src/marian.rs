@@ -22,7 +22,9 @@ use candle_core::{DType, Device, Tensor};
 pub fn validate(cfg: &ModelConfig) -> Vec<String> {
     let mut errs = Vec::new();
     if cfg.pos_emb == PosEmb::Rope {
-        errs.push("model.pos_emb = \"rope\" is not supported by the encoder-decoder (use sinusoidal or learned)".into());
+        errs.push(
+            "model.pos_emb = \"rope\" is not supported by the encoder-decoder (use sinusoidal or learned)".into(),
+        );
     }
     if cfg.norm != Norm::LayerNorm {
         errs.push("the encoder-decoder uses model.norm = \"layer_norm\"".into());
@@ -31,7 +33,10 @@ pub fn validate(cfg: &ModelConfig) -> Vec<String> {
         errs.push("the encoder-decoder's MLP is gelu, gelu_tanh or relu, not swiglu".into());
     }
     if cfg.kv_heads() != cfg.n_head || (cfg.head_dim != 0 && cfg.head_dim * cfg.n_head != cfg.n_embd) {
-        errs.push("the encoder-decoder has plain multi-head attention (n_kv_head = n_head, head_dim = n_embd / n_head)".into());
+        errs.push(
+            "the encoder-decoder has plain multi-head attention (n_kv_head = n_head, head_dim = n_embd / n_head)"
+                .into(),
+        );
     }
     if cfg.qk_norm || cfg.sliding_window > 0 || cfg.rope_scaling.is_some() {
         errs.push("model.qk_norm, sliding_window and rope_scaling do not apply to the encoder-decoder".into());
@@ -464,12 +469,19 @@ impl Seq2Seq {
     }
 
     fn head(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(nn::linear(x, &self.lm_head, None)?.broadcast_add(&self.final_logits_bias)?) // (B, T, V)
+        Ok(nn::linear(x, &self.lm_head, None)?.broadcast_add(&self.final_logits_bias)?)
+        // (B, T, V)
     }
 
     /// Teacher-forced logits (B, T, V): source (B, S) with keep mask (B, S), decoder inputs
     /// (B, T). `rng` turns dropout on (training).
-    pub fn forward(&self, src: &Tensor, src_keep: &Tensor, dec_in: &Tensor, mut rng: Option<&mut Rng>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        src: &Tensor,
+        src_keep: &Tensor,
+        dec_in: &Tensor,
+        mut rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
         let nh = self.cfg.n_head;
         let p = self.cfg.dropout;
         let enc = self.encode(src, src_keep, rng.as_deref_mut())?;
@@ -708,7 +720,8 @@ mod tests {
     fn marian_sinusoids_put_cosines_in_the_second_half() -> Result<()> {
         let t = sinusoidal_table(6, 3, &Device::Cpu)?.to_vec2::<f32>()?;
         let a = |p: f64, i: f64| p / 10_000f64.powf(2.0 * i / 6.0);
-        for (j, want) in [(0, a(2.0, 0.0).sin()), (2, a(2.0, 2.0).sin()), (3, a(2.0, 0.0).cos()), (5, a(2.0, 2.0).cos())]
+        for (j, want) in
+            [(0, a(2.0, 0.0).sin()), (2, a(2.0, 2.0).sin()), (3, a(2.0, 0.0).cos()), (5, a(2.0, 2.0).cos())]
         {
             assert!((t[2][j] as f64 - want).abs() < 1e-6, "col {j}");
         }

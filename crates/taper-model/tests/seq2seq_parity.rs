@@ -27,7 +27,8 @@ fn rel(a: &Tensor, b: &Tensor) -> f32 {
 fn parity(name: &str) {
     let m = load_dir(&dir(name), &Device::Cpu).unwrap();
     assert_eq!(m.family, Family::Marian);
-    let g: HashMap<String, Tensor> = candle_core::safetensors::load(dir(name).join("golden.safetensors"), &Device::Cpu).unwrap();
+    let g: HashMap<String, Tensor> =
+        candle_core::safetensors::load(dir(name).join("golden.safetensors"), &Device::Cpu).unwrap();
     let vars: Vec<(String, Var)> = m.weights.iter().map(|(n, t)| (n.clone(), Var::from_tensor(t).unwrap())).collect();
     let w = Weights::from_pairs(vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())));
     let model = Seq2Seq::load(&w, &m.config).unwrap();
@@ -103,9 +104,11 @@ fn marian_untied_relu_matches_transformers() {
 fn marian_round_trips() {
     for name in ["marian", "marian_untied"] {
         let m = load_dir(&dir(name), &Device::Cpu).unwrap();
-        let back: HashMap<String, Tensor> = m.family.weights_to_hf(&m.config, &m.weights).unwrap().into_iter().collect();
-        let raw = taper_model::hf::read_safetensors(&taper_model::hf::safetensors_files(&dir(name)).unwrap(), &Device::Cpu)
-            .unwrap();
+        let back: HashMap<String, Tensor> =
+            m.family.weights_to_hf(&m.config, &m.weights).unwrap().into_iter().collect();
+        let raw =
+            taper_model::hf::read_safetensors(&taper_model::hf::safetensors_files(&dir(name)).unwrap(), &Device::Cpu)
+                .unwrap();
         for (k, t) in &raw {
             let ours = back.get(k).unwrap_or_else(|| panic!("{name}: {k} not written back"));
             assert_eq!(max_abs(&(ours - t).unwrap()), 0.0, "{name}: {k}");

@@ -101,7 +101,12 @@ pub struct SpecialIds {
 
 /// From an HF config.json (`pad_token_id`, `eos_token_id`, `decoder_start_token_id`) when
 /// given, else from the tokenizer: `pad_token` and its end-of-text token, starting with pad.
-pub fn special_ids(tok: &Tokenizer, tok_path: &Path, hf: Option<&serde_json::Value>, pad_token: &str) -> Result<SpecialIds> {
+pub fn special_ids(
+    tok: &Tokenizer,
+    tok_path: &Path,
+    hf: Option<&serde_json::Value>,
+    pad_token: &str,
+) -> Result<SpecialIds> {
     let num = |k: &str| hf.and_then(|j| j.get(k)).and_then(serde_json::Value::as_u64).map(|v| v as u32);
     if let (Some(pad), Some(eos)) = (num("pad_token_id"), num("eos_token_id")) {
         return Ok(SpecialIds { pad, eos, start: num("decoder_start_token_id").unwrap_or(pad) });
@@ -132,7 +137,12 @@ fn paths(files: &[String]) -> Vec<PathBuf> {
 }
 
 /// Trains (or loads) the tokenizer on the pairs' text; returns its path.
-fn prepare_tokenizer(cfg: &RunConfig, pairs: &[Located<Pair>], run_dir: &Path, obs: &mut dyn Observer) -> Result<PathBuf> {
+fn prepare_tokenizer(
+    cfg: &RunConfig,
+    pairs: &[Located<Pair>],
+    run_dir: &Path,
+    obs: &mut dyn Observer,
+) -> Result<PathBuf> {
     let d = &cfg.data;
     match d.tokenizer.as_str() {
         kind @ ("char" | "bpe") => {

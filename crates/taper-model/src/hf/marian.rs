@@ -15,7 +15,9 @@ pub fn config_from_hf(j: &Value) -> Result<ModelConfig> {
         "gelu" => Mlp::Gelu,
         "gelu_new" | "gelu_pytorch_tanh" => Mlp::GeluTanh,
         "relu" => Mlp::Relu,
-        other => return bad(format!("activation_function {other:?} is not supported (taper has gelu, gelu_new, relu)")),
+        other => {
+            return bad(format!("activation_function {other:?} is not supported (taper has gelu, gelu_new, relu)"))
+        }
     };
     let heads = g.usize("encoder_attention_heads")?;
     if g.usize("decoder_attention_heads")? != heads {
