@@ -63,6 +63,14 @@ pub fn export_hf(src: &Source, out: &Path, max_shard_bytes: u64) -> Result<Famil
         config["label2id"] = json!({"LABEL_0": 0});
         config["pad_token_id"] = src.eos_ids.first().map_or(Value::Null, |&e| e.into());
     }
+    // Marian reads pad, eos and the decoder's start token from config.json; it has no bos.
+    let seq2seq = if family == Family::Marian { Some(taper_train::seq2seq::source_ids(src)?) } else { None };
+    if let Some(ids) = seq2seq {
+        config["pad_token_id"] = ids.pad.into();
+        config["eos_token_id"] = ids.eos.into();
+        config["decoder_start_token_id"] = ids.start.into();
+        config["bos_token_id"] = Value::Null;
+    }
     write_json(&out.join("config.json"), &config)?;
 
     // Weights, sharded past max_shard_bytes.
@@ -135,6 +143,11 @@ pub fn export_hf(src: &Source, out: &Path, max_shard_bytes: u64) -> Result<Famil
             }
         }
     }
+    if let Some(t) = seq2seq.and_then(|ids| name_of(ids.pad)) {
+        if tok_cfg.get("pad_token").is_none() {
+            tok_cfg["pad_token"] = t.into();
+        }
+    }
     if let Some(t) = &src.chat_template {
         if tok_cfg.get("chat_template").is_none() {
             std::fs::write(out.join("chat_template.jinja"), t)?;
@@ -142,7 +155,11 @@ pub fn export_hf(src: &Source, out: &Path, max_shard_bytes: u64) -> Result<Famil
     }
     write_json(&out.join("tokenizer_config.json"), &tok_cfg)?;
     let gen_path = src.dir.join("generation_config.json");
-    if gen_path.exists() {
+    if let Some(ids) = seq2seq {
+        let g = json!({"pad_token_id": ids.pad, "eos_token_id": ids.eos, "decoder_start_token_id": ids.start,
+            "bos_token_id": null, "forced_eos_token_id": null, "num_beams": 1, "do_sample": false});
+        write_json(&out.join("generation_config.json"), &g)?;
+    } else if gen_path.exists() {
         std::fs::copy(&gen_path, out.join("generation_config.json"))?;
     } else {
         let mut g = json!({});

@@ -1,6 +1,7 @@
 //! `taper`: tokenizer training, data preparation, pretraining, generation and inspection.
 
 mod export;
+mod seq2seq_cli;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -230,6 +231,12 @@ struct GenerateArgs {
     seed: u64,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Encoder-decoder models: beam size (1 is greedy).
+    #[arg(long, default_value_t = 1)]
+    beams: usize,
+    /// Encoder-decoder beam search: HF's length_penalty (score / length^penalty).
+    #[arg(long, default_value_t = 1.0)]
+    length_penalty: f64,
 }
 
 fn main() {
@@ -534,6 +541,11 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
     let src = source::load(&a.model, &device)?;
     if src.config.kind == ModelKind::Encoder {
         return fill_mask(&a, &src);
+    }
+    if src.config.kind == taper_model::ModelKind::EncoderDecoder {
+        let max = a.max_tokens.or(src.generation.max_new_tokens).unwrap_or(src.config.block_size);
+        println!("{}", seq2seq_cli::translate(&src, &a.prompt, a.beams, a.length_penalty, max)?);
+        return Ok(());
     }
     let model = Decoder::load(&Weights::new(src.weights.clone()).detached(), &src.config)?;
     let tok = &src.tokenizer;

@@ -7,6 +7,7 @@ pub mod loader;
 pub mod packing;
 pub mod preference;
 pub mod prepare;
+pub mod seq2seq;
 pub mod sft;
 pub mod shard;
 pub mod tokenizer;

@@ -121,6 +121,13 @@ pub struct ModelConfig {
     /// Encoders: LayerNorm after each residual add (BERT, the original Transformer) rather than
     /// before each sublayer (GPT-2). Post-LN is what HF's `bert` computes.
     pub post_norm: bool,
+    /// Encoder-decoder only: decoder layers (0 = n_layer; `n_layer` counts the encoder's).
+    pub n_decoder_layer: usize,
+    /// Encoder-decoder only: token embeddings scaled by sqrt(n_embd) (Marian, "Attention Is
+    /// All You Need" 3.4).
+    pub scale_embedding: bool,
+    /// Encoder-decoder only: source and target share one embedding table (`model.shared`).
+    pub share_embeddings: bool,
 }
 
 impl Default for ModelConfig {
@@ -153,6 +160,9 @@ impl Default for ModelConfig {
             kernels: true,
             type_vocab_size: 2,
             post_norm: true,
+            n_decoder_layer: 0,
+            scale_embedding: false,
+            share_embeddings: true,
         }
     }
 }
@@ -238,6 +248,9 @@ impl ModelConfig {
         }
         if self.kind == ModelKind::Encoder {
             errs.extend(crate::bert::validate(self));
+        }
+        if self.kind == ModelKind::EncoderDecoder {
+            errs.extend(crate::marian::validate(self));
         }
         errs
     }

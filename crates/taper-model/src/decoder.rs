@@ -25,6 +25,9 @@ pub enum Init {
 
 /// Every parameter of the model: (name, shape, init), in a fixed order.
 pub fn param_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
+    if cfg.kind == crate::ModelKind::EncoderDecoder {
+        return crate::marian::param_specs(cfg);
+    }
     let (v, c, h, hd) = (cfg.vocab_size, cfg.n_embd, cfg.hidden(), cfg.head_dim());
     let (q, kv) = (cfg.n_head * hd, cfg.kv_heads() * hd);
     let std = cfg.init_std;
@@ -248,6 +251,11 @@ impl Decoder {
     /// pass [`Weights::detached`] for inference without a graph.
     pub fn load(w: &Weights, cfg: &ModelConfig) -> Result<Self> {
         check(cfg)?;
+        if cfg.kind == crate::ModelKind::EncoderDecoder {
+            return Err(ModelError::Config(
+                "an encoder-decoder model loads as taper_model::marian::Seq2Seq, not a decoder".into(),
+            ));
+        }
         let (c, v, kv) = (cfg.n_embd, cfg.vocab_size, cfg.kv_heads() * cfg.head_dim());
         let embed_tokens = w.get("model.embed_tokens.weight", &[v, c])?;
         let dev = embed_tokens.device().clone();

@@ -10,6 +10,7 @@ pub mod decoder;
 pub mod gguf;
 pub mod hf;
 pub mod lora;
+pub mod marian;
 pub mod nn;
 pub mod rng;
 pub mod weights;

@@ -223,6 +223,25 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: i64) -> Re
     Ok(((total / count.max(1) as f64)?, count))
 }
 
+/// Cross-entropy with label smoothing as PyTorch's `CrossEntropyLoss(label_smoothing = eps)`:
+/// (1 - eps) * nll + eps * the mean over classes of -log p, averaged over the targets that are
+/// not `ignore_index`. logits: (N, V); targets: (N,) i64. Returns (loss, counted targets).
+pub fn label_smoothed_cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    eps: f64,
+    ignore_index: i64,
+) -> Result<(Tensor, usize)> {
+    let (nll, n) = cross_entropy(logits, targets, ignore_index)?;
+    if eps == 0.0 {
+        return Ok((nll, n));
+    }
+    let lp = log_softmax(&logits.to_dtype(DType::F32)?)?;
+    let valid = targets.ne(ignore_index)?.to_dtype(DType::F32)?;
+    let uniform = (lp.mean(D::Minus1)? * valid)?.sum_all()?.neg()?;
+    Ok((((nll * (1.0 - eps))? + (uniform * (eps / n.max(1) as f64))?)?, n))
+}
+
 #[cfg(test)]
 mod tests {
     /// The frozen-weight matmul computes what matmul does, forward and dx, in f32 and f64.

@@ -26,7 +26,7 @@ impl ParamKind {
         // Norms first: BERT's `bert.embeddings.LayerNorm` sits under its embeddings.
         if name.contains("norm") || name.contains("LayerNorm") {
             ParamKind::Norm
-        } else if name.contains("embed_") || name.contains("_embeddings.") {
+        } else if name.contains("embed_") || name.contains("_embeddings.") || name == "model.shared.weight" {
             ParamKind::Embedding
         } else if name.ends_with(".bias") {
             ParamKind::Bias

@@ -23,6 +23,8 @@ pub struct RunConfig {
     pub train: TrainConfig,
     pub optim: OptimConfig,
     pub schedule: ScheduleConfig,
+    /// Encoder-decoder data and evaluation (`model.kind = "encoder-decoder"`).
+    pub seq2seq: crate::seq2seq::Seq2SeqConfig,
 }
 
 impl Default for RunConfig {
@@ -37,6 +39,7 @@ impl Default for RunConfig {
             train: TrainConfig::default(),
             optim: OptimConfig::default(),
             schedule: ScheduleConfig::default(),
+            seq2seq: Default::default(),
         }
     }
 }
@@ -156,6 +159,9 @@ impl RunConfig {
         e.extend(self.schedule.validate(t.max_steps));
         if self.schedule.min_lr > self.optim.lr {
             e.push(format!("schedule.min_lr = {} exceeds optim.lr = {}", self.schedule.min_lr, self.optim.lr));
+        }
+        if self.model.kind == taper_model::ModelKind::EncoderDecoder {
+            e.extend(self.seq2seq.validate(&self.model));
         }
         let d = &self.data;
         let encoder = self.model.kind == taper_model::ModelKind::Encoder;

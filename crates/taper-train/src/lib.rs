@@ -8,6 +8,7 @@ pub mod mlm;
 pub mod optim;
 pub mod pretrain;
 pub mod schedule;
+pub mod seq2seq;
 pub mod sft;
 pub mod source;
 pub mod steps;

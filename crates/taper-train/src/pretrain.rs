@@ -282,6 +282,9 @@ enum Task {
 }
 
 pub fn pretrain(mut cfg: RunConfig, run_dir: &Path, resume: Resume, obs: &mut dyn Observer) -> Result<Summary> {
+    if cfg.model.kind == taper_model::ModelKind::EncoderDecoder {
+        return crate::seq2seq::train(cfg, run_dir, resume, obs);
+    }
     let started = Instant::now();
     let device = select_device(&cfg.device)?;
     std::fs::create_dir_all(run_dir).map_err(io_err(run_dir))?;

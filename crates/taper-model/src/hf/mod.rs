@@ -7,6 +7,7 @@
 pub mod bert;
 pub mod gpt2;
 pub mod llama;
+pub mod marian;
 pub mod qwen;
 
 use crate::{ModelConfig, ModelError, Result};
@@ -25,6 +26,8 @@ pub enum Family {
     Qwen3,
     /// An encoder: `BertForMaskedLM`.
     Bert,
+    /// The encoder-decoder (`MarianMTModel`).
+    Marian,
 }
 
 impl Family {
@@ -36,9 +39,10 @@ impl Family {
             "qwen2" => Family::Qwen2,
             "qwen3" => Family::Qwen3,
             "bert" => Family::Bert,
+            "marian" => Family::Marian,
             other => {
                 return Err(ModelError::Config(format!(
-                "config.json: model_type {other:?} is not supported (taper reads gpt2, llama, mistral, qwen2, qwen3, bert)"
+                "config.json: model_type {other:?} is not supported (taper reads gpt2, llama, mistral, qwen2, qwen3, bert, marian)"
             )))
             }
         })
@@ -52,6 +56,7 @@ impl Family {
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
             Family::Bert => "bert",
+            Family::Marian => "marian",
         }
     }
 
@@ -63,6 +68,7 @@ impl Family {
             Family::Qwen2 => "Qwen2ForCausalLM",
             Family::Qwen3 => "Qwen3ForCausalLM",
             Family::Bert => "BertForMaskedLM",
+            Family::Marian => "MarianMTModel",
         }
     }
 
@@ -74,7 +80,13 @@ impl Family {
             crate::ModelKind::Decoder => {}
             crate::ModelKind::Encoder if cfg.post_norm => return Ok(Family::Bert),
             crate::ModelKind::Encoder => return no("a pre-LN encoder (HF's bert is post-LN; set model.post_norm)"),
-            k => return no(&format!("{} is not exported yet", k.describe())),
+            crate::ModelKind::EncoderDecoder => {
+                return match (cfg.pos_emb, cfg.bias) {
+                    (PosEmb::Sinusoidal, true) => Ok(Family::Marian),
+                    (p, true) => no(&format!("Marian has sinusoidal positions, this encoder-decoder has {p:?}")),
+                    (_, false) => no("Marian has biases on every linear and LayerNorm (set model.bias)"),
+                };
+            }
         }
         match (cfg.pos_emb, cfg.norm, cfg.mlp) {
             (PosEmb::Learned, Norm::LayerNorm, Mlp::Gelu | Mlp::GeluTanh | Mlp::Relu) => {
@@ -109,6 +121,7 @@ impl Family {
             Family::Llama | Family::Mistral => llama::config_from_hf(j, self),
             Family::Qwen2 | Family::Qwen3 => qwen::config_from_hf(j, self),
             Family::Bert => bert::config_from_hf(j),
+            Family::Marian => marian::config_from_hf(j),
         }
     }
 
@@ -118,6 +131,7 @@ impl Family {
             Family::Llama | Family::Mistral => llama::config_to_hf(cfg, self),
             Family::Qwen2 | Family::Qwen3 => qwen::config_to_hf(cfg, self),
             Family::Bert => bert::config_to_hf(cfg),
+            Family::Marian => marian::config_to_hf(cfg),
         };
         j["model_type"] = self.model_type().into();
         j["architectures"] = serde_json::json!([self.architecture()]);
@@ -132,6 +146,7 @@ impl Family {
         match self {
             Family::Gpt2 => gpt2::weights_from_hf(cfg, hf),
             Family::Bert => bert::weights_from_hf(cfg, hf),
+            Family::Marian => marian::weights_from_hf(cfg, hf),
             _ => Ok(llama_names_from_hf(cfg, hf)),
         }
     }
@@ -141,6 +156,7 @@ impl Family {
         match self {
             Family::Gpt2 => gpt2::weights_to_hf(cfg, w),
             Family::Bert => bert::weights_to_hf(cfg, w),
+            Family::Marian => Ok(marian::weights_to_hf(w)),
             _ => {
                 let mut v: Vec<(String, Tensor)> = w.iter().map(|(k, t)| (k.clone(), t.clone())).collect();
                 v.sort_by(|a, b| a.0.cmp(&b.0));
