@@ -192,7 +192,7 @@ fn seq2seq_bad_data_is_one_line() {
     std::fs::write(&cfg, config(&train, &test).replace("overflow = \"truncate\"", "overflow = \"drop\"")).unwrap();
     let text = std::fs::read_to_string(&train).unwrap();
     std::fs::write(&train, text.lines().take(200).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
-    let out = ok(pretrain(&cfg, &d.join("run2"), &["--set", "train.max_steps=1", "--set", "seq2seq.beams=0"]));
+    let out = ok(pretrain(&cfg, &d.join("run2"), &["--set", "train.max_steps=2", "--set", "seq2seq.beams=0"]));
     let all = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(
         all.contains("sources and 0 targets dropped") && !all.contains(" 0 sources and 0 targets dropped"),

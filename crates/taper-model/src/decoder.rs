@@ -77,7 +77,12 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
 
 /// Fresh weights drawn from our seeded RNG, in [`param_specs`] order.
 pub fn init_weights(cfg: &ModelConfig, seed: u64, dev: &Device) -> Result<Vec<(String, Tensor)>> {
-    check(cfg)?;
+    // The encoder-decoder draws its weights here too, from `marian::param_specs`.
+    if cfg.kind == ModelKind::EncoderDecoder {
+        validated(cfg)?;
+    } else {
+        check(cfg)?;
+    }
     let mut rng = Rng::new(seed);
     param_specs(cfg)
         .into_iter()
@@ -97,6 +102,10 @@ fn check(cfg: &ModelConfig) -> Result<()> {
     if cfg.kind != ModelKind::Decoder {
         return Err(ModelError::WrongKind { found: cfg.kind, needed: ModelKind::Decoder });
     }
+    validated(cfg)
+}
+
+fn validated(cfg: &ModelConfig) -> Result<()> {
     let mut errs = cfg.validate();
     if cfg.vocab_size == 0 {
         errs.push("model.vocab_size is 0 (it should have been taken from the tokenizer)".into());

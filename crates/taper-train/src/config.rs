@@ -170,9 +170,6 @@ impl RunConfig {
             (Objective::Clm, true) => e.push("model.kind = \"encoder\" trains with objective = \"mlm\"".into()),
             _ => {}
         }
-        if self.model.kind == taper_model::ModelKind::EncoderDecoder {
-            e.push("taper pretrain trains decoders and encoders; model.kind = \"encoder-decoder\" is not one".into());
-        }
         if self.objective == Objective::Mlm {
             if !(self.mlm_probability > 0.0 && self.mlm_probability < 1.0) {
                 e.push(format!("mlm_probability = {} must be in (0, 1)", self.mlm_probability));
