@@ -110,19 +110,7 @@ fn check(cfg: &ModelConfig) -> Result<()> {
 /// Fresh weights drawn from our seeded RNG, in [`param_specs`] order.
 pub fn init_weights(cfg: &ModelConfig, seed: u64, dev: &Device) -> Result<Vec<(String, Tensor)>> {
     check(cfg)?;
-    let mut rng = Rng::new(seed);
-    param_specs(cfg)
-        .into_iter()
-        .map(|(name, shape, init)| {
-            let n: usize = shape.iter().product();
-            let data: Vec<f32> = match init {
-                Init::Normal(s) => (0..n).map(|_| (rng.normal() * s) as f32).collect(),
-                Init::Zeros => vec![0.0; n],
-                Init::Ones => vec![1.0; n],
-            };
-            Ok((name, Tensor::from_vec(data, shape, dev)?))
-        })
-        .collect()
+    crate::decoder::draw(param_specs(cfg), seed, dev)
 }
 
 struct Linear {

@@ -83,8 +83,13 @@ pub fn init_weights(cfg: &ModelConfig, seed: u64, dev: &Device) -> Result<Vec<(S
     } else {
         check(cfg)?;
     }
+    draw(param_specs(cfg), seed, dev)
+}
+
+/// Tensors for `specs`, drawn in order from one RNG stream seeded by `seed`.
+pub(crate) fn draw(specs: Vec<(String, Vec<usize>, Init)>, seed: u64, dev: &Device) -> Result<Vec<(String, Tensor)>> {
     let mut rng = Rng::new(seed);
-    param_specs(cfg)
+    specs
         .into_iter()
         .map(|(name, shape, init)| {
             let n: usize = shape.iter().product();

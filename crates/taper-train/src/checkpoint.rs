@@ -38,6 +38,36 @@ pub struct TrainerState {
     pub base: Option<String>,
 }
 
+impl TrainerState {
+    /// The state of a from-scratch run (pretraining, seq2seq) after `step` steps: the data
+    /// cursor is the step, and the run config alone describes the model.
+    pub fn scratch(
+        step: u64,
+        tokens: u64,
+        seed: u64,
+        skipped: u64,
+        val: Option<f64>,
+        tok_sha: &str,
+        config: String,
+    ) -> Self {
+        TrainerState {
+            format_version: FORMAT_VERSION,
+            step,
+            tokens_seen: tokens,
+            data_cursor: step,
+            rng_seed: seed,
+            skipped_steps: skipped,
+            val_loss: val,
+            tokenizer_sha256: tok_sha.to_string(),
+            config,
+            files: Default::default(),
+            model: None,
+            lora: None,
+            base: None,
+        }
+    }
+}
+
 pub struct Checkpoint {
     pub dir: PathBuf,
     pub model: HashMap<String, Tensor>,

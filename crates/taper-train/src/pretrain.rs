@@ -1,7 +1,7 @@
 //! The pretraining recipe, top to bottom: data, model, optimizer, then the loop
 //! (forward, backward, accumulate, clip, update, log, eval, checkpoint).
 
-use crate::checkpoint::{self, TrainerState, FORMAT_VERSION};
+use crate::checkpoint::{self, TrainerState};
 use crate::config::{DataConfig, Objective, RunConfig};
 use crate::mlm::{self, Masker};
 use crate::optim::{Optimizer, Param};
@@ -445,21 +445,7 @@ pub fn pretrain(mut cfg: RunConfig, run_dir: &Path, resume: Resume, obs: &mut dy
             metrics.step(log, extra, obs)?;
         }
         if tc.checkpoint_due(step) {
-            let state = TrainerState {
-                format_version: FORMAT_VERSION,
-                step,
-                tokens_seen: tokens,
-                data_cursor: step,
-                rng_seed: cfg.seed,
-                skipped_steps: skipped,
-                val_loss: last_val,
-                tokenizer_sha256: tok_sha.clone(),
-                config: cfg.to_toml(),
-                files: Default::default(),
-                model: None,
-                lora: None,
-                base: None,
-            };
+            let state = TrainerState::scratch(step, tokens, cfg.seed, skipped, last_val, &tok_sha, cfg.to_toml());
             let keep = tc.keep_checkpoints;
             last_ck =
                 Some(save_checkpoint(&ck_root, &opt, Vec::new(), state, &data.tokenizer, keep, |_, _| Ok(()), obs)?);

@@ -4,7 +4,7 @@
 //! schedule, metrics, checkpoints and bit-exact resume; evaluation reports held-out loss and
 //! greedy exact match (and beam-search exact match at the end, if configured).
 
-use crate::checkpoint::{self, TrainerState, FORMAT_VERSION};
+use crate::checkpoint::{self, TrainerState};
 use crate::config::RunConfig;
 use crate::optim::Optimizer;
 use crate::pretrain::{resolve_vocab, select_device, Observer, Resume, RunInfo, StepLog, Summary};
@@ -355,21 +355,7 @@ pub fn train(mut cfg: RunConfig, run_dir: &Path, resume: Resume, obs: &mut dyn O
             metrics.step(log, extra, obs)?;
         }
         if tc.checkpoint_due(step) {
-            let state = TrainerState {
-                format_version: FORMAT_VERSION,
-                step,
-                tokens_seen: tokens,
-                data_cursor: step,
-                rng_seed: cfg.seed,
-                skipped_steps: skipped,
-                val_loss: last_val,
-                tokenizer_sha256: tok_sha.clone(),
-                config: cfg.to_toml(),
-                files: Default::default(),
-                model: None,
-                lora: None,
-                base: None,
-            };
+            let state = TrainerState::scratch(step, tokens, cfg.seed, skipped, last_val, &tok_sha, cfg.to_toml());
             let keep = tc.keep_checkpoints;
             last_ck = Some(save_checkpoint(&ck_root, &opt, Vec::new(), state, &tok_path, keep, |_, _| Ok(()), obs)?);
         }
