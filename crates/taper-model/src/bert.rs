@@ -306,8 +306,23 @@ impl Bert {
             }
             None => None,
         };
+        // The fused kernel takes the padding as structure and skips masked keys; it has no
+        // dropout on the attention probabilities, so with that active the composed path runs.
+        let fused = cfg.kernels && (rng.is_none() || cfg.dropout <= 0.0);
+        let opts = match (fused, attention_mask) {
+            (false, _) => None,
+            (true, m) => {
+                let mut o = taper_kernels::AttnOpts::new(1.0 / (cfg.head_dim() as f64).sqrt());
+                if let Some(m) = m {
+                    let keep = m.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                    o.key_padding = Some(keep.iter().map(|&k| k == 0.0).collect());
+                    // (B, T)
+                }
+                Some(o)
+            }
+        };
         for layer in &self.layers {
-            x = self.layer(layer, &x, mask.as_ref(), rng.as_deref_mut())?;
+            x = self.layer(layer, &x, mask.as_ref(), opts.as_ref(), rng.as_deref_mut())?;
         }
         Ok(match &self.final_norm {
             Some(n) => n.forward(&x)?,
@@ -315,7 +330,14 @@ impl Bert {
         })
     }
 
-    fn layer(&self, l: &Layer, x: &Tensor, mask: Option<&Tensor>, mut rng: Option<&mut Rng>) -> Result<Tensor> {
+    fn layer(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        fused: Option<&taper_kernels::AttnOpts>,
+        mut rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (b, t, c) = x.dims3()?;
         let (nh, hd) = (cfg.n_head, cfg.head_dim());
@@ -333,12 +355,18 @@ impl Bert {
             // (B, H, T, D)
         };
         let (q, k, v) = (heads(&l.query)?, heads(&l.key)?, heads(&l.value)?);
-        let mut att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?; // (B, H, T, T)
-        if let Some(m) = mask {
-            att = att.broadcast_add(m)?;
-        }
-        let att = dropout(nn::softmax(&att)?, rng.as_deref_mut())?;
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C)
+        let y = match fused {
+            Some(opts) => taper_kernels::attention(&q, &k, &v, opts)?, // (B, H, T, D)
+            None => {
+                let mut att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?; // (B, H, T, T)
+                if let Some(m) = mask {
+                    att = att.broadcast_add(m)?;
+                }
+                let att = dropout(nn::softmax(&att)?, rng.as_deref_mut())?;
+                att.matmul(&v)? // (B, H, T, D)
+            }
+        };
+        let y = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C)
         let y = dropout(l.attention_output.forward(&y)?, rng.as_deref_mut())?;
         let x = match cfg.post_norm {
             true => l.attention_norm.forward(&(x + y)?)?,

@@ -16,8 +16,18 @@ fn max_abs(t: &Tensor) -> f32 {
     t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
 }
 
+/// Logits, loss and every gradient against transformers, through the fused kernels (attention
+/// with key padding, norms, GELU) and through the composed ops.
 fn parity(name: &str) {
-    let m = load_dir(&dir(name), &Device::Cpu).unwrap();
+    for kernels in [true, false] {
+        parity_with(name, kernels);
+    }
+}
+
+fn parity_with(name: &str, kernels: bool) {
+    let mut m = load_dir(&dir(name), &Device::Cpu).unwrap();
+    assert!(m.config.kernels, "HF configs load with the kernels on");
+    m.config.kernels = kernels;
     assert_eq!((m.family, m.config.kind), (Family::Bert, ModelKind::Encoder));
     let g = candle_core::safetensors::load(dir(name).join("golden.safetensors"), &Device::Cpu).unwrap();
     let vars: Vec<(String, Var)> = m.weights.iter().map(|(n, t)| (n.clone(), Var::from_tensor(t).unwrap())).collect();
