@@ -17,6 +17,7 @@ use crate::rng::Rng;
 use crate::weights::Weights;
 use crate::{ModelError, Result};
 use candle_core::{DType, Device, Tensor};
+use taper_kernels::AttnOpts;
 
 /// The config rules of an encoder-decoder, beside the common ones.
 pub fn validate(cfg: &ModelConfig) -> Vec<String> {
@@ -203,13 +204,16 @@ impl Attention {
     }
 
     /// Queries from `x` (B, T, C) over keys/values (B, H, L, D), with an additive `mask`
-    /// broadcastable to (B, H, T, L). Returns (B, T, C).
+    /// broadcastable to (B, H, T, L), or through the fused kernel with the same visibility as
+    /// `fused` options (no attention dropout there). Returns (B, T, C).
+    #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
         x: &Tensor,
         k: &Tensor,
         v: &Tensor,
         mask: &Tensor,
+        fused: Option<&AttnOpts>,
         p: f64,
         rng: Option<&mut Rng>,
     ) -> candle_core::Result<Tensor> {
@@ -217,12 +221,18 @@ impl Attention {
         let nh = k.dim(1)?;
         let hd = c / nh;
         let q = self.q_proj.forward(x)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?; // (B, H, T, D)
-        let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(mask)?; // (B, H, T, L)
-        let mut att = nn::softmax(&att)?;
-        if let Some(r) = rng {
-            att = nn::dropout(&att, p, r)?;
-        }
-        let y = att.matmul(v)?.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C)
+        let y = match fused {
+            Some(opts) => taper_kernels::attention(&q, k, v, opts).map_err(candle_core::Error::wrap)?,
+            None => {
+                let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(mask)?; // (B, H, T, L)
+                let mut att = nn::softmax(&att)?;
+                if let Some(r) = rng {
+                    att = nn::dropout(&att, p, r)?;
+                }
+                att.matmul(v)? // (B, H, T, D)
+            }
+        };
+        let y = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C)
         self.out_proj.forward(&y)
     }
 }
@@ -418,17 +428,33 @@ impl Seq2Seq {
         self.dropout(fc2.forward(&act)?, rng)
     }
 
+    /// Options for the fused attention kernel when the config asks for it and no attention
+    /// dropout is active (`inference`, or dropout 0): causal, or under the padding of `keys`
+    /// (B, L) keep mask (1 token, 0 padding).
+    fn fused(&self, inference: bool, causal: bool, keys: Option<&Tensor>) -> Result<Option<AttnOpts>> {
+        if !self.cfg.kernels || !(inference || self.cfg.dropout <= 0.0) {
+            return Ok(None);
+        }
+        let mut o = AttnOpts { causal, ..AttnOpts::new(1.0 / (self.cfg.head_dim() as f64).sqrt()) };
+        if let Some(keep) = keys {
+            let keep = keep.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            o.key_padding = Some(keep.iter().map(|&k| k == 0.0).collect());
+        }
+        Ok(Some(o))
+    }
+
     /// Encoder output (B, S, C) for source ids (B, S) with keep mask (B, S) (1 token, 0 padding).
     /// `rng` turns dropout on.
     pub fn encode(&self, src: &Tensor, src_keep: &Tensor, mut rng: Option<&mut Rng>) -> Result<Tensor> {
         let nh = self.cfg.n_head;
         let p = self.cfg.dropout;
         let mask = padding_mask(src_keep)?; // (B, 1, 1, S)
+        let fused = self.fused(rng.is_none(), false, Some(src_keep))?;
         let mut x = self.embed(&self.enc_embed, self.enc_pos.as_ref(), src, 0)?;
         x = self.dropout(x, rng.as_deref_mut())?;
         for l in &self.encoder {
             let (k, v) = l.self_attn.kv(&x, nh)?;
-            let y = l.self_attn.attend(&x, &k, &v, &mask, p, rng.as_deref_mut())?;
+            let y = l.self_attn.attend(&x, &k, &v, &mask, fused.as_ref(), p, rng.as_deref_mut())?;
             x = l.self_attn_layer_norm.forward(&(x + self.dropout(y, rng.as_deref_mut())?)?)?;
             let y = self.mlp(&l.fc1, &l.fc2, &x, rng.as_deref_mut())?;
             x = l.final_layer_norm.forward(&(x + y)?)?;
@@ -449,6 +475,7 @@ impl Seq2Seq {
         let offset = cache.len();
         let (_, t) = ids.dims2()?;
         let causal = nn::causal_mask(t, offset, 0, ids.device())?; // (T, L)
+        let self_fused = self.fused(true, true, None)?;
         let mut x = self.embed(&self.dec_embed, self.dec_pos.as_ref(), ids, offset)?;
         for (i, l) in self.decoder.iter().enumerate() {
             let (k, v) = l.self_attn.kv(&x, self.cfg.n_head)?;
@@ -457,10 +484,10 @@ impl Seq2Seq {
                 None => (k, v),
             };
             cache.self_kv[i] = Some((k.clone(), v.clone()));
-            let y = l.self_attn.attend(&x, &k, &v, &causal, 0.0, None)?;
+            let y = l.self_attn.attend(&x, &k, &v, &causal, self_fused.as_ref(), 0.0, None)?;
             x = l.self_attn_layer_norm.forward(&(x + y)?)?;
             let (ck, cv) = &cache.cross_kv[i];
-            let y = l.encoder_attn.attend(&x, ck, cv, &cache.src_mask, 0.0, None)?;
+            let y = l.encoder_attn.attend(&x, ck, cv, &cache.src_mask, None, 0.0, None)?;
             x = l.encoder_attn_layer_norm.forward(&(x + y)?)?;
             let y = self.mlp(&l.fc1, &l.fc2, &x, None)?;
             x = l.final_layer_norm.forward(&(x + y)?)?;
@@ -488,14 +515,16 @@ impl Seq2Seq {
         let src_mask = padding_mask(src_keep)?;
         let (_, t) = dec_in.dims2()?;
         let causal = nn::causal_mask(t, 0, 0, dec_in.device())?;
+        let self_fused = self.fused(rng.is_none(), true, None)?;
+        let cross_fused = self.fused(rng.is_none(), false, Some(src_keep))?;
         let mut x = self.embed(&self.dec_embed, self.dec_pos.as_ref(), dec_in, 0)?;
         x = self.dropout(x, rng.as_deref_mut())?;
         for l in &self.decoder {
             let (k, v) = l.self_attn.kv(&x, nh)?;
-            let y = l.self_attn.attend(&x, &k, &v, &causal, p, rng.as_deref_mut())?;
+            let y = l.self_attn.attend(&x, &k, &v, &causal, self_fused.as_ref(), p, rng.as_deref_mut())?;
             x = l.self_attn_layer_norm.forward(&(x + self.dropout(y, rng.as_deref_mut())?)?)?;
             let (ck, cv) = l.encoder_attn.kv(&enc, nh)?;
-            let y = l.encoder_attn.attend(&x, &ck, &cv, &src_mask, p, rng.as_deref_mut())?;
+            let y = l.encoder_attn.attend(&x, &ck, &cv, &src_mask, cross_fused.as_ref(), p, rng.as_deref_mut())?;
             x = l.encoder_attn_layer_norm.forward(&(x + self.dropout(y, rng.as_deref_mut())?)?)?;
             let y = self.mlp(&l.fc1, &l.fc2, &x, rng.as_deref_mut())?;
             x = l.final_layer_norm.forward(&(x + y)?)?;

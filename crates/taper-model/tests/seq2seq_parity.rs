@@ -24,8 +24,18 @@ fn rel(a: &Tensor, b: &Tensor) -> f32 {
     max_abs(&(a - b).unwrap()) / max_abs(b).max(1e-12)
 }
 
+/// Against transformers through the fused kernels (attention with key padding, causal and
+/// cross) and through the composed ops.
 fn parity(name: &str) {
-    let m = load_dir(&dir(name), &Device::Cpu).unwrap();
+    for kernels in [true, false] {
+        parity_with(name, kernels);
+    }
+}
+
+fn parity_with(name: &str, kernels: bool) {
+    let mut m = load_dir(&dir(name), &Device::Cpu).unwrap();
+    assert!(m.config.kernels, "HF configs load with the kernels on");
+    m.config.kernels = kernels;
     assert_eq!(m.family, Family::Marian);
     let g: HashMap<String, Tensor> =
         candle_core::safetensors::load(dir(name).join("golden.safetensors"), &Device::Cpu).unwrap();
