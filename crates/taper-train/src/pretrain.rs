@@ -368,14 +368,8 @@ pub fn pretrain(mut cfg: RunConfig, run_dir: &Path, resume: Resume, obs: &mut dy
     };
     let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     let mut opt = Optimizer::new(cfg.optim.clone(), vars)?;
-    let (mut step, mut tokens, mut skipped) = (0u64, 0u64, 0u64);
-    if let Some(ck) = ck {
-        opt.load_state(ck.optimizer, ck.state.step - ck.state.skipped_steps, &ck.dir.display().to_string())?;
-        step = ck.state.data_cursor;
-        tokens = ck.state.tokens_seen;
-        skipped = ck.state.skipped_steps;
-        obs.message(&format!("resumed from {} at step {step}", ck.dir.display()));
-    }
+    // From-scratch checkpoints keep the data cursor at the step, so the step is where to go on.
+    let (mut step, mut tokens, mut skipped) = crate::finetune::resume_optimizer(&mut opt, ck, obs)?;
 
     // The run dir: resolved config and metrics (cut back to the resumed step).
     let cfg_path = run_dir.join("config.toml");
