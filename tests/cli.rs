@@ -597,6 +597,23 @@ fn reward_model_and_dpo_tiny_runs_resume_and_bad_pairs() {
     let ck = std::fs::read(rm.join("checkpoints/step_00000004/model.safetensors")).unwrap();
     assert!(safetensors::SafeTensors::deserialize(&ck).unwrap().names().contains(&"score.weight"));
 
+    // Another round from that reward model goes on with its head: one Adam step moves no
+    // element by more than the learning rate (a fresh normal(0, 0.02) head would).
+    let head = |ck: &Path| {
+        let bytes = std::fs::read(ck.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let t = st.tensor("score.weight").unwrap();
+        t.data().chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect::<Vec<f32>>()
+    };
+    let round2 = d.join("rm2.toml");
+    let text =
+        std::fs::read_to_string(&rm_cfg).unwrap().replace(&format!("init = {base:?}"), &format!("init = {rm:?}"));
+    std::fs::write(&round2, text.replace("max_steps = 4", "max_steps = 1")).unwrap();
+    ok(taper().arg("rm").arg("--config").arg(&round2).arg("--run-dir").arg(d.join("rm2")).output().unwrap());
+    let (before, after) = (head(&rm.join("checkpoints/step_00000004")), head(&d.join("rm2/checkpoints/step_00000001")));
+    let moved = before.iter().zip(&after).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(moved > 0.0 && moved <= 1.01e-3, "the head moved by {moved}");
+
     // DPO with precomputed reference log-probs: resumed equals uninterrupted, bit for bit.
     let dpo_cfg = d.join("dpo.toml");
     std::fs::write(

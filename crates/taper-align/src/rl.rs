@@ -9,8 +9,8 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 use taper_data::chat::ChatTemplate;
 use taper_data::packing::{collate, Row};
-use taper_data::preference::read_prompts;
-use taper_data::sft::{OnBadRecord, Tokenized, IGNORE_INDEX};
+use taper_data::preference::{read_prompts, Prompt};
+use taper_data::sft::{Example, OnBadRecord, Tokenized, IGNORE_INDEX};
 use taper_model::{nn, Decoder, Rng, Sampling};
 use taper_train::pretrain::Observer;
 use taper_train::source::Source;
@@ -116,7 +116,8 @@ pub enum Reward {
 }
 
 impl Reward {
-    pub fn load(spec: &RewardSpec, policy: &Source, dev: &Device) -> Result<Self> {
+    /// `template` renders prompt + response for a reward model (the RL run's own).
+    pub fn load(spec: &RewardSpec, policy: &Source, template: ChatTemplate, dev: &Device) -> Result<Self> {
         Ok(match spec {
             RewardSpec::ExactMatch => Reward::ExactMatch,
             RewardSpec::Regex { pattern } => Reward::Regex(
@@ -127,7 +128,7 @@ impl Reward {
             }
             RewardSpec::Length { target } => Reward::Length(*target),
             RewardSpec::Model { path } => {
-                let rm = RewardModel::load(path, dev)?;
+                let rm = RewardModel::load(path, template, dev)?;
                 if rm.src.tokenizer.get_vocab(true) != policy.tokenizer.get_vocab(true) {
                     return Err(AlignError::Invalid(format!(
                         "reward model {path}: its tokenizer ({} tokens) differs from the policy's ({} tokens); \
@@ -156,9 +157,9 @@ impl Reward {
                 rollouts.iter().map(|r| 1.0 - (r.text.chars().count() as f32 - *t as f32).abs() / *t as f32).collect()
             }
             Reward::Model(rm) => {
-                let seqs: Vec<Vec<u32>> =
-                    rollouts.iter().map(|r| [prompts[r.prompt].ids.as_slice(), &r.response].concat()).collect();
-                rm.score(&seqs, pad)?
+                let examples: Vec<Example> =
+                    rollouts.iter().map(|r| prompts[r.prompt].prompt.with_response(&r.text)).collect();
+                rm.score_examples(&examples, pad)?
             }
         })
     }
@@ -169,6 +170,9 @@ impl Reward {
 pub struct RlPrompt {
     pub ids: Vec<u32>,
     pub answer: Option<String>,
+    /// The record's prompt, so that a reward model reads prompt + response rendered as in its
+    /// own training pairs.
+    pub prompt: Prompt,
 }
 
 /// Reads, renders and tokenises prompt files; prompts too long for `max_new` new tokens in the
@@ -209,7 +213,7 @@ pub fn load_prompts(
             ids.drain(..ids.len() - room);
             truncated += 1;
         }
-        out.push(RlPrompt { ids, answer: rec.example.answer.clone() });
+        out.push(RlPrompt { ids, answer: rec.example.answer.clone(), prompt: rec.example.prompt.clone() });
     }
     obs.message(&format!(
         "{}: {} prompts ({} skipped as bad records, {} truncated and {} dropped as longer than {room} tokens)",
@@ -332,6 +336,9 @@ pub struct Eval {
     /// The share of sampled answers that equal the reference answer: the task's own reward,
     /// tracked beside a reward model's so that reward hacking shows.
     pub sampled_exact_match: Option<f64>,
+    /// Exact match of the best-rewarded sample per prompt: whether the reward picks the right
+    /// answer out of the policy's own samples (best-of-n), the signal RL climbs.
+    pub best_of_n_exact_match: Option<f64>,
 }
 
 impl Eval {
@@ -351,6 +358,13 @@ impl Eval {
             Some(m) => {
                 extra["eval/sampled_exact_match"] = m.into();
                 format!("{sampled}, sampled exact match {m:.4}")
+            }
+            None => sampled,
+        };
+        let sampled = match self.best_of_n_exact_match {
+            Some(m) => {
+                extra["eval/best_of_n_exact_match"] = m.into();
+                format!("{sampled}, best-of-n exact match {m:.4}")
             }
             None => sampled,
         };
@@ -379,7 +393,7 @@ pub fn evaluate(
     let with_answers = prompts.iter().filter(|p| p.answer.is_some()).count();
     let right = |r: &Rollout| prompts[r.prompt].answer.as_deref().is_some_and(|a| a.trim() == r.text.trim());
     let hits = outs.iter().filter(|r| right(r)).count();
-    let (sampled_reward, sampled_exact_match) = if rollout.eval_samples > 0 {
+    let (sampled_reward, sampled_exact_match, best_of_n_exact_match) = if rollout.eval_samples > 0 {
         let s = Sampling { temperature: rollout.temperature, top_k: rollout.top_k, top_p: rollout.top_p };
         let which: Vec<(usize, Rng)> = (0..prompts.len())
             .flat_map(|i| (0..rollout.eval_samples).map(move |k| (i, Rng::derive(0x4556_414C, &[i as u64, k as u64]))))
@@ -388,11 +402,22 @@ pub fn evaluate(
         let answered: Vec<&Rollout> = outs.iter().filter(|r| prompts[r.prompt].answer.is_some()).collect();
         let em =
             (!answered.is_empty()).then(|| answered.iter().filter(|r| right(r)).count() as f64 / answered.len() as f64);
-        (Some(mean(&reward.score(&outs, prompts, pad)?)), em)
+        let rewards = reward.score(&outs, prompts, pad)?;
+        // Samples come grouped by prompt; the first of equal rewards wins.
+        let n = rollout.eval_samples;
+        let best = outs.chunks(n).zip(rewards.chunks(n)).filter(|(o, _)| prompts[o[0].prompt].answer.is_some());
+        let (mut picked, mut right_picks) = (0usize, 0usize);
+        for (o, r) in best {
+            let k = (1..n).fold(0, |b, k| if r[k] > r[b] { k } else { b });
+            picked += 1;
+            right_picks += usize::from(right(&o[k]));
+        }
+        let best = (picked > 0).then(|| right_picks as f64 / picked as f64);
+        (Some(mean(&rewards)), em, best)
     } else {
-        (None, None)
+        (None, None, None)
     };
-    Ok(Eval { greedy_reward, hits, with_answers, sampled_reward, sampled_exact_match })
+    Ok(Eval { greedy_reward, hits, with_answers, sampled_reward, sampled_exact_match, best_of_n_exact_match })
 }
 
 /// What the RL recipes (PPO, GRPO) set up alike: the device, the starting policy, its pad id,
@@ -432,7 +457,7 @@ impl PromptRun {
         } else {
             load_prompts(&data.eval, &src, &template, data, max_new, obs)?
         };
-        let reward = Reward::load(reward, &src, &device)?;
+        let reward = Reward::load(reward, &src, template, &device)?;
         Ok(Self { device, ck_root: run_dir.join("checkpoints"), src, pad, train, eval, reward })
     }
 }

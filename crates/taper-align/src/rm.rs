@@ -9,7 +9,9 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::Instant;
+use taper_data::chat::ChatTemplate;
 use taper_data::packing::{collate, Row};
+use taper_data::sft::{EncodeOptions, Example, OnBadRecord, Overflow, SftEncoder};
 use taper_model::lora::LoraConfig;
 use taper_model::{Decoder, Rng, Weights};
 use taper_train::config::{TrainConfig, Validate};
@@ -110,21 +112,51 @@ pub fn rewards(model: &Decoder, score: &Tensor, rows: &[Row], dev: &Device, rng:
     Ok(h_last.matmul(&score.t()?)?.squeeze(1)?) // (N,)
 }
 
+/// The ids a reward model scores for one example: encoded as `taper rm` encodes a pair's side,
+/// keeping the newest `max` tokens.
+pub fn reward_ids(enc: &SftEncoder, example: &Example, max: usize) -> Result<Vec<u32>> {
+    let mut ids = enc.encode(example)?.input_ids;
+    if ids.len() > max {
+        ids.drain(..ids.len() - max);
+    }
+    Ok(ids)
+}
+
 /// A trained reward model, loaded for scoring (PPO's reward, evaluation).
 pub struct RewardModel {
     pub src: Source,
     model: Decoder,
     score: Tensor,
+    /// Renders prompt + response as the reward model's training pairs were rendered.
+    template: ChatTemplate,
 }
 
 impl RewardModel {
-    pub fn load(spec: &str, dev: &Device) -> Result<Self> {
+    pub fn load(spec: &str, template: ChatTemplate, dev: &Device) -> Result<Self> {
         let src = taper_train::source::load(spec, dev)?;
         let score = src.weights.get(SCORE).cloned().ok_or_else(|| {
             AlignError::Invalid(format!("{spec}: not a reward model (no `{SCORE}` head; train one with `taper rm`)"))
         })?;
         let model = Decoder::load(&Weights::new(src.weights.clone()).detached(), &src.config)?;
-        Ok(Self { src, model, score })
+        Ok(Self { src, model, score, template })
+    }
+
+    /// Rewards of prompts answered with responses, each encoded exactly as `taper rm` encodes a
+    /// pair's side: the full conversation through the template, so the reward is read at the
+    /// same final token (the template's text after the end-of-turn marker included) as in
+    /// training. Sampled ids would end at the stop token instead, where the head never learned.
+    /// Too long a sequence loses its oldest tokens, as an RL prompt does.
+    pub fn score_examples(&self, examples: &[Example], pad: u32) -> Result<Vec<f32>> {
+        let opts = EncodeOptions {
+            max_len: None,
+            overflow: Overflow::Truncate,
+            train_on_all: false,
+            on_bad: OnBadRecord::Error,
+        };
+        let enc = SftEncoder::new(&self.src.tokenizer, &self.template, opts)?;
+        let max = self.src.config.block_size;
+        let seqs = examples.iter().map(|e| reward_ids(&enc, e, max)).collect::<Result<Vec<_>>>()?;
+        self.score(&seqs, pad)
     }
 
     /// Rewards of tokenised sequences, in batches.
@@ -186,11 +218,25 @@ pub fn rm(cfg: RmConfig, run_dir: &Path, resume: Resume, obs: &mut dyn Observer)
     let PairRun { device, ck_root, src, pad, train, eval, .. } =
         PairRun::setup(&cfg.device, &cfg.init, &cfg.data, run_dir, obs)?;
     let ck = load_resume(&resume, &ck_root, &device)?;
-    // A fresh head as HF initialises one: normal(0, 0.02), drawn from our seeded RNG.
+    // A reward model as `init` goes on with its own head (another round of training on new
+    // pairs); otherwise a fresh head as HF initialises one: normal(0, 0.02), from our seeded RNG.
     let c = src.config.n_embd;
-    let mut rng = Rng::derive(cfg.seed, &[0x5343_4F52]);
-    let head: Vec<f32> = (0..c).map(|_| (rng.normal() * 0.02) as f32).collect();
-    let heads = vec![(SCORE.to_string(), Tensor::from_vec(head, (1, c), &device)?)];
+    let head = match src.weights.get(SCORE) {
+        Some(h) if h.dims() == [1, c] => h.detach(),
+        Some(h) => {
+            return Err(AlignError::Invalid(format!(
+                "{}: `{SCORE}` has shape {:?}, expected [1, {c}]",
+                cfg.init,
+                h.dims()
+            )))
+        }
+        None => {
+            let mut rng = Rng::derive(cfg.seed, &[0x5343_4F52]);
+            let head: Vec<f32> = (0..c).map(|_| (rng.normal() * 0.02) as f32).collect();
+            Tensor::from_vec(head, (1, c), &device)?
+        }
+    };
+    let heads = vec![(SCORE.to_string(), head)];
     // The LM head plays no part in a reward: it stays as it was.
     let frozen = ["lm_head.weight"];
     let (vars, weights) = trainable_except(&src, cfg.lora.as_ref(), cfg.seed, heads, ck.as_ref(), &frozen)?;
@@ -275,4 +321,42 @@ pub fn rm(cfg: RmConfig, run_dir: &Path, resume: Resume, obs: &mut dyn Observer)
         elapsed_s: started.elapsed().as_secs_f64(),
         checkpoint: last_ck,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use taper_data::chat::{Message, Role};
+    use taper_data::preference::Prompt;
+
+    /// A rollout's ids stop at the end-of-turn token, but `taper rm` trained the head on the
+    /// full rendered turn (ChatML's newline after `<|im_end|>` included): the reward model must
+    /// read that, one token past the sampled ids, or it scores at a token it never learned.
+    #[test]
+    fn reward_ids_are_the_rendered_turn_not_the_sampled_ids() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("taper-rm-ids-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let text = dir.join("t.txt");
+        std::fs::write(&text, "abcdefghijklmnopqrstuvwxyz: AB\n").unwrap();
+        let specials: Vec<String> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"].map(String::from).to_vec();
+        let tok = taper_data::tokenizer::train(taper_data::tokenizer::TokenizerKind::Char, &[text], 0, &specials)?;
+        let template = ChatTemplate::chatml();
+        let prompt = Prompt::Chat(vec![Message::new(Role::User, "upper: ab")]);
+        let opts = EncodeOptions {
+            max_len: None,
+            overflow: Overflow::Truncate,
+            train_on_all: false,
+            on_bad: OnBadRecord::Error,
+        };
+        let enc = SftEncoder::new(&tok, &template, opts)?;
+        let id = |t: &str| tok.token_to_id(t).unwrap();
+        let prompt_ids = tok.encode(prompt.render(&template)?.as_str(), false).unwrap().get_ids().to_vec();
+        let sampled = [prompt_ids.as_slice(), &[id("A"), id("B"), id("<|im_end|>")]].concat();
+        let ids = reward_ids(&enc, &prompt.with_response("AB"), 64)?;
+        assert_eq!(ids, [sampled.as_slice(), &[id("\n")]].concat());
+        // Too long: the oldest tokens go, the scored end stays.
+        assert_eq!(reward_ids(&enc, &prompt.with_response("AB"), 5)?, ids[ids.len() - 5..]);
+        std::fs::remove_dir_all(&dir).ok();
+        Ok(())
+    }
 }

@@ -49,6 +49,8 @@ pub fn trainable_except(
             .map(|(k, t)| (k.clone(), t.clone()))
             .collect(),
     };
+    // A head replaces the source's tensor of the same name (a reward model trained on).
+    fresh.retain(|(k, _)| !heads.iter().any(|(h, _)| h == k));
     fresh.extend(heads);
     fresh.sort_by(|a, b| a.0.cmp(&b.0));
     let named: Vec<(String, Tensor)> = match ck {
