@@ -244,6 +244,7 @@ fn main() {
     std::panic::set_hook(Box::new(|info| {
         eprintln!("error: internal error: {info}");
     }));
+    taper_train::bench::keep_freed_memory();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         let mut msg = format!("{e:#}");

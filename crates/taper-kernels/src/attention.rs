@@ -122,6 +122,54 @@ impl Dims {
     }
 }
 
+/// [`attention`] on the projections' layout: q (B, Tq, Hq·D), k and v (B, Tk, Hkv·D), returning
+/// (B, Tq, Hq·D), the input of the output projection. One graph node where the (B, H, T, D)
+/// form needs a reshape, a transpose and a copy on each side, each with a backward of its own.
+pub fn attention_bthd(q: &Tensor, k: &Tensor, v: &Tensor, hq: usize, hkv: usize, opts: &AttnOpts) -> Result<Tensor> {
+    let split = |t: &Tensor, h: usize, name: &str| -> Result<Tensor> {
+        let (b, n, c) =
+            t.dims3().map_err(|_| AttentionError::Shape(format!("{name} must be (B, T, H*D), got {:?}", t.dims())))?;
+        if h == 0 || c % h != 0 {
+            return Err(AttentionError::Shape(format!("{name} width {c} is not a multiple of {h} heads")));
+        }
+        Ok(t.reshape((b, n, h, c / h))?.transpose(1, 2)?)
+    };
+    let (qh, kh, vh) = (split(q, hq, "q")?, split(k, hkv, "k")?, split(v, hkv, "v")?);
+    let dims = Dims::of(&qh, &kh, &vh, opts)?;
+    if q.dtype() != k.dtype() || q.dtype() != v.dtype() {
+        return Err(AttentionError::DType { q: q.dtype(), k: k.dtype(), v: v.dtype() });
+    }
+    let fused = q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64);
+    if !fused {
+        let y = attention_composed(&qh, &kh, &vh, opts)?; // (B, H, T, D)
+        return Ok(y.transpose(1, 2)?.reshape(q.dims())?);
+    }
+    let op = FusedAttention { dims, opts: opts.clone(), lse: Mutex::new(None), bthd: true };
+    Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+}
+
+/// Self-attention on one packed projection, q, k and v side by side in each row:
+/// (B, T, (Hq + 2·Hkv)·D) -> (B, T, Hq·D). With the three projections' weights stacked into one
+/// GEMM, their input gets a single gradient instead of three to add up.
+pub fn attention_packed(qkv: &Tensor, hq: usize, hkv: usize, opts: &AttnOpts) -> Result<Tensor> {
+    let (b, t, w) =
+        qkv.dims3().map_err(|_| AttentionError::Shape(format!("qkv must be (B, T, W), got {:?}", qkv.dims())))?;
+    let heads = hq + 2 * hkv;
+    if hkv == 0 || w % heads != 0 {
+        return Err(AttentionError::Shape(format!("qkv width {w} is not {hq} + 2 x {hkv} heads of one size")));
+    }
+    let d = w / heads;
+    let fused = qkv.device().is_cpu() && matches!(qkv.dtype(), DType::F32 | DType::F64);
+    if !fused {
+        let part = |from: usize, h: usize| qkv.narrow(2, from * d, h * d);
+        return attention_bthd(&part(0, hq)?, &part(hq, hkv)?, &part(hq + hkv, hkv)?, hq, hkv, opts);
+    }
+    let shape = |h: usize| Tensor::zeros((b, h, t, d), qkv.dtype(), &Device::Cpu);
+    let dims = Dims::of(&shape(hq)?, &shape(hkv)?, &shape(hkv)?, opts)?;
+    let inner = FusedAttention { dims, opts: opts.clone(), lse: Mutex::new(None), bthd: false };
+    Ok(qkv.contiguous()?.apply_op1(PackedAttention(inner))?)
+}
+
 /// Attention softmax(scale · q kᵀ + mask) v over (B, Hq, Tq, D) queries and (B, Hkv, Tk, D)
 /// keys and values, Hq a multiple of Hkv. Returns (B, Hq, Tq, D); a query that sees no key gets
 /// a zero row (and no gradient). Fused on CPU in f32 and f64, composed elsewhere.
@@ -134,7 +182,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOpts) -> Result<
     if !fused {
         return attention_composed(q, k, v, opts);
     }
-    let op = FusedAttention { dims, opts: opts.clone(), lse: Mutex::new(None) };
+    let op = FusedAttention { dims, opts: opts.clone(), lse: Mutex::new(None), bthd: false };
     Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
 }
 
@@ -491,6 +539,47 @@ struct FusedAttention {
     dims: Dims,
     opts: AttnOpts,
     lse: Mutex<Option<CpuStorage>>,
+    /// Tensors in the projections' (B, T, H·D) layout: heads are gathered into (B, H, T, D)
+    /// inside the op, so that the graph holds no reshape, transpose or copy around it.
+    bthd: bool,
+}
+
+/// Heads `h` at column `off` of rows (B, T, width) gathered into (B, H, T, D).
+fn gather_heads<T: Float>(x: &[T], t: usize, h: usize, d: usize, width: usize, off: usize) -> Vec<T> {
+    let b = x.len() / (t * width).max(1);
+    let mut out = vec![T::ZERO; b * h * t * d];
+    if t * d == 0 {
+        return out;
+    }
+    out.par_chunks_mut(t * d).enumerate().for_each(|(bh, chunk)| {
+        let (bi, hi) = (bh / h, bh % h);
+        for (ti, row) in chunk.chunks_mut(d).enumerate() {
+            let at = (bi * t + ti) * width + off + hi * d;
+            row.copy_from_slice(&x[at..at + d]);
+        }
+    });
+    out
+}
+
+/// The inverse of [`gather_heads`]: (B, H, T, D) written into column `off` of rows (B, T, width).
+fn scatter_heads<T: Float>(src: &[T], dst: &mut [T], t: usize, h: usize, d: usize, width: usize, off: usize) {
+    if t * width == 0 {
+        return;
+    }
+    dst.par_chunks_mut(width).enumerate().for_each(|(bt, row)| {
+        let (bi, ti) = (bt / t, bt % t);
+        for hi in 0..h {
+            let at = ((bi * h + hi) * t + ti) * d;
+            row[off + hi * d..off + (hi + 1) * d].copy_from_slice(&src[at..at + d]);
+        }
+    });
+}
+
+/// (B, H, T, D) -> (B, T, H·D).
+fn heads_to_rows<T: Float>(src: &[T], t: usize, h: usize, d: usize) -> Vec<T> {
+    let mut out = vec![T::ZERO; src.len()];
+    scatter_heads(src, &mut out, t, h, d, h * d, 0);
+    out
 }
 
 fn slice<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
@@ -501,6 +590,18 @@ fn slice<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a
 }
 
 impl FusedAttention {
+    /// [`Self::fwd`] on the op's layout: (B, T, H·D) gathered into heads and the output
+    /// scattered back.
+    fn fwd_layout<T: Float>(&self, q: &[T], k: &[T], v: &[T]) -> (Vec<T>, Vec<T>) {
+        if !self.bthd {
+            return self.fwd(q, k, v);
+        }
+        let Dims { hq, hkv, tq, tk, d, .. } = self.dims;
+        let rows = |x: &[T], t: usize, h: usize| gather_heads(x, t, h, d, h * d, 0);
+        let (out, lse) = self.fwd(&rows(q, tq, hq), &rows(k, tk, hkv), &rows(v, tk, hkv));
+        (heads_to_rows(&out, tq, hq, d), lse)
+    }
+
     fn fwd<T: Float>(&self, q: &[T], k: &[T], v: &[T]) -> (Vec<T>, Vec<T>) {
         let Dims { b, hq, hkv, tq, tk, d } = self.dims;
         let rep = self.dims.rep();
@@ -729,17 +830,18 @@ impl candle_core::CustomOp3 for FusedAttention {
         let Dims { b, hq, tq, d, .. } = self.dims;
         let (out, lse) = match candle_core::backend::BackendStorage::dtype(s1) {
             DType::F32 => {
-                let (o, l) = self.fwd::<f32>(slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+                let (o, l) = self.fwd_layout::<f32>(slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
                 (CpuStorage::F32(o), CpuStorage::F32(l))
             }
             DType::F64 => {
-                let (o, l) = self.fwd::<f64>(slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+                let (o, l) = self.fwd_layout::<f64>(slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
                 (CpuStorage::F64(o), CpuStorage::F64(l))
             }
             dt => return Err(candle_core::Error::UnsupportedDTypeForOp(dt, "fused-attention")),
         };
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
-        Ok((out, Shape::from((b, hq, tq, d))))
+        let shape = if self.bthd { Shape::from((b, tq, hq * d)) } else { Shape::from((b, hq, tq, d)) };
+        Ok((out, shape))
     }
 
     fn bwd(
@@ -775,15 +877,108 @@ impl FusedAttention {
         grad: &Tensor,
         lse: &CpuStorage,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let host = |t: &Tensor| -> candle_core::Result<Vec<T>> { t.flatten_all()?.to_vec1::<T>() };
-        let (qh, kh, vh, oh, gh) = (host(q)?, host(k)?, host(v)?, host(out)?, host(grad)?);
+        let Dims { hq, hkv, tq, tk, d, .. } = self.dims;
+        let host = |t: &Tensor, tt: usize, h: usize| -> candle_core::Result<Vec<T>> {
+            let v = t.flatten_all()?.to_vec1::<T>()?;
+            Ok(if self.bthd { gather_heads(&v, tt, h, d, h * d, 0) } else { v })
+        };
+        let (qh, kh, vh) = (host(q, tq, hq)?, host(k, tk, hkv)?, host(v, tk, hkv)?);
+        let (oh, gh) = (host(out, tq, hq)?, host(grad, tq, hq)?);
         let (dq, dk, dv) = self.bwd(&qh, &kh, &vh, &oh, &gh, T::cpu_storage_as_slice(lse)?);
+        let (dq, dk, dv) = if self.bthd {
+            (heads_to_rows(&dq, tq, hq, d), heads_to_rows(&dk, tk, hkv, d), heads_to_rows(&dv, tk, hkv, d))
+        } else {
+            (dq, dk, dv)
+        };
         let cpu = &Device::Cpu;
         Ok((
             Tensor::from_vec(dq, q.shape(), cpu)?,
             Tensor::from_vec(dk, k.shape(), cpu)?,
             Tensor::from_vec(dv, v.shape(), cpu)?,
         ))
+    }
+}
+
+/// [`FusedAttention`] reading q, k and v out of one packed (B, T, (Hq + 2·Hkv)·D) tensor and
+/// writing (B, T, Hq·D); its gradient comes back packed the same way.
+struct PackedAttention(FusedAttention);
+
+impl PackedAttention {
+    /// q, k, v as (B, H, T, D) from the packed rows.
+    fn split<T: Float>(&self, x: &[T]) -> [Vec<T>; 3] {
+        let Dims { hq, hkv, tq: t, d, .. } = self.0.dims;
+        let w = (hq + 2 * hkv) * d;
+        [
+            gather_heads(x, t, hq, d, w, 0),
+            gather_heads(x, t, hkv, d, w, hq * d),
+            gather_heads(x, t, hkv, d, w, (hq + hkv) * d),
+        ]
+    }
+
+    fn fwd<T: Float>(&self, x: &[T]) -> (Vec<T>, Vec<T>) {
+        let Dims { hq, tq, d, .. } = self.0.dims;
+        let [q, k, v] = self.split(x);
+        let (out, lse) = self.0.fwd(&q, &k, &v);
+        (heads_to_rows(&out, tq, hq, d), lse)
+    }
+
+    fn bwd_tensor<T: Float>(
+        &self,
+        x: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+        lse: &CpuStorage,
+    ) -> candle_core::Result<Tensor> {
+        let Dims { hq, hkv, tq: t, d, .. } = self.0.dims;
+        let host = |t: &Tensor| -> candle_core::Result<Vec<T>> { t.flatten_all()?.to_vec1::<T>() };
+        let xh = host(x)?;
+        let [q, k, v] = self.split(&xh);
+        let rows = |y: &[T]| gather_heads(y, t, hq, d, hq * d, 0);
+        let (o, g) = (rows(&host(out)?), rows(&host(grad)?));
+        let (dq, dk, dv) = self.0.bwd(&q, &k, &v, &o, &g, T::cpu_storage_as_slice(lse)?);
+        let w = (hq + 2 * hkv) * d;
+        let mut dx = vec![T::ZERO; xh.len()];
+        scatter_heads(&dq, &mut dx, t, hq, d, w, 0);
+        scatter_heads(&dk, &mut dx, t, hkv, d, w, hq * d);
+        scatter_heads(&dv, &mut dx, t, hkv, d, w, (hq + hkv) * d);
+        Tensor::from_vec(dx, x.shape(), &Device::Cpu)
+    }
+}
+
+impl candle_core::CustomOp1 for PackedAttention {
+    fn name(&self) -> &'static str {
+        "fused-attention-packed"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Dims { b, hq, tq, d, .. } = self.0.dims;
+        let (out, lse) = match candle_core::backend::BackendStorage::dtype(s) {
+            DType::F32 => {
+                let (o, l) = self.fwd::<f32>(slice(s, l)?);
+                (CpuStorage::F32(o), CpuStorage::F32(l))
+            }
+            DType::F64 => {
+                let (o, l) = self.fwd::<f64>(slice(s, l)?);
+                (CpuStorage::F64(o), CpuStorage::F64(l))
+            }
+            dt => return Err(candle_core::Error::UnsupportedDTypeForOp(dt, "fused-attention-packed")),
+        };
+        *self.0.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
+        Ok((out, Shape::from((b, tq, hq * d))))
+    }
+
+    fn bwd(&self, x: &Tensor, out: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let guard = self.0.lse.lock().unwrap_or_else(|e| e.into_inner());
+        let lse = guard.as_ref().ok_or_else(|| {
+            candle_core::Error::wrap(AttentionError::Backward(
+                "no saved logsumexp: the forward did not run on CPU".into(),
+            ))
+        })?;
+        Ok(Some(match x.dtype() {
+            DType::F32 => self.bwd_tensor::<f32>(x, out, grad, lse)?,
+            DType::F64 => self.bwd_tensor::<f64>(x, out, grad, lse)?,
+            dt => return Err(candle_core::Error::UnsupportedDTypeForOp(dt, "fused-attention-packed")),
+        }))
     }
 }
 

@@ -6,6 +6,7 @@
 mod act;
 mod attention;
 mod float;
+mod linear;
 mod linear_loss;
 mod loss;
 mod norm;
@@ -14,7 +15,8 @@ mod rope;
 mod softmax;
 
 pub use act::{gelu_erf, gelu_tanh, swiglu};
-pub use attention::{attention, attention_composed, AttentionError, AttnOpts};
+pub use attention::{attention, attention_bthd, attention_composed, attention_packed, AttentionError, AttnOpts};
+pub use linear::{linear, linear_composed};
 pub use linear_loss::linear_cross_entropy;
 pub use loss::cross_entropy;
 pub use norm::{layer_norm, rms_norm};

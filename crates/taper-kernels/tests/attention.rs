@@ -291,3 +291,71 @@ fn bad_shapes_are_typed_errors() -> Result<()> {
     assert!(matches!(attention(&q, &k64, &k, &opts), Err(AttentionError::DType { .. })), "mixed dtypes");
     Ok(())
 }
+
+/// The (B, T, H·D) entry is the same op on the projections' layout: output and gradients equal
+/// the (B, H, T, D) kernel's, moved between layouts, bit for bit.
+#[test]
+fn bthd_layout_is_the_same_attention() -> Result<()> {
+    for (n, c) in cases().iter().enumerate() {
+        let data = c.data(500 + n as u64);
+        let [bhtd_out, dq, dk, dv] = run(c, &data, DType::F32, attention)?;
+        let [q, k, v, r] = c.tensors(&data, DType::F32)?;
+        let to_bthd = |t: &Tensor| -> Result<Tensor> {
+            let (b, h, tt, d) = t.dims4()?;
+            t.transpose(1, 2)?.contiguous()?.reshape((b, tt, h * d))
+        };
+        let (q, k, v) =
+            (Var::from_tensor(&to_bthd(&q)?)?, Var::from_tensor(&to_bthd(&k)?)?, Var::from_tensor(&to_bthd(&v)?)?);
+        let out = taper_kernels::attention_bthd(q.as_tensor(), k.as_tensor(), v.as_tensor(), c.hq, c.hkv, &c.opts)
+            .map_err(candle_core::Error::wrap)?;
+        assert_eq!(out.dims(), [c.b, c.tq, c.hq * c.d], "{}", c.name);
+        let grads = (&out * to_bthd(&r)?)?.sum_all()?.backward()?;
+        let back = |t: &Tensor, h: usize, tt: usize| -> Result<Vec<f64>> {
+            host(&t.reshape((c.b, tt, h, c.d))?.transpose(1, 2)?.contiguous()?)
+        };
+        let g = |x: &Var| grads.get(x.as_tensor()).expect("a gradient").clone();
+        for (what, got, want) in [
+            ("out", back(&out, c.hq, c.tq)?, bhtd_out),
+            ("dq", back(&g(&q), c.hq, c.tq)?, dq),
+            ("dk", back(&g(&k), c.hkv, c.tk)?, dk),
+            ("dv", back(&g(&v), c.hkv, c.tk)?, dv),
+        ] {
+            assert!(got == want, "{}: {what} differs between layouts", c.name);
+        }
+    }
+    Ok(())
+}
+
+/// The packed entry, q, k and v side by side in one (B, T, (Hq + 2·Hkv)·D) tensor, is the same
+/// attention too; its one gradient holds dq, dk and dv in the same places.
+#[test]
+fn packed_qkv_is_the_same_attention() -> Result<()> {
+    for (n, c) in cases().iter().enumerate().filter(|(_, c)| c.tq == c.tk) {
+        let data = c.data(600 + n as u64);
+        let [bhtd_out, dq, dk, dv] = run(c, &data, DType::F32, attention)?;
+        let [q, k, v, r] = c.tensors(&data, DType::F32)?;
+        let to_rows = |t: &Tensor| -> Result<Tensor> {
+            let (b, h, tt, d) = t.dims4()?;
+            t.transpose(1, 2)?.contiguous()?.reshape((b, tt, h * d))
+        };
+        let qkv = Var::from_tensor(&Tensor::cat(&[to_rows(&q)?, to_rows(&k)?, to_rows(&v)?], 2)?)?;
+        let out =
+            taper_kernels::attention_packed(qkv.as_tensor(), c.hq, c.hkv, &c.opts).map_err(candle_core::Error::wrap)?;
+        assert_eq!(out.dims(), [c.b, c.tq, c.hq * c.d], "{}", c.name);
+        let grads = (&out * to_rows(&r)?)?.sum_all()?.backward()?;
+        let g = grads.get(qkv.as_tensor()).expect("a gradient");
+        let back = |t: &Tensor, h: usize| -> Result<Vec<f64>> {
+            host(&t.reshape((c.b, c.tq, h, c.d))?.transpose(1, 2)?.contiguous()?)
+        };
+        let part = |from: usize, h: usize| g.narrow(2, from * c.d, h * c.d);
+        for (what, got, want) in [
+            ("out", back(&out, c.hq)?, bhtd_out),
+            ("dq", back(&part(0, c.hq)?, c.hq)?, dq),
+            ("dk", back(&part(c.hq, c.hkv)?, c.hkv)?, dk),
+            ("dv", back(&part(c.hq + c.hkv, c.hkv)?, c.hkv)?, dv),
+        ] {
+            assert!(got == want, "{}: {what} differs from the (B, H, T, D) op", c.name);
+        }
+    }
+    Ok(())
+}

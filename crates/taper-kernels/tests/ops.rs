@@ -334,6 +334,50 @@ fn activations() {
     }
 }
 
+#[test]
+fn linear_with_and_without_bias() {
+    // (x shape, out): a 3-D batch, one row, ragged widths, a wide GEMM that takes the threaded
+    // path, and a transposed (non-contiguous) x.
+    for (shape, out, transpose) in [
+        (vec![2, 5, 7], 3, false),
+        (vec![1, 1], 1, false),
+        (vec![1, 1, 13], 33, false),
+        (vec![67, 129], 71, false),
+        (vec![9, 6], 4, true),
+    ] {
+        let c = *shape.last().unwrap();
+        let make = |dtype: DType| {
+            let mut r = Rng(shape.iter().product::<usize>() as u64 + out as u64);
+            let x = r.tensor(&shape, 1.0, dtype);
+            let x = if transpose { transposed(x) } else { inp(x) };
+            vec![x, inp(r.tensor(&[out, c], 0.5, dtype)), inp(r.tensor(&[out], 0.5, dtype))]
+        };
+        both(
+            &format!("linear {shape:?} -> {out}"),
+            &|a| taper_kernels::linear(&a[0], &a[1], Some(&a[2])),
+            &|a| taper_kernels::linear_composed(&a[0], &a[1], Some(&a[2])),
+            &make,
+        );
+        let no_bias = |d: DType| make(d).into_iter().take(2).collect::<Vec<_>>();
+        both(
+            &format!("linear without bias {shape:?} -> {out}"),
+            &|a| taper_kernels::linear(&a[0], &a[1], None),
+            &|a| taper_kernels::linear_composed(&a[0], &a[1], None),
+            &no_bias,
+        );
+    }
+    // A frozen weight: the gradient still reaches x.
+    let mut r = Rng(5);
+    let (x, w) = (r.tensor(&[4, 6], 1.0, DType::F32), r.tensor(&[3, 6], 1.0, DType::F32));
+    parity(
+        "linear, frozen weight",
+        &|a| taper_kernels::linear(&a[0], &a[1], None),
+        &|a| taper_kernels::linear_composed(&a[0], &a[1], None),
+        &[inp(x), constant(w)],
+        1e-5,
+    );
+}
+
 /// The forwards agree with candle's exactly (same expressions in the same order), so that a
 /// model gives the same numbers with kernels on or off.
 #[test]

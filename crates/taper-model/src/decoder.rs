@@ -134,10 +134,11 @@ struct Linear {
     w: Tensor,
     b: Option<Tensor>,
     lora: Option<Adapter>,
+    kernels: bool,
 }
 
 impl Linear {
-    fn load(w: &Weights, name: &str, out: usize, inp: usize, bias: bool) -> Result<Self> {
+    fn load(w: &Weights, name: &str, out: usize, inp: usize, bias: bool, kernels: bool) -> Result<Self> {
         let a_name = format!("{name}.lora_A.weight");
         let lora = match (w.lora(), w.contains(&a_name)) {
             (Some(l), true) => Some(Adapter {
@@ -152,12 +153,13 @@ impl Linear {
             w: w.get(&format!("{name}.weight"), &[out, inp])?,
             b: if bias { Some(w.get(&format!("{name}.bias"), &[out])?) } else { None },
             lora,
+            kernels,
         })
     }
 
     /// With an adapter, `rng` (training) turns its dropout on.
     fn forward_rng(&self, x: &Tensor, rng: Option<&mut Rng>) -> candle_core::Result<Tensor> {
-        let y = nn::linear(x, &self.w, self.b.as_ref())?;
+        let y = nn::linear_k(x, &self.w, self.b.as_ref(), self.kernels)?;
         match &self.lora {
             None => Ok(y),
             Some(ad) => {
@@ -203,6 +205,19 @@ impl NormLayer {
             (Norm::RmsNorm, false) => nn::rms_norm(x, &self.w, self.eps),
             (Norm::RmsNorm, true) => taper_kernels::rms_norm(x, &self.w, self.eps),
         }
+    }
+}
+
+impl Block {
+    /// q, k and v projections without adapters and with biases on all or none: they can run
+    /// as one stacked GEMM.
+    fn plain_qkv(&self) -> bool {
+        let (q, k, v) = (&self.q_proj, &self.k_proj, &self.v_proj);
+        q.kernels
+            && q.lora.is_none()
+            && k.lora.is_none()
+            && v.lora.is_none()
+            && (q.b.is_some() == k.b.is_some() && k.b.is_some() == v.b.is_some())
     }
 }
 
@@ -287,10 +302,10 @@ impl Decoder {
                 let p = format!("model.layers.{i}");
                 Ok(Block {
                     input_layernorm: NormLayer::load(w, &format!("{p}.input_layernorm"), cfg)?,
-                    q_proj: Linear::load(w, &format!("{p}.self_attn.q_proj"), q, c, qkv_b)?,
-                    k_proj: Linear::load(w, &format!("{p}.self_attn.k_proj"), kv, c, qkv_b)?,
-                    v_proj: Linear::load(w, &format!("{p}.self_attn.v_proj"), kv, c, qkv_b)?,
-                    o_proj: Linear::load(w, &format!("{p}.self_attn.o_proj"), c, q, o_b)?,
+                    q_proj: Linear::load(w, &format!("{p}.self_attn.q_proj"), q, c, qkv_b, cfg.kernels)?,
+                    k_proj: Linear::load(w, &format!("{p}.self_attn.k_proj"), kv, c, qkv_b, cfg.kernels)?,
+                    v_proj: Linear::load(w, &format!("{p}.self_attn.v_proj"), kv, c, qkv_b, cfg.kernels)?,
+                    o_proj: Linear::load(w, &format!("{p}.self_attn.o_proj"), c, q, o_b, cfg.kernels)?,
                     q_norm: match cfg.qk_norm {
                         true => {
                             Some(NormLayer::load_width(w, &format!("{p}.self_attn.q_norm"), cfg, hd, Norm::RmsNorm)?)
@@ -305,12 +320,12 @@ impl Decoder {
                     },
                     post_attention_layernorm: NormLayer::load(w, &format!("{p}.post_attention_layernorm"), cfg)?,
                     gate_proj: if cfg.mlp == Mlp::Swiglu {
-                        Some(Linear::load(w, &format!("{p}.mlp.gate_proj"), h, c, mlp_b)?)
+                        Some(Linear::load(w, &format!("{p}.mlp.gate_proj"), h, c, mlp_b, cfg.kernels)?)
                     } else {
                         None
                     },
-                    up_proj: Linear::load(w, &format!("{p}.mlp.up_proj"), h, c, mlp_b)?,
-                    down_proj: Linear::load(w, &format!("{p}.mlp.down_proj"), c, h, mlp_b)?,
+                    up_proj: Linear::load(w, &format!("{p}.mlp.up_proj"), h, c, mlp_b, cfg.kernels)?,
+                    down_proj: Linear::load(w, &format!("{p}.mlp.down_proj"), c, h, mlp_b, cfg.kernels)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -344,7 +359,7 @@ impl Decoder {
         rng: Option<&mut Rng>,
     ) -> Result<Tensor> {
         let h = self.forward_hidden(ids, offset, cache, rng)?; // (B, T, C)
-        Ok(nn::linear(&h, &self.lm_head, None)?) // (B, T, V)
+        Ok(nn::linear_k(&h, &self.lm_head, None, self.cfg.kernels)?) // (B, T, V)
     }
 
     /// The final normalised hidden states (B, T, C): the input of the LM head, and of any other
@@ -384,7 +399,7 @@ impl Decoder {
         rng: Option<&mut Rng>,
     ) -> Result<Tensor> {
         let h = self.forward_hidden_packed(ids, position_ids, segment_ids, rng)?;
-        Ok(nn::linear(&h, &self.lm_head, None)?)
+        Ok(nn::linear_k(&h, &self.lm_head, None, self.cfg.kernels)?)
     }
 
     /// Mean cross-entropy of logits (N, V) against targets (N,) i64, skipping `ignore_index`,
@@ -398,9 +413,22 @@ impl Decoder {
         })
     }
 
+    /// Mean next-token cross-entropy of the LM head over final hidden states (.., C) against
+    /// `targets` (one per row), and the number counted. With the kernels on the CPU the head and
+    /// the loss run together in chunks of rows, so the (N, V) logits never exist, forward or
+    /// backward; otherwise the logits, then [`Self::loss`].
+    pub fn head_loss(&self, h: &Tensor, targets: &Tensor, ignore_index: i64) -> Result<(Tensor, usize)> {
+        let fused = self.cfg.kernels && h.device().is_cpu() && matches!(h.dtype(), DType::F32 | DType::F64);
+        if !fused {
+            return self.loss(&flatten_logits(&self.head(h)?)?, targets, ignore_index);
+        }
+        let c = h.dim(D::Minus1)?;
+        Ok(taper_kernels::linear_cross_entropy(&h.reshape(((), c))?, &self.lm_head, targets, ignore_index, 0)?)
+    }
+
     /// The LM head over final hidden states: (B, T, C) -> (B, T, V).
     pub fn head(&self, h: &Tensor) -> Result<Tensor> {
-        Ok(nn::linear(h, &self.lm_head, None)?)
+        Ok(nn::linear_k(h, &self.lm_head, None, self.cfg.kernels)?)
     }
 
     pub fn forward_hidden_packed(
@@ -495,15 +523,57 @@ impl Decoder {
         mut rng: Option<&mut Rng>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let (b, t, _) = x.dims3()?;
-        let (nh, nkv, hd) = (cfg.n_head, cfg.kv_heads(), cfg.head_dim());
+        let (nh, nkv) = (cfg.n_head, cfg.kv_heads());
 
         // Attention, pre-norm.
         let hx = l.input_layernorm.forward(x)?;
-        let q = l.q_proj.forward_rng(&hx, rng.as_deref_mut())?.reshape((b, t, nh, hd))?.transpose(1, 2)?; // (B, H, T, D)
-        let k = l.k_proj.forward_rng(&hx, rng.as_deref_mut())?.reshape((b, t, nkv, hd))?.transpose(1, 2)?; // (B, KV, T, D)
+        let y = match mask {
+            // Without RoPE, qk-norm or a cache, the kernel takes the projections as they come
+            // out, (B, T, H*D), and gives o_proj its input: no reshape, transpose or copy nodes.
+            Mask::Fused(opts) if rope.is_none() && l.q_norm.is_none() && cache.is_none() && l.plain_qkv() => {
+                // One GEMM for q, k and v: the stacked weights' backward is a cheap split, and
+                // hx gets one gradient instead of three to add up.
+                let w = Tensor::cat(&[&l.q_proj.w, &l.k_proj.w, &l.v_proj.w], 0)?; // ((H+2KV)*D, C)
+                let b = match (&l.q_proj.b, &l.k_proj.b, &l.v_proj.b) {
+                    (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)?),
+                    _ => None,
+                };
+                let qkv = nn::linear_k(&hx, &w, b.as_ref(), true)?; // (B, T, (H+2KV)*D)
+                taper_kernels::attention_packed(&qkv, nh, nkv, opts)? // (B, T, H*D)
+            }
+            Mask::Fused(opts) if rope.is_none() && l.q_norm.is_none() && cache.is_none() => {
+                let q = l.q_proj.forward_rng(&hx, rng.as_deref_mut())?; // (B, T, H*D)
+                let k = l.k_proj.forward_rng(&hx, rng.as_deref_mut())?; // (B, T, KV*D)
+                let v = l.v_proj.forward_rng(&hx, rng.as_deref_mut())?;
+                taper_kernels::attention_bthd(&q, &k, &v, nh, nkv, opts)? // (B, T, H*D)
+            }
+            _ => self.attend_bhtd(l, &hx, rope, mask, cache, rng.as_deref_mut())?,
+        };
+        let mut y = l.o_proj.forward_rng(&y, rng.as_deref_mut())?;
+        if let Some(r) = rng.as_deref_mut() {
+            y = nn::dropout(&y, cfg.dropout, r)?;
+        }
+        let x = (x + y)?;
+        self.mlp_residual(l, &x, rng)
+    }
+
+    /// Attention on (B, H, T, D) heads: RoPE, qk-norm, the KV cache, an additive mask.
+    fn attend_bhtd(
+        &self,
+        l: &Block,
+        hx: &Tensor,
+        rope: Option<&(Tensor, Tensor)>,
+        mask: &Mask,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        mut rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (b, t, _) = hx.dims3()?;
+        let (nh, nkv, hd) = (cfg.n_head, cfg.kv_heads(), cfg.head_dim());
+        let q = l.q_proj.forward_rng(hx, rng.as_deref_mut())?.reshape((b, t, nh, hd))?.transpose(1, 2)?; // (B, H, T, D)
+        let k = l.k_proj.forward_rng(hx, rng.as_deref_mut())?.reshape((b, t, nkv, hd))?.transpose(1, 2)?; // (B, KV, T, D)
         let v =
-            l.v_proj.forward_rng(&hx, rng.as_deref_mut())?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            l.v_proj.forward_rng(hx, rng.as_deref_mut())?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let (q, k) = match (&l.q_norm, &l.k_norm) {
             (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&k)?),
             _ => (q, k),
@@ -532,18 +602,19 @@ impl Decoder {
                 let scale = 1.0 / (hd as f64).sqrt();
                 let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?; // (B, H, T, L)
                 let mut att = nn::softmax(&att)?;
-                if let Some(r) = rng.as_deref_mut() {
+                if let Some(r) = rng {
                     att = nn::dropout(&att, cfg.dropout, r)?;
                 }
                 att.matmul(&v)? // (B, H, T, D)
             }
         };
-        let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?; // (B, T, H*D)
-        let mut y = l.o_proj.forward_rng(&y, rng.as_deref_mut())?;
-        if let Some(r) = rng.as_deref_mut() {
-            y = nn::dropout(&y, cfg.dropout, r)?;
-        }
-        let x = (x + y)?;
+        Ok(y.transpose(1, 2)?.reshape((b, t, nh * hd))?) // (B, T, H*D)
+    }
+
+    /// The MLP sublayer and its residual.
+    fn mlp_residual(&self, l: &Block, x: &Tensor, mut rng: Option<&mut Rng>) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let x = x.clone();
 
         // MLP, pre-norm.
         let hx = l.post_attention_layernorm.forward(&x)?;

@@ -7,6 +7,16 @@
 use crate::rng::Rng;
 use candle_core::{DType, Result, Tensor, D};
 
+/// y = x W^T + b through the fused kernel when `kernels` and W takes a gradient or none is
+/// being taken (a frozen W under a trained x keeps [`linear`]'s dx-only op).
+pub fn linear_k(x: &Tensor, w: &Tensor, b: Option<&Tensor>, kernels: bool) -> Result<Tensor> {
+    if kernels && (w.track_op() || !x.track_op()) {
+        taper_kernels::linear(x, w, b)
+    } else {
+        linear(x, w, b)
+    }
+}
+
 /// y = x W^T + b, for x of any rank (.., in) and W of shape (out, in).
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();

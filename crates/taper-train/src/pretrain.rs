@@ -12,7 +12,7 @@ use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use taper_data::{datasets, prepare, tokenizer, Shard, WindowSampler};
-use taper_model::{flatten_logits, init_weights, Bert, Decoder, ModelKind, Rng, Weights};
+use taper_model::{init_weights, Bert, Decoder, ModelKind, Rng, Weights};
 
 /// What the loop reports as it goes; the CLI draws a progress bar from it.
 pub trait Observer {
@@ -234,8 +234,8 @@ pub fn loss_and_grads(
     accumulate(params, micro.len(), |i| {
         let (x, y) = &micro[i];
         let rng = rngs.as_mut().map(|r| &mut r[i]);
-        let logits = model.forward(x, 0, None, rng)?; // (B, T, V)
-        Ok::<_, TrainError>(model.loss(&flatten_logits(&logits)?, y, -100)?.0)
+        let h = model.forward_hidden(x, 0, None, rng)?; // (B, T, C)
+        Ok::<_, TrainError>(model.head_loss(&h, y, -100)?.0)
     })
 }
 
@@ -244,8 +244,7 @@ pub fn evaluate(model: &Decoder, sampler: &WindowSampler, n: usize) -> Result<f6
     let mut total = 0.0;
     for i in 0..n {
         let (x, y) = batch_tensors(&sampler.batch(i as u64, 0), model.device())?;
-        let logits = model.forward(&x, 0, None, None)?;
-        let (loss, _) = model.loss(&flatten_logits(&logits)?, &y, -100)?;
+        let (loss, _) = model.head_loss(&model.forward_hidden(&x, 0, None, None)?, &y, -100)?;
         total += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     }
     Ok(total / n as f64)

@@ -172,11 +172,10 @@ fn shifted_targets(labels: &[i64], seg: &[u32], rows: usize, t: usize) -> Vec<i6
 fn batch_loss(model: &Decoder, rows: &[Row], dev: &Device, rng: Option<&mut Rng>) -> Result<(Tensor, usize)> {
     let b = collate(rows)?;
     let ids = Tensor::from_vec(b.input_ids.clone(), (b.rows, b.seq_len), dev)?;
-    let logits = model.forward_packed(&ids, &b.position_ids, &b.segment_ids, rng)?; // (B, T, V)
+    let h = model.forward_hidden_packed(&ids, &b.position_ids, &b.segment_ids, rng)?; // (B, T, C)
     let targets = shifted_targets(&b.labels, &b.segment_ids, b.rows, b.seq_len);
-    let v = logits.dim(2)?;
     let y = Tensor::from_vec(targets, b.rows * b.seq_len, dev)?;
-    Ok(model.loss(&logits.reshape((b.rows * b.seq_len, v))?, &y, -100)?)
+    Ok(model.head_loss(&h, &y, -100)?)
 }
 
 /// Rows for training or eval: packed, or one example per row padded in length groups.

@@ -1,0 +1,250 @@
+//! y = x Wᵀ + b as one graph node, with x of any rank (.., in), W (out, in) and b (out).
+//!
+//! Composed, a linear is reshape -> transpose W -> matmul -> broadcast b -> add -> reshape: six
+//! nodes, and candle's backward pays a zero-filled gradient buffer plus an add for every input
+//! of every node, several activation-sized passes per linear. Here the forward is one GEMM
+//! writing onto the broadcast bias, and the backward three: dx = dy W, dW = dyᵀ x, db = Σ dy.
+
+use crate::float::{dispatch, fused, slice, Float};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// x Wᵀ + b. On the CPU in f32/f64 one fused op; elsewhere the composed candle ops.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let shapes_ok = w.rank() == 2
+        && x.rank() >= 1
+        && x.dims().last() == Some(&w.dims()[1])
+        && b.is_none_or(|b| b.dims() == [w.dims()[0]]);
+    let tensors: Vec<&Tensor> = [Some(x), Some(w), b].into_iter().flatten().collect();
+    if !shapes_ok || !fused(&tensors) {
+        return linear_composed(x, w, b);
+    }
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match b {
+        None => x.apply_op2(&w, Linear),
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, Linear),
+    }
+}
+
+/// The same linear from candle's primitives.
+pub fn linear_composed(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (last, lead) = dims.split_last().ok_or_else(|| crate::bad("linear", "x is a scalar"))?;
+    let n: usize = lead.iter().product();
+    let y = x.reshape((n, *last))?.matmul(&w.t()?)?; // (N, out)
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out = lead.to_vec();
+    out.push(w.dim(0)?);
+    y.reshape(out)
+}
+
+fn parallelism(flops: usize) -> Parallelism {
+    let threads = rayon::current_num_threads();
+    // Below this a GEMM finishes before the threads would have started.
+    if threads > 1 && flops >= 1 << 18 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    }
+}
+
+/// dst (m, n) = [dst +] lhs (m, k) · rhs (k, n), each operand given by its row and column
+/// strides in elements.
+#[allow(clippy::too_many_arguments)]
+fn gemm_into<T: Float>(
+    dst: &mut [T],
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    lhs: &[T],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[T],
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    assert!(dst.len() >= m * n, "linear: destination too small");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(T::ZERO);
+        }
+        return;
+    }
+    assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs, "linear: lhs out of bounds");
+    assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs, "linear: rhs out of bounds");
+    // SAFETY: the asserts above keep every index gemm forms inside the three slices, and dst
+    // is borrowed mutably, so it aliases neither operand.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            parallelism(2 * m * n * k),
+        )
+    }
+}
+
+const NAME: &str = "taper-linear";
+
+struct Linear;
+
+impl Linear {
+    fn fwd<T: Float>(x: &[T], xl: &Layout, w: &[T], wl: &Layout, b: Option<&[T]>) -> Result<(CpuStorage, Shape)> {
+        let (o, c) = (wl.dims()[0], wl.dims()[1]);
+        let n = x.len() / c.max(1);
+        let mut y = vec![T::ZERO; n * o];
+        if let Some(b) = b {
+            y.par_chunks_mut(o.max(1) * crate::float::rows_per_task(o)).for_each(|rows| {
+                for row in rows.chunks_mut(o) {
+                    row.copy_from_slice(b);
+                }
+            });
+        }
+        // y (n, o) = x (n, c) · Wᵀ (c, o), Wᵀ read in place from W's rows.
+        gemm_into(&mut y, (n, o, c), b.is_some(), x, (c, 1), w, (1, c));
+        let mut dims = xl.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = o;
+        Ok((T::storage(y), Shape::from(dims)))
+    }
+
+    /// (dx, dW, db) from the incoming gradient.
+    fn grads(x: &Tensor, w: &Tensor, with_bias: bool, grad: &Tensor) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = grad.apply_op2_no_bwd(w, &LinearBwd::Dx)?;
+        let dw = grad.apply_op2_no_bwd(x, &LinearBwd::Dw)?;
+        let db = if with_bias { Some(grad.apply_op2_no_bwd(w, &LinearBwd::Db)?) } else { None };
+        Ok((dx, dw, db))
+    }
+}
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        dispatch!(NAME, s1, T => Self::fwd::<T>(slice(NAME, s1, l1)?, l1, slice(NAME, s2, l2)?, l2, None))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = Self::grads(x, w, false, grad)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(NAME, s1, T => Self::fwd::<T>(
+            slice(NAME, s1, l1)?, l1, slice(NAME, s2, l2)?, l2, Some(slice(NAME, s3, l3)?)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = Self::grads(x, w, true, grad)?;
+        Ok((Some(dx), Some(dw), db))
+    }
+}
+
+/// The backward GEMMs, each on (dy, other operand).
+enum LinearBwd {
+    /// dx (.., c) = dy (n, o) · W (o, c).
+    Dx,
+    /// dW (o, c) = dyᵀ (o, n) · x (n, c).
+    Dw,
+    /// db (o) = Σ_rows dy; the second operand (W) only gives the width.
+    Db,
+}
+
+impl LinearBwd {
+    fn run<T: Float>(&self, dy: &[T], dyl: &Layout, other: &[T], ol: &Layout) -> Result<(CpuStorage, Shape)> {
+        let o = *dyl.dims().last().expect("rank >= 1");
+        let n = dy.len() / o.max(1);
+        match self {
+            LinearBwd::Dx => {
+                let c = ol.dims()[1];
+                let mut dx = vec![T::ZERO; n * c];
+                gemm_into(&mut dx, (n, c, o), false, dy, (o, 1), other, (c, 1));
+                let mut dims = dyl.dims().to_vec();
+                *dims.last_mut().expect("rank >= 1") = c;
+                Ok((T::storage(dx), Shape::from(dims)))
+            }
+            LinearBwd::Dw => {
+                let c = *ol.dims().last().expect("rank >= 1");
+                let mut dw = vec![T::ZERO; o * c];
+                gemm_into(&mut dw, (o, c, n), false, dy, (1, o), other, (c, 1));
+                Ok((T::storage(dw), Shape::from((o, c))))
+            }
+            LinearBwd::Db => {
+                // Column sums over row blocks, the blocks' partial sums added in a fixed order
+                // so that the result does not depend on the thread count.
+                const ROWS: usize = 256;
+                let parts: Vec<Vec<T>> = dy
+                    .par_chunks(ROWS * o.max(1))
+                    .map(|block| {
+                        let mut acc = vec![T::ZERO; o];
+                        for row in block.chunks(o) {
+                            for (a, &v) in acc.iter_mut().zip(row) {
+                                *a += v;
+                            }
+                        }
+                        acc
+                    })
+                    .collect();
+                let mut db = vec![T::ZERO; o];
+                for p in parts {
+                    for (a, v) in db.iter_mut().zip(p) {
+                        *a += v;
+                    }
+                }
+                Ok((T::storage(db), Shape::from(o)))
+            }
+        }
+    }
+}
+
+impl CustomOp2 for LinearBwd {
+    fn name(&self) -> &'static str {
+        "taper-linear-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        dispatch!(self.name(), s1, T => self.run::<T>(slice(self.name(), s1, l1)?, l1, slice(self.name(), s2, l2)?, l2))
+    }
+}
