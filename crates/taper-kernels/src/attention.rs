@@ -544,6 +544,16 @@ struct FusedAttention {
     bthd: bool,
 }
 
+/// `f` over a tensor's CPU elements, read in place (a copy only if it is not contiguous).
+fn in_place<T: Float, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        candle_core::Storage::Cpu(c) => Ok(f(slice::<T>(c, l)?)),
+        _ => Err(candle_core::Error::wrap(AttentionError::Backward("fused attention runs on the CPU".into()))),
+    }
+}
+
 /// Heads `h` at column `off` of rows (B, T, width) gathered into (B, H, T, D).
 fn gather_heads<T: Float>(x: &[T], t: usize, h: usize, d: usize, width: usize, off: usize) -> Vec<T> {
     let b = x.len() / (t * width).max(1);
@@ -879,8 +889,7 @@ impl FusedAttention {
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let Dims { hq, hkv, tq, tk, d, .. } = self.dims;
         let host = |t: &Tensor, tt: usize, h: usize| -> candle_core::Result<Vec<T>> {
-            let v = t.flatten_all()?.to_vec1::<T>()?;
-            Ok(if self.bthd { gather_heads(&v, tt, h, d, h * d, 0) } else { v })
+            in_place(t, |v: &[T]| if self.bthd { gather_heads(v, tt, h, d, h * d, 0) } else { v.to_vec() })
         };
         let (qh, kh, vh) = (host(q, tq, hq)?, host(k, tk, hkv)?, host(v, tk, hkv)?);
         let (oh, gh) = (host(out, tq, hq)?, host(grad, tq, hq)?);
@@ -930,14 +939,12 @@ impl PackedAttention {
         lse: &CpuStorage,
     ) -> candle_core::Result<Tensor> {
         let Dims { hq, hkv, tq: t, d, .. } = self.0.dims;
-        let host = |t: &Tensor| -> candle_core::Result<Vec<T>> { t.flatten_all()?.to_vec1::<T>() };
-        let xh = host(x)?;
-        let [q, k, v] = self.split(&xh);
-        let rows = |y: &[T]| gather_heads(y, t, hq, d, hq * d, 0);
-        let (o, g) = (rows(&host(out)?), rows(&host(grad)?));
+        let [q, k, v] = in_place(x, |x: &[T]| self.split(x))?;
+        let rows = |y: &Tensor| in_place(y, |y: &[T]| gather_heads(y, t, hq, d, hq * d, 0));
+        let (o, g) = (rows(out)?, rows(grad)?);
         let (dq, dk, dv) = self.0.bwd(&q, &k, &v, &o, &g, T::cpu_storage_as_slice(lse)?);
         let w = (hq + 2 * hkv) * d;
-        let mut dx = vec![T::ZERO; xh.len()];
+        let mut dx = vec![T::ZERO; x.elem_count()];
         scatter_heads(&dq, &mut dx, t, hq, d, w, 0);
         scatter_heads(&dk, &mut dx, t, hkv, d, w, hq * d);
         scatter_heads(&dv, &mut dx, t, hkv, d, w, (hq + hkv) * d);
