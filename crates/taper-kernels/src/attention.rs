@@ -360,30 +360,11 @@ macro_rules! float {
     };
 }
 float!(f32, {
-    /// A polynomial exp that vectorises (libm's is a call per element, and was most of the
-    /// forward's time): Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, Cephes' degree-6
-    /// polynomial for exp(r) (about 1 ulp), and 2^n put into the exponent bits. Arguments below
-    /// -87 (masked keys: -inf) give 0; NaN stays NaN, since the comparisons let it through.
+    /// The polynomial exp that vectorises (libm's is a call per element, and was most of the
+    /// forward's time).
     #[inline(always)]
     fn exp_shifted(x: &mut [f32], shift: f32) {
-        for v in x.iter_mut() {
-            let a = *v - shift;
-            let c = if a > 88.0 { 88.0 } else { a };
-            let c = if c < -87.0 { -87.0 } else { c };
-            // Round to nearest through the float adder: 1.5 * 2^23 pushes the fraction out and
-            // leaves n in the low mantissa bits of t, read without a float-to-int conversion
-            // (whose saturation handling stops the loop from vectorising).
-            let t = c * std::f32::consts::LOG2_E + 12_582_912.0;
-            let n = t - 12_582_912.0;
-            let r = c - n * 0.693_359_4 - n * -2.121_944_4e-4;
-            let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-                + 1.666_666_5e-1)
-                * r
-                + 0.5;
-            let e = p * (r * r) + r + 1.0;
-            let scale = f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23);
-            *v = if a < -87.0 { 0.0 } else { e * scale };
-        }
+        crate::float::exp_shifted_f32(x, shift);
     }
 });
 float!(f64, {

@@ -34,10 +34,12 @@ pub(crate) trait Float:
     fn slice(s: &CpuStorage) -> Option<&[Self]>;
     fn slice_mut(s: &mut CpuStorage) -> Option<&mut [Self]>;
     fn storage(v: Vec<Self>) -> CpuStorage;
+    /// x <- exp(x - shift) over a slice: f32 through a polynomial that vectorises.
+    fn exp_shifted(x: &mut [Self], shift: Self);
 }
 
 macro_rules! impl_float {
-    ($t:ty, $variant:ident, $erf:path) => {
+    ($t:ty, $variant:ident, $erf:path, $exp:path) => {
         impl Float for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -84,12 +86,63 @@ macro_rules! impl_float {
             fn storage(v: Vec<Self>) -> CpuStorage {
                 CpuStorage::$variant(v)
             }
+            fn exp_shifted(x: &mut [Self], shift: Self) {
+                $exp(x, shift)
+            }
         }
     };
 }
 
-impl_float!(f32, F32, candle_core::cpu::erf::erf_f32);
-impl_float!(f64, F64, candle_core::cpu::erf::erf_f64);
+impl_float!(f32, F32, candle_core::cpu::erf::erf_f32, exp_shifted_f32);
+impl_float!(f64, F64, candle_core::cpu::erf::erf_f64, exp_shifted_f64);
+
+/// exp(x - shift) for f32 in place: x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for
+/// exp(r) (about 1 ulp), and 2^n put into the exponent bits. Arguments below -87 (masked keys:
+/// -inf) give 0; NaN stays NaN, since the comparisons let it through.
+#[inline(always)]
+pub(crate) fn exp_shifted_f32(x: &mut [f32], shift: f32) {
+    for v in x.iter_mut() {
+        let a = *v - shift;
+        let c = if a > 88.0 { 88.0 } else { a };
+        let c = if c < -87.0 { -87.0 } else { c };
+        // Round to nearest through the float adder: 1.5 * 2^23 pushes the fraction out and
+        // leaves n in the low mantissa bits of t, read without a float-to-int conversion
+        // (whose saturation handling stops the loop from vectorising).
+        let t = c * std::f32::consts::LOG2_E + 12_582_912.0;
+        let n = t - 12_582_912.0;
+        let r = c - n * 0.693_359_4 - n * -2.121_944_4e-4;
+        let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
+            * r
+            + 0.5;
+        let e = p * (r * r) + r + 1.0;
+        let scale = f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23);
+        *v = if a < -87.0 { 0.0 } else { e * scale };
+    }
+}
+
+fn exp_shifted_f64(x: &mut [f64], shift: f64) {
+    x.iter_mut().for_each(|v| *v = (*v - shift).exp());
+}
+
+/// max and log(sum(exp(x - max))) of one row, the exponentials vectorised through `scratch`
+/// (the row's length) and summed in 8 lanes in a fixed order.
+pub(crate) fn row_max_lse_fast<T: Float>(row: &[T], scratch: &mut [T]) -> (T, T) {
+    let max = row.iter().fold(T::from_f64(f64::NEG_INFINITY), |m, &v| if v > m { v } else { m });
+    scratch.copy_from_slice(row);
+    T::exp_shifted(scratch, max);
+    let mut lanes = [T::ZERO; 8];
+    let mut chunks = scratch.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += v;
+        }
+    }
+    let mut sum = lanes.iter().fold(T::ZERO, |s, &v| s + v);
+    for &v in chunks.remainder() {
+        sum += v;
+    }
+    (max, sum.ln())
+}
 
 /// The elements of a contiguous operand; the public functions make their inputs contiguous
 /// before applying an op, so anything else is a bug worth an error rather than a slow path.

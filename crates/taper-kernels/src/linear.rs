@@ -105,22 +105,72 @@ fn gemm_into<T: Float>(
 
 const NAME: &str = "taper-linear";
 
+/// A fresh (m, n) product lhs · rhs. gemm writes every element of the destination without
+/// reading it (`read_dst` false), so the buffer skips the zero fill a `vec![0; m * n]` would
+/// spend a full memory pass on.
+fn gemm_new<T: Float>(
+    (m, n, k): (usize, usize, usize),
+    lhs: &[T],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[T],
+    (rhs_rs, rhs_cs): (usize, usize),
+) -> Vec<T> {
+    if k == 0 || m == 0 || n == 0 {
+        return vec![T::ZERO; m * n];
+    }
+    assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs, "linear: lhs out of bounds");
+    assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs, "linear: rhs out of bounds");
+    let mut out: Vec<T> = Vec::with_capacity(m * n);
+    // SAFETY: the asserts keep gemm's reads inside lhs and rhs; with read_dst false it writes
+    // all m * n elements of the capacity (row stride n, column stride 1) and reads none, so
+    // every element is initialised before the length covers it.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            parallelism(2 * m * n * k),
+        );
+        out.set_len(m * n);
+    }
+    out
+}
+
 struct Linear;
 
 impl Linear {
     fn fwd<T: Float>(x: &[T], xl: &Layout, w: &[T], wl: &Layout, b: Option<&[T]>) -> Result<(CpuStorage, Shape)> {
         let (o, c) = (wl.dims()[0], wl.dims()[1]);
         let n = x.len() / c.max(1);
-        let mut y = vec![T::ZERO; n * o];
-        if let Some(b) = b {
-            y.par_chunks_mut(o.max(1) * crate::float::rows_per_task(o)).for_each(|rows| {
-                for row in rows.chunks_mut(o) {
-                    row.copy_from_slice(b);
-                }
-            });
-        }
         // y (n, o) = x (n, c) · Wᵀ (c, o), Wᵀ read in place from W's rows.
-        gemm_into(&mut y, (n, o, c), b.is_some(), x, (c, 1), w, (1, c));
+        let y = match b {
+            None => gemm_new((n, o, c), x, (c, 1), w, (1, c)),
+            Some(b) => {
+                let mut y = vec![T::ZERO; n * o];
+                y.par_chunks_mut(o.max(1) * crate::float::rows_per_task(o)).for_each(|rows| {
+                    for row in rows.chunks_mut(o) {
+                        row.copy_from_slice(b);
+                    }
+                });
+                gemm_into(&mut y, (n, o, c), true, x, (c, 1), w, (1, c));
+                y
+            }
+        };
         let mut dims = xl.dims().to_vec();
         *dims.last_mut().expect("rank >= 1") = o;
         Ok((T::storage(y), Shape::from(dims)))
@@ -199,16 +249,14 @@ impl LinearBwd {
         match self {
             LinearBwd::Dx => {
                 let c = ol.dims()[1];
-                let mut dx = vec![T::ZERO; n * c];
-                gemm_into(&mut dx, (n, c, o), false, dy, (o, 1), other, (c, 1));
+                let dx = gemm_new((n, c, o), dy, (o, 1), other, (c, 1));
                 let mut dims = dyl.dims().to_vec();
                 *dims.last_mut().expect("rank >= 1") = c;
                 Ok((T::storage(dx), Shape::from(dims)))
             }
             LinearBwd::Dw => {
                 let c = *ol.dims().last().expect("rank >= 1");
-                let mut dw = vec![T::ZERO; o * c];
-                gemm_into(&mut dw, (o, c, n), false, dy, (1, o), other, (c, 1));
+                let dw = gemm_new((o, c, n), dy, (1, o), other, (c, 1));
                 Ok((T::storage(dw), Shape::from((o, c))))
             }
             LinearBwd::Db => {

@@ -1,7 +1,6 @@
 //! Cross-entropy over rows of logits, computing each row's softmax normaliser once.
 
-use crate::float::{dispatch, fused, rows_per_task, slice, Float};
-use crate::softmax::row_max_lse;
+use crate::float::{dispatch, fused, row_max_lse_fast, rows_per_task, slice, Float};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -61,8 +60,9 @@ impl CrossEntropy {
                 .zip(losses.par_chunks_mut(per))
                 .zip(x.par_chunks(per * v).zip(targets.par_chunks(per)))
                 .for_each(|((lse_c, loss_c), (xc, tc))| {
+                    let mut scratch = vec![T::ZERO; v];
                     for (((lse, loss), xr), &t) in lse_c.iter_mut().zip(loss_c).zip(xc.chunks(v)).zip(tc) {
-                        let (max, l) = row_max_lse(xr);
+                        let (max, l) = row_max_lse_fast(xr, &mut scratch);
                         *lse = max + l;
                         if t != self.ignore_index {
                             *loss = (*lse - xr[t as usize]).to_f64();
@@ -156,7 +156,9 @@ impl CrossEntropyBwd {
                         if t == self.ignore_index {
                             continue;
                         }
-                        dr.iter_mut().zip(xr).for_each(|(o, &xv)| *o = (xv - l).exp() * scale);
+                        dr.copy_from_slice(xr);
+                        T::exp_shifted(dr, l);
+                        dr.iter_mut().for_each(|o| *o = *o * scale);
                         dr[t as usize] = dr[t as usize] - scale;
                     }
                 });
