@@ -52,11 +52,15 @@ fn parallelism(flops: usize) -> Parallelism {
     }
 }
 
-/// dst (m, n) = [dst +] lhs (m, k) · rhs (k, n), each operand given by its row and column
-/// strides in elements.
+/// dst (m, n, row stride n) = [dst +] lhs (m, k) · rhs (k, n), each operand given by its row and
+/// column strides in elements, for m, n, k > 0.
+///
+/// # Safety
+/// `dst` must be valid for writes of m * n elements (and for reads too when `accumulate`), and
+/// alias neither operand.
 #[allow(clippy::too_many_arguments)]
-fn gemm_into<T: Float>(
-    dst: &mut [T],
+unsafe fn gemm_raw<T: Float>(
+    dst: *mut T,
     (m, n, k): (usize, usize, usize),
     accumulate: bool,
     lhs: &[T],
@@ -64,26 +68,16 @@ fn gemm_into<T: Float>(
     rhs: &[T],
     (rhs_rs, rhs_cs): (usize, usize),
 ) {
-    assert!(dst.len() >= m * n, "linear: destination too small");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            dst[..m * n].fill(T::ZERO);
-        }
-        return;
-    }
+    assert!(m > 0 && n > 0 && k > 0, "linear: empty product");
     assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs, "linear: lhs out of bounds");
     assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs, "linear: rhs out of bounds");
-    // SAFETY: the asserts above keep every index gemm forms inside the three slices, and dst
-    // is borrowed mutably, so it aliases neither operand.
+    // SAFETY: the asserts keep every read inside lhs and rhs; the caller vouches for dst.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             n as isize,
             accumulate,
@@ -103,53 +97,49 @@ fn gemm_into<T: Float>(
     }
 }
 
-const NAME: &str = "taper-linear";
+/// dst (m, n) += lhs (m, k) · rhs (k, n).
+fn gemm_acc<T: Float>(
+    dst: &mut [T],
+    mnk: (usize, usize, usize),
+    lhs: &[T],
+    ls: (usize, usize),
+    rhs: &[T],
+    rs: (usize, usize),
+) {
+    let (m, n, k) = mnk;
+    assert!(dst.len() >= m * n, "linear: destination too small");
+    if m * n * k > 0 {
+        // SAFETY: dst is a live, exclusively borrowed slice of at least m * n elements.
+        unsafe { gemm_raw(dst.as_mut_ptr(), mnk, true, lhs, ls, rhs, rs) }
+    }
+}
 
 /// A fresh (m, n) product lhs · rhs. gemm writes every element of the destination without
 /// reading it (`read_dst` false), so the buffer skips the zero fill a `vec![0; m * n]` would
 /// spend a full memory pass on.
 fn gemm_new<T: Float>(
-    (m, n, k): (usize, usize, usize),
+    mnk: (usize, usize, usize),
     lhs: &[T],
-    (lhs_rs, lhs_cs): (usize, usize),
+    ls: (usize, usize),
     rhs: &[T],
-    (rhs_rs, rhs_cs): (usize, usize),
+    rs: (usize, usize),
 ) -> Vec<T> {
-    if k == 0 || m == 0 || n == 0 {
+    let (m, n, k) = mnk;
+    if m * n * k == 0 {
         return vec![T::ZERO; m * n];
     }
-    assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs, "linear: lhs out of bounds");
-    assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs, "linear: rhs out of bounds");
     let mut out: Vec<T> = Vec::with_capacity(m * n);
-    // SAFETY: the asserts keep gemm's reads inside lhs and rhs; with read_dst false it writes
-    // all m * n elements of the capacity (row stride n, column stride 1) and reads none, so
-    // every element is initialised before the length covers it.
+    // SAFETY: the capacity holds m * n elements; with read_dst false gemm writes all of them
+    // (row stride n, column stride 1) and reads none, so each is initialised before the length
+    // covers it.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            T::ONE,
-            T::ONE,
-            false,
-            false,
-            false,
-            parallelism(2 * m * n * k),
-        );
+        gemm_raw(out.as_mut_ptr(), mnk, false, lhs, ls, rhs, rs);
         out.set_len(m * n);
     }
     out
 }
+
+const NAME: &str = "taper-linear";
 
 struct Linear;
 
@@ -167,7 +157,7 @@ impl Linear {
                         row.copy_from_slice(b);
                     }
                 });
-                gemm_into(&mut y, (n, o, c), true, x, (c, 1), w, (1, c));
+                gemm_acc(&mut y, (n, o, c), x, (c, 1), w, (1, c));
                 y
             }
         };
