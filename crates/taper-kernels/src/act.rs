@@ -33,7 +33,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 }
 
 /// Elementwise y = f(a, b) into a fresh vector, in parallel chunks.
-fn map2<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
+pub(crate) fn map2<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
     let mut y = vec![T::ZERO; a.len()];
     y.par_chunks_mut(MIN_TASK_ELEMS).zip(a.par_chunks(MIN_TASK_ELEMS).zip(b.par_chunks(MIN_TASK_ELEMS))).for_each(
         |(yc, (ac, bc))| {
@@ -45,14 +45,14 @@ fn map2<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
     y
 }
 
-struct Gelu {
-    tanh: bool,
+pub(crate) struct Gelu {
+    pub(crate) tanh: bool,
 }
 
 impl Gelu {
     /// The forward exactly as candle writes it, so that the fused and composed models agree.
     #[inline(always)]
-    fn f<T: Float>(&self, v: T) -> T {
+    pub(crate) fn f<T: Float>(&self, v: T) -> T {
         let half = T::from_f64(0.5);
         if self.tanh {
             let k = T::from_f64(SQRT_2_OVER_PI);
@@ -63,7 +63,7 @@ impl Gelu {
     }
 
     #[inline(always)]
-    fn df<T: Float>(&self, v: T) -> T {
+    pub(crate) fn df<T: Float>(&self, v: T) -> T {
         let half = T::from_f64(0.5);
         if self.tanh {
             let k = T::from_f64(SQRT_2_OVER_PI);

@@ -16,7 +16,7 @@ mod softmax;
 
 pub use act::{gelu_erf, gelu_tanh, swiglu};
 pub use attention::{attention, attention_bthd, attention_composed, attention_packed, AttentionError, AttnOpts};
-pub use linear::{linear, linear_composed};
+pub use linear::{linear, linear_composed, linear_gelu};
 pub use linear_loss::linear_cross_entropy;
 pub use loss::cross_entropy;
 pub use norm::{layer_norm, rms_norm};

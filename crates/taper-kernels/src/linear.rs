@@ -5,10 +5,12 @@
 //! of every node, several activation-sized passes per linear. Here the forward is one GEMM
 //! writing onto the broadcast bias, and the backward three: dx = dy W, dW = dyᵀ x, db = Σ dy.
 
+use crate::act::{map2, Gelu};
 use crate::float::{dispatch, fused, slice, Float};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 /// x Wᵀ + b. On the CPU in f32/f64 one fused op; elsewhere the composed candle ops.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
@@ -24,6 +26,28 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     match b {
         None => x.apply_op2(&w, Linear),
         Some(b) => x.apply_op3(&w, &b.contiguous()?, Linear),
+    }
+}
+
+/// GELU(x Wᵀ + b), the erf form or (`tanh`) the tanh approximation, as one graph node: the
+/// pre-activation stays inside the op for the backward instead of being a node of its own with
+/// its own gradient buffer. Same numbers as [`linear`] then [`crate::gelu_erf`] /
+/// [`crate::gelu_tanh`].
+pub fn linear_gelu(x: &Tensor, w: &Tensor, b: Option<&Tensor>, tanh: bool) -> Result<Tensor> {
+    let shapes_ok = w.rank() == 2
+        && x.rank() >= 1
+        && x.dims().last() == Some(&w.dims()[1])
+        && b.is_none_or(|b| b.dims() == [w.dims()[0]]);
+    let tensors: Vec<&Tensor> = [Some(x), Some(w), b].into_iter().flatten().collect();
+    if !shapes_ok || !fused(&tensors) {
+        let u = linear(x, w, b)?;
+        return if tanh { crate::gelu_tanh(&u) } else { crate::gelu_erf(&u) };
+    }
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let op = LinearGelu { gelu: Gelu { tanh }, pre: Mutex::new(None) };
+    match b {
+        None => x.apply_op2(&w, op),
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, op),
     }
 }
 
@@ -284,5 +308,102 @@ impl CustomOp2 for LinearBwd {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         dispatch!(self.name(), s1, T => self.run::<T>(slice(self.name(), s1, l1)?, l1, slice(self.name(), s2, l2)?, l2))
+    }
+}
+
+/// [`linear_gelu`]'s node; the forward leaves the pre-activation here for the backward.
+struct LinearGelu {
+    gelu: Gelu,
+    pre: Mutex<Option<CpuStorage>>,
+}
+
+impl LinearGelu {
+    fn fwd<T: Float>(
+        &self,
+        x: &[T],
+        xl: &Layout,
+        w: &[T],
+        wl: &Layout,
+        b: Option<&[T]>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (u, shape) = Linear::fwd(x, xl, w, wl, b)?;
+        let pre = T::slice(&u).ok_or_else(|| crate::bad(NAME_GELU, "pre-activation dtype"))?;
+        let y = map2(pre, pre, |v, _| self.gelu.f(v));
+        *self.pre.lock().unwrap_or_else(|e| e.into_inner()) = Some(u);
+        Ok((T::storage(y), shape))
+    }
+
+    /// dL/du = dy * GELU'(u), then the linear's three gradients from it.
+    fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        with_bias: bool,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let guard = self.pre.lock().unwrap_or_else(|e| e.into_inner());
+        let pre = guard
+            .as_ref()
+            .ok_or_else(|| crate::bad(NAME_GELU, "no saved pre-activation: the forward did not run on the CPU"))?;
+        let grad = grad.contiguous()?;
+        let (g, gl) = grad.storage_and_layout();
+        let candle_core::Storage::Cpu(g) = &*g else {
+            return Err(crate::bad(NAME_GELU, "the gradient is not on the CPU"));
+        };
+        let du = dispatch!(NAME_GELU, g, T => {
+            let gs = slice::<T>(NAME_GELU, g, gl)?;
+            let us = T::slice(pre).ok_or_else(|| crate::bad(NAME_GELU, "pre-activation dtype"))?;
+            Tensor::from_vec(map2(us, gs, |u, gv| gv * self.gelu.df(u)), grad.shape(), &candle_core::Device::Cpu)
+        })?;
+        drop(guard);
+        Linear::grads(x, w, with_bias, &du)
+    }
+}
+
+const NAME_GELU: &str = "taper-linear-gelu";
+
+impl CustomOp2 for LinearGelu {
+    fn name(&self) -> &'static str {
+        NAME_GELU
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        dispatch!(NAME_GELU, s1, T => self.fwd::<T>(slice(NAME_GELU, s1, l1)?, l1, slice(NAME_GELU, s2, l2)?, l2, None))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.grads(x, w, false, grad)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for LinearGelu {
+    fn name(&self) -> &'static str {
+        NAME_GELU
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(NAME_GELU, s1, T => self.fwd::<T>(
+            slice(NAME_GELU, s1, l1)?, l1, slice(NAME_GELU, s2, l2)?, l2, Some(slice(NAME_GELU, s3, l3)?)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = self.grads(x, w, true, grad)?;
+        Ok((Some(dx), Some(dw), db))
     }
 }

@@ -366,6 +366,34 @@ fn linear_with_and_without_bias() {
             &no_bias,
         );
     }
+    // The up-projection with its GELU in one node, erf and tanh forms, with and without bias.
+    for (shape, out) in [(vec![2, 5, 7], 3), (vec![1, 1], 1), (vec![67, 129], 71)] {
+        let c = *shape.last().unwrap();
+        let make = |dtype: DType| {
+            let mut r = Rng(shape.iter().product::<usize>() as u64 + 7);
+            vec![
+                inp(r.tensor(&shape, 1.0, dtype)),
+                inp(r.tensor(&[out, c], 0.7, dtype)),
+                inp(r.tensor(&[out], 0.5, dtype)),
+            ]
+        };
+        let no_bias = |d: DType| make(d).into_iter().take(2).collect::<Vec<_>>();
+        for tanh in [false, true] {
+            let act = move |u: Tensor| if tanh { u.gelu() } else { u.gelu_erf() };
+            both(
+                &format!("linear_gelu tanh={tanh} {shape:?} -> {out}"),
+                &|a| taper_kernels::linear_gelu(&a[0], &a[1], Some(&a[2]), tanh),
+                &|a| act(taper_kernels::linear_composed(&a[0], &a[1], Some(&a[2]))?),
+                &make,
+            );
+            both(
+                &format!("linear_gelu without bias tanh={tanh} {shape:?} -> {out}"),
+                &|a| taper_kernels::linear_gelu(&a[0], &a[1], None, tanh),
+                &|a| act(taper_kernels::linear_composed(&a[0], &a[1], None)?),
+                &no_bias,
+            );
+        }
+    }
     // A frozen weight: the gradient still reaches x.
     let mut r = Rng(5);
     let (x, w) = (r.tensor(&[4, 6], 1.0, DType::F32), r.tensor(&[3, 6], 1.0, DType::F32));

@@ -157,6 +157,12 @@ impl Linear {
         })
     }
 
+    /// Whether [`nn::linear_k`] would take the fused kernel for `x`: kernels on, no adapter, and
+    /// W trained or no gradient taken at all.
+    fn fusable(&self, x: &Tensor) -> bool {
+        self.kernels && self.lora.is_none() && (self.w.track_op() || !x.track_op())
+    }
+
     /// With an adapter, `rng` (training) turns its dropout on.
     fn forward_rng(&self, x: &Tensor, rng: Option<&mut Rng>) -> candle_core::Result<Tensor> {
         let y = nn::linear_k(x, &self.w, self.b.as_ref(), self.kernels)?;
@@ -618,7 +624,17 @@ impl Decoder {
 
         // MLP, pre-norm.
         let hx = l.post_attention_layernorm.forward(&x)?;
-        let up = l.up_proj.forward_rng(&hx, rng.as_deref_mut())?;
+        let up_proj = &l.up_proj;
+        if matches!(cfg.mlp, Mlp::Gelu | Mlp::GeluTanh) && up_proj.fusable(&hx) {
+            // The up-projection and its GELU as one node.
+            let act = taper_kernels::linear_gelu(&hx, &up_proj.w, up_proj.b.as_ref(), cfg.mlp == Mlp::GeluTanh)?;
+            let mut y = l.down_proj.forward_rng(&act, rng.as_deref_mut())?;
+            if let Some(r) = rng {
+                y = nn::dropout(&y, cfg.dropout, r)?;
+            }
+            return Ok((x + y)?);
+        }
+        let up = up_proj.forward_rng(&hx, rng.as_deref_mut())?;
         let act = match (cfg.mlp, &l.gate_proj) {
             (Mlp::Swiglu, Some(g)) if cfg.kernels => {
                 taper_kernels::swiglu(&g.forward_rng(&hx, rng.as_deref_mut())?, &up)?
