@@ -90,6 +90,13 @@ impl Dims {
                 k.dims()
             )));
         }
+        Self { b, hq, hkv, tq, tk, d }.checked(opts)
+    }
+
+    /// These sizes, if the heads group evenly and the masks in `opts` have one entry per
+    /// (batch, position).
+    fn checked(self, opts: &AttnOpts) -> Result<Self> {
+        let Self { b, hq, hkv, tq, tk, .. } = self;
         if hkv == 0 || hq % hkv != 0 {
             return Err(AttentionError::Shape(format!("{hq} query heads are not a multiple of {hkv} key/value heads")));
         }
@@ -113,7 +120,7 @@ impl Dims {
                 )));
             }
         }
-        Ok(Self { b, hq, hkv, tq, tk, d })
+        Ok(self)
     }
 
     /// Query heads per key/value head.
@@ -164,8 +171,7 @@ pub fn attention_packed(qkv: &Tensor, hq: usize, hkv: usize, opts: &AttnOpts) ->
         let part = |from: usize, h: usize| qkv.narrow(2, from * d, h * d);
         return attention_bthd(&part(0, hq)?, &part(hq, hkv)?, &part(hq + hkv, hkv)?, hq, hkv, opts);
     }
-    let shape = |h: usize| Tensor::zeros((b, h, t, d), qkv.dtype(), &Device::Cpu);
-    let dims = Dims::of(&shape(hq)?, &shape(hkv)?, &shape(hkv)?, opts)?;
+    let dims = Dims { b, hq, hkv, tq: t, tk: t, d }.checked(opts)?;
     let inner = FusedAttention { dims, opts: opts.clone(), lse: Mutex::new(None), bthd: false };
     Ok(qkv.contiguous()?.apply_op1(PackedAttention(inner))?)
 }

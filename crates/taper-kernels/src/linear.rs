@@ -14,19 +14,7 @@ use std::sync::Mutex;
 
 /// x Wᵀ + b. On the CPU in f32/f64 one fused op; elsewhere the composed candle ops.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let shapes_ok = w.rank() == 2
-        && x.rank() >= 1
-        && x.dims().last() == Some(&w.dims()[1])
-        && b.is_none_or(|b| b.dims() == [w.dims()[0]]);
-    let tensors: Vec<&Tensor> = [Some(x), Some(w), b].into_iter().flatten().collect();
-    if !shapes_ok || !fused(&tensors) {
-        return linear_composed(x, w, b);
-    }
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
-    match b {
-        None => x.apply_op2(&w, Linear),
-        Some(b) => x.apply_op3(&w, &b.contiguous()?, Linear),
-    }
+    apply(x, w, b, None)
 }
 
 /// GELU(x Wᵀ + b), the erf form or (`tanh`) the tanh approximation, as one graph node: the
@@ -34,17 +22,26 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 /// its own gradient buffer. Same numbers as [`linear`] then [`crate::gelu_erf`] /
 /// [`crate::gelu_tanh`].
 pub fn linear_gelu(x: &Tensor, w: &Tensor, b: Option<&Tensor>, tanh: bool) -> Result<Tensor> {
+    apply(x, w, b, Some(Gelu { tanh }))
+}
+
+/// The fused op when the kernels take these tensors, else the composed ops.
+fn apply(x: &Tensor, w: &Tensor, b: Option<&Tensor>, gelu: Option<Gelu>) -> Result<Tensor> {
     let shapes_ok = w.rank() == 2
         && x.rank() >= 1
         && x.dims().last() == Some(&w.dims()[1])
         && b.is_none_or(|b| b.dims() == [w.dims()[0]]);
     let tensors: Vec<&Tensor> = [Some(x), Some(w), b].into_iter().flatten().collect();
     if !shapes_ok || !fused(&tensors) {
-        let u = linear(x, w, b)?;
-        return if tanh { crate::gelu_tanh(&u) } else { crate::gelu_erf(&u) };
+        let u = linear_composed(x, w, b)?;
+        return match gelu {
+            None => Ok(u),
+            Some(Gelu { tanh: true }) => crate::gelu_tanh(&u),
+            Some(Gelu { tanh: false }) => crate::gelu_erf(&u),
+        };
     }
     let (x, w) = (x.contiguous()?, w.contiguous()?);
-    let op = LinearGelu { gelu: Gelu { tanh }, pre: Mutex::new(None) };
+    let op = Linear { gelu, pre: Mutex::new(None) };
     match b {
         None => x.apply_op2(&w, op),
         Some(b) => x.apply_op3(&w, &b.contiguous()?, op),
@@ -165,34 +162,79 @@ fn gemm_new<T: Float>(
 
 const NAME: &str = "taper-linear";
 
-struct Linear;
+/// The op of [`linear`] and [`linear_gelu`]; with a GELU the forward leaves the pre-activation
+/// here for the backward.
+struct Linear {
+    gelu: Option<Gelu>,
+    pre: Mutex<Option<CpuStorage>>,
+}
 
 impl Linear {
-    fn fwd<T: Float>(x: &[T], xl: &Layout, w: &[T], wl: &Layout, b: Option<&[T]>) -> Result<(CpuStorage, Shape)> {
+    fn fwd<T: Float>(
+        &self,
+        x: &[T],
+        xl: &Layout,
+        w: &[T],
+        wl: &Layout,
+        b: Option<&[T]>,
+    ) -> Result<(CpuStorage, Shape)> {
         let (o, c) = (wl.dims()[0], wl.dims()[1]);
         let n = x.len() / c.max(1);
-        // y (n, o) = x (n, c) · Wᵀ (c, o), Wᵀ read in place from W's rows.
-        let y = match b {
+        // u (n, o) = x (n, c) · Wᵀ (c, o), Wᵀ read in place from W's rows.
+        let u = match b {
             None => gemm_new((n, o, c), x, (c, 1), w, (1, c)),
             Some(b) => {
-                let mut y = vec![T::ZERO; n * o];
-                y.par_chunks_mut(o.max(1) * crate::float::rows_per_task(o)).for_each(|rows| {
+                let mut u = vec![T::ZERO; n * o];
+                u.par_chunks_mut(o.max(1) * crate::float::rows_per_task(o)).for_each(|rows| {
                     for row in rows.chunks_mut(o) {
                         row.copy_from_slice(b);
                     }
                 });
-                gemm_acc(&mut y, (n, o, c), x, (c, 1), w, (1, c));
-                y
+                gemm_acc(&mut u, (n, o, c), x, (c, 1), w, (1, c));
+                u
             }
         };
         let mut dims = xl.dims().to_vec();
         *dims.last_mut().expect("rank >= 1") = o;
+        let y = match &self.gelu {
+            None => u,
+            Some(gelu) => {
+                let y = map2(&u, &u, |v, _| gelu.f(v));
+                *self.pre.lock().unwrap_or_else(|e| e.into_inner()) = Some(T::storage(u));
+                y
+            }
+        };
         Ok((T::storage(y), Shape::from(dims)))
     }
 
-    /// (dx, dW, db) from the incoming gradient.
-    fn grads(x: &Tensor, w: &Tensor, with_bias: bool, grad: &Tensor) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    /// (dx, dW, db) from the incoming gradient, through GELU' of the kept pre-activation first
+    /// when there is a GELU.
+    fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        with_bias: bool,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
         let grad = grad.contiguous()?;
+        let grad = match &self.gelu {
+            None => grad,
+            Some(gelu) => {
+                let guard = self.pre.lock().unwrap_or_else(|e| e.into_inner());
+                let pre = guard
+                    .as_ref()
+                    .ok_or_else(|| crate::bad(NAME, "no saved pre-activation: the forward did not run on the CPU"))?;
+                let (g, gl) = grad.storage_and_layout();
+                let candle_core::Storage::Cpu(g) = &*g else {
+                    return Err(crate::bad(NAME, "the gradient is not on the CPU"));
+                };
+                dispatch!(NAME, g, T => {
+                    let gs = slice::<T>(NAME, g, gl)?;
+                    let us = T::slice(pre).ok_or_else(|| crate::bad(NAME, "pre-activation dtype"))?;
+                    Tensor::from_vec(map2(us, gs, |u, gv| gv * gelu.df(u)), grad.shape(), &candle_core::Device::Cpu)
+                })?
+            }
+        };
         let dx = grad.apply_op2_no_bwd(w, &LinearBwd::Dx)?;
         let dw = grad.apply_op2_no_bwd(x, &LinearBwd::Dw)?;
         let db = if with_bias { Some(grad.apply_op2_no_bwd(w, &LinearBwd::Db)?) } else { None };
@@ -206,11 +248,11 @@ impl CustomOp2 for Linear {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        dispatch!(NAME, s1, T => Self::fwd::<T>(slice(NAME, s1, l1)?, l1, slice(NAME, s2, l2)?, l2, None))
+        dispatch!(NAME, s1, T => self.fwd::<T>(slice(NAME, s1, l1)?, l1, slice(NAME, s2, l2)?, l2, None))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = Self::grads(x, w, false, grad)?;
+        let (dx, dw, _) = self.grads(x, w, false, grad)?;
         Ok((Some(dx), Some(dw)))
     }
 }
@@ -229,7 +271,7 @@ impl CustomOp3 for Linear {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        dispatch!(NAME, s1, T => Self::fwd::<T>(
+        dispatch!(NAME, s1, T => self.fwd::<T>(
             slice(NAME, s1, l1)?, l1, slice(NAME, s2, l2)?, l2, Some(slice(NAME, s3, l3)?)))
     }
 
@@ -241,7 +283,7 @@ impl CustomOp3 for Linear {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = Self::grads(x, w, true, grad)?;
+        let (dx, dw, db) = self.grads(x, w, true, grad)?;
         Ok((Some(dx), Some(dw), db))
     }
 }
@@ -308,102 +350,5 @@ impl CustomOp2 for LinearBwd {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         dispatch!(self.name(), s1, T => self.run::<T>(slice(self.name(), s1, l1)?, l1, slice(self.name(), s2, l2)?, l2))
-    }
-}
-
-/// [`linear_gelu`]'s node; the forward leaves the pre-activation here for the backward.
-struct LinearGelu {
-    gelu: Gelu,
-    pre: Mutex<Option<CpuStorage>>,
-}
-
-impl LinearGelu {
-    fn fwd<T: Float>(
-        &self,
-        x: &[T],
-        xl: &Layout,
-        w: &[T],
-        wl: &Layout,
-        b: Option<&[T]>,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (u, shape) = Linear::fwd(x, xl, w, wl, b)?;
-        let pre = T::slice(&u).ok_or_else(|| crate::bad(NAME_GELU, "pre-activation dtype"))?;
-        let y = map2(pre, pre, |v, _| self.gelu.f(v));
-        *self.pre.lock().unwrap_or_else(|e| e.into_inner()) = Some(u);
-        Ok((T::storage(y), shape))
-    }
-
-    /// dL/du = dy * GELU'(u), then the linear's three gradients from it.
-    fn grads(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        with_bias: bool,
-        grad: &Tensor,
-    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
-        let guard = self.pre.lock().unwrap_or_else(|e| e.into_inner());
-        let pre = guard
-            .as_ref()
-            .ok_or_else(|| crate::bad(NAME_GELU, "no saved pre-activation: the forward did not run on the CPU"))?;
-        let grad = grad.contiguous()?;
-        let (g, gl) = grad.storage_and_layout();
-        let candle_core::Storage::Cpu(g) = &*g else {
-            return Err(crate::bad(NAME_GELU, "the gradient is not on the CPU"));
-        };
-        let du = dispatch!(NAME_GELU, g, T => {
-            let gs = slice::<T>(NAME_GELU, g, gl)?;
-            let us = T::slice(pre).ok_or_else(|| crate::bad(NAME_GELU, "pre-activation dtype"))?;
-            Tensor::from_vec(map2(us, gs, |u, gv| gv * self.gelu.df(u)), grad.shape(), &candle_core::Device::Cpu)
-        })?;
-        drop(guard);
-        Linear::grads(x, w, with_bias, &du)
-    }
-}
-
-const NAME_GELU: &str = "taper-linear-gelu";
-
-impl CustomOp2 for LinearGelu {
-    fn name(&self) -> &'static str {
-        NAME_GELU
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        dispatch!(NAME_GELU, s1, T => self.fwd::<T>(slice(NAME_GELU, s1, l1)?, l1, slice(NAME_GELU, s2, l2)?, l2, None))
-    }
-
-    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = self.grads(x, w, false, grad)?;
-        Ok((Some(dx), Some(dw)))
-    }
-}
-
-impl CustomOp3 for LinearGelu {
-    fn name(&self) -> &'static str {
-        NAME_GELU
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        dispatch!(NAME_GELU, s1, T => self.fwd::<T>(
-            slice(NAME_GELU, s1, l1)?, l1, slice(NAME_GELU, s2, l2)?, l2, Some(slice(NAME_GELU, s3, l3)?)))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _y: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = self.grads(x, w, true, grad)?;
-        Ok((Some(dx), Some(dw), db))
     }
 }

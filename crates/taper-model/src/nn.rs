@@ -19,12 +19,15 @@ pub fn linear_k(x: &Tensor, w: &Tensor, b: Option<&Tensor>, kernels: bool) -> Re
 
 /// y = x W^T + b, for x of any rank (.., in) and W of shape (out, in).
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let frozen = !w.track_op() && x.track_op() && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+    if !frozen {
+        return taper_kernels::linear_composed(x, w, b);
+    }
     let dims = x.dims().to_vec();
     let (last, lead) = dims.split_last().expect("linear on a scalar");
     let n: usize = lead.iter().product();
-    let x = x.reshape((n, *last))?;
-    let frozen = !w.track_op() && x.track_op() && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
-    let y = if frozen { x.contiguous()?.apply_op1(FrozenMatmul { wt: w.t()? })? } else { x.matmul(&w.t()?)? }; // (N, out)
+    let x = x.reshape((n, *last))?.contiguous()?;
+    let y = x.apply_op1(FrozenMatmul { wt: w.t()? })?; // (N, out)
     let y = match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,
