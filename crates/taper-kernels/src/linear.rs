@@ -5,7 +5,7 @@
 //! of every node, several activation-sized passes per linear. Here the forward is one GEMM
 //! writing onto the broadcast bias, and the backward three: dx = dy W, dW = dyᵀ x, db = Σ dy.
 
-use crate::act::{map2, Gelu};
+use crate::act::Gelu;
 use crate::float::{dispatch, fused, slice, Float};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
@@ -119,7 +119,7 @@ unsafe fn gemm_raw<T: Float>(
 }
 
 /// dst (m, n) += lhs (m, k) · rhs (k, n).
-fn gemm_acc<T: Float>(
+pub(crate) fn gemm_acc<T: Float>(
     dst: &mut [T],
     mnk: (usize, usize, usize),
     lhs: &[T],
@@ -138,7 +138,7 @@ fn gemm_acc<T: Float>(
 /// A fresh (m, n) product lhs · rhs. gemm writes every element of the destination without
 /// reading it (`read_dst` false), so the buffer skips the zero fill a `vec![0; m * n]` would
 /// spend a full memory pass on.
-fn gemm_new<T: Float>(
+pub(crate) fn gemm_new<T: Float>(
     mnk: (usize, usize, usize),
     lhs: &[T],
     ls: (usize, usize),
@@ -199,7 +199,7 @@ impl Linear {
         let y = match &self.gelu {
             None => u,
             Some(gelu) => {
-                let y = map2(&u, &u, |v, _| gelu.f(v));
+                let y = gelu.map(&u);
                 *self.pre.lock().unwrap_or_else(|e| e.into_inner()) = Some(T::storage(u));
                 y
             }
@@ -231,7 +231,7 @@ impl Linear {
                 dispatch!(NAME, g, T => {
                     let gs = slice::<T>(NAME, g, gl)?;
                     let us = T::slice(pre).ok_or_else(|| crate::bad(NAME, "pre-activation dtype"))?;
-                    Tensor::from_vec(map2(us, gs, |u, gv| gv * gelu.df(u)), grad.shape(), &candle_core::Device::Cpu)
+                    Tensor::from_vec(gelu.map_grad(us, gs), grad.shape(), &candle_core::Device::Cpu)
                 })?
             }
         };

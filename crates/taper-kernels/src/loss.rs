@@ -1,6 +1,6 @@
 //! Cross-entropy over rows of logits, computing each row's softmax normaliser once.
 
-use crate::float::{dispatch, fused, row_max_lse_fast, rows_per_task, slice, Float};
+use crate::float::{dispatch, exp_row_in_place, fused, rows_per_task, simd, slice, Float};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -60,14 +60,18 @@ impl CrossEntropy {
                 .zip(losses.par_chunks_mut(per))
                 .zip(x.par_chunks(per * v).zip(targets.par_chunks(per)))
                 .for_each(|((lse_c, loss_c), (xc, tc))| {
-                    let mut scratch = vec![T::ZERO; v];
-                    for (((lse, loss), xr), &t) in lse_c.iter_mut().zip(loss_c).zip(xc.chunks(v)).zip(tc) {
-                        let (max, l) = row_max_lse_fast(xr, &mut scratch);
-                        *lse = max + l;
-                        if t != self.ignore_index {
-                            *loss = (*lse - xr[t as usize]).to_f64();
+                    simd!(<T: Float> (lse_c: &mut [T] = lse_c, loss_c: &mut [f64] = loss_c, xc: &[T] = xc, tc: &[i64] = tc,
+                        v: usize = v, ignore: i64 = self.ignore_index) {
+                        let mut scratch = vec![T::ZERO; v];
+                        for (((lse, loss), xr), &t) in lse_c.iter_mut().zip(loss_c).zip(xc.chunks(v)).zip(tc) {
+                            scratch.copy_from_slice(xr);
+                            let (max, sum) = exp_row_in_place(&mut scratch);
+                            *lse = max + sum.ln();
+                            if t != ignore {
+                                *loss = (*lse - xr[t as usize]).to_f64();
+                            }
                         }
-                    }
+                    })
                 });
         }
         out[0] = T::from_f64(losses.iter().sum::<f64>() / self.count.max(1) as f64);
@@ -152,15 +156,18 @@ impl CrossEntropyBwd {
             dx.par_chunks_mut(per * v)
                 .zip(x.par_chunks(per * v).zip(targets.par_chunks(per).zip(lse.par_chunks(per))))
                 .for_each(|(dc, (xc, (tc, lc)))| {
-                    for (((dr, xr), &t), &l) in dc.chunks_mut(v).zip(xc.chunks(v)).zip(tc).zip(lc) {
-                        if t == self.ignore_index {
-                            continue;
+                    simd!(<T: Float> (dc: &mut [T] = dc, xc: &[T] = xc, tc: &[i64] = tc, lc: &[T] = lc, v: usize = v,
+                        ignore: i64 = self.ignore_index, scale: T = scale) {
+                        for (((dr, xr), &t), &l) in dc.chunks_mut(v).zip(xc.chunks(v)).zip(tc).zip(lc) {
+                            if t == ignore {
+                                continue;
+                            }
+                            dr.copy_from_slice(xr);
+                            T::exp_shifted(dr, l);
+                            dr.iter_mut().for_each(|o| *o = *o * scale);
+                            dr[t as usize] = dr[t as usize] - scale;
                         }
-                        dr.copy_from_slice(xr);
-                        T::exp_shifted(dr, l);
-                        dr.iter_mut().for_each(|o| *o = *o * scale);
-                        dr[t as usize] = dr[t as usize] - scale;
-                    }
+                    })
                 });
         }
         Ok((T::storage(dx), ll.shape().clone()))

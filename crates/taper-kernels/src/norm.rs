@@ -1,7 +1,7 @@
 //! LayerNorm and RMSNorm over the last dim. The backward recomputes each row's statistics
 //! from x (one extra read of a row already in cache) rather than keeping them from the forward.
 
-use crate::float::{dispatch, fused, rows_per_task, slice, Float};
+use crate::float::{dispatch, fused, rows_per_task, simd, slice, Float};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -57,20 +57,29 @@ struct NormOp {
 }
 
 /// (mean, 1 / sqrt(var + eps)) of one row; the mean is 0 for RMSNorm. Sums run in f64 so that
-/// long rows of f32 keep their precision.
-#[inline]
+/// long rows of f32 keep their precision, over 8 lanes in a fixed order so that they vectorise.
+#[inline(always)]
 fn stats<T: Float>(row: &[T], rms: bool, eps: f64) -> (T, T) {
     let n = row.len() as f64;
-    let mean = if rms { 0.0 } else { row.iter().map(|v| v.to_f64()).sum::<f64>() / n };
-    let var = row
-        .iter()
-        .map(|v| {
-            let d = v.to_f64() - mean;
-            d * d
-        })
-        .sum::<f64>()
-        / n;
+    let mean = if rms { 0.0 } else { lane_sum(row, |v| v.to_f64()) / n };
+    let var = lane_sum(row, |v| {
+        let d = v.to_f64() - mean;
+        d * d
+    }) / n;
     (T::from_f64(mean), T::from_f64(1.0 / (var + eps).sqrt()))
+}
+
+/// Σ f(v) over the row in 8 f64 lanes, added up in a fixed order.
+#[inline(always)]
+fn lane_sum<T: Float>(row: &[T], f: impl Fn(T) -> f64) -> f64 {
+    let mut lanes = [0f64; 8];
+    let mut chunks = row.chunks_exact(8);
+    for ch in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(ch) {
+            *l += f(v);
+        }
+    }
+    chunks.remainder().iter().fold(lanes.iter().sum::<f64>(), |s, &v| s + f(v))
 }
 
 impl NormOp {
@@ -97,22 +106,27 @@ impl NormOp {
         let mut y = vec![T::ZERO; x.len()];
         if c > 0 {
             let chunk = rows_per_task(c) * c;
+            let (rms, eps) = (self.rms, self.eps);
             y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(yc, xc)| {
-                for (yr, xr) in yc.chunks_mut(c).zip(xc.chunks(c)) {
-                    let (mean, rstd) = stats(xr, self.rms, self.eps);
-                    match b {
-                        Some(b) => {
-                            for (((o, &v), &wv), &bv) in yr.iter_mut().zip(xr).zip(w).zip(b) {
-                                *o = (v - mean) * rstd * wv + bv;
+                simd!(<T: Float> (yc: &mut [T] = yc, xc: &[T] = xc, w: &[T] = w, b: Option<&[T]> = b,
+                    rms: bool = rms, eps: f64 = eps) {
+                    let c = w.len();
+                    for (yr, xr) in yc.chunks_mut(c).zip(xc.chunks(c)) {
+                        let (mean, rstd) = stats(xr, rms, eps);
+                        match b {
+                            Some(b) => {
+                                for (((o, &v), &wv), &bv) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+                                    *o = (v - mean) * rstd * wv + bv;
+                                }
                             }
-                        }
-                        None => {
-                            for ((o, &v), &wv) in yr.iter_mut().zip(xr).zip(w) {
-                                *o = (v - mean) * rstd * wv;
+                            None => {
+                                for ((o, &v), &wv) in yr.iter_mut().zip(xr).zip(w) {
+                                    *o = (v - mean) * rstd * wv;
+                                }
                             }
                         }
                     }
-                }
+                })
             });
         }
         Ok((T::storage(y), xl.shape().clone()))
@@ -208,28 +222,33 @@ impl NormBwd {
             .map(|(dc, (xc, gc))| {
                 // [dw; db] over this chunk's rows.
                 let mut acc = vec![0f64; 2 * c];
-                let (adw, adb) = acc.split_at_mut(c);
-                for ((dr, xr), gr) in dc.chunks_mut(c).zip(xc.chunks(c)).zip(gc.chunks(c)) {
-                    let (mean, rstd) = stats(xr, self.rms, self.eps);
-                    // mean(g w) and mean(g w xhat) over the row.
-                    let (mut s1, mut s2) = (0f64, 0f64);
-                    for (((&xv, &gv), &wv), (dw, db)) in
-                        xr.iter().zip(gr).zip(w).zip(adw.iter_mut().zip(adb.iter_mut()))
-                    {
-                        let xhat = ((xv - mean) * rstd).to_f64();
-                        let gw = (gv * wv).to_f64();
-                        s1 += gw;
-                        s2 += gw * xhat;
-                        *dw += gv.to_f64() * xhat;
-                        *db += gv.to_f64();
+                simd!(<T: Float> (acc: &mut [f64] = &mut acc, dc: &mut [T] = dc, xc: &[T] = xc, gc: &[T] = gc,
+                    w: &[T] = w, rms: bool = self.rms, eps: f64 = self.eps) {
+                    let c = w.len();
+                    let (adw, adb) = acc.split_at_mut(c);
+                    for ((dr, xr), gr) in dc.chunks_mut(c).zip(xc.chunks(c)).zip(gc.chunks(c)) {
+                        let (mean, rstd) = stats(xr, rms, eps);
+                        // dw, db, and Σ g w, Σ g w xhat over the row in 8 lanes.
+                        let (mut l1, mut l2) = ([0f64; 8], [0f64; 8]);
+                        for (j, (((&xv, &gv), &wv), (dw, db))) in
+                            xr.iter().zip(gr).zip(w).zip(adw.iter_mut().zip(adb.iter_mut())).enumerate()
+                        {
+                            let xhat = ((xv - mean) * rstd).to_f64();
+                            let gw = (gv * wv).to_f64();
+                            l1[j % 8] += gw;
+                            l2[j % 8] += gw * xhat;
+                            *dw += gv.to_f64() * xhat;
+                            *db += gv.to_f64();
+                        }
+                        let (s1, s2) = (l1.iter().sum::<f64>(), l2.iter().sum::<f64>());
+                        let (m1, m2) = (T::from_f64(s1 / c as f64), T::from_f64(s2 / c as f64));
+                        let m1 = if rms { T::ZERO } else { m1 };
+                        for (((o, &xv), &gv), &wv) in dr.iter_mut().zip(xr).zip(gr).zip(w) {
+                            let xhat = (xv - mean) * rstd;
+                            *o = rstd * (gv * wv - m1 - xhat * m2);
+                        }
                     }
-                    let (m1, m2) = (T::from_f64(s1 / c as f64), T::from_f64(s2 / c as f64));
-                    let m1 = if self.rms { T::ZERO } else { m1 };
-                    for (((o, &xv), &gv), &wv) in dr.iter_mut().zip(xr).zip(gr).zip(w) {
-                        let xhat = (xv - mean) * rstd;
-                        *o = rstd * (gv * wv - m1 - xhat * m2);
-                    }
-                }
+                });
                 acc
             })
             .collect();

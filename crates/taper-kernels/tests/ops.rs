@@ -406,20 +406,22 @@ fn linear_with_and_without_bias() {
     );
 }
 
-/// The forwards agree with candle's exactly (same expressions in the same order), so that a
-/// model gives the same numbers with kernels on or off.
+/// The forwards agree with candle's to a few f32 ulps of the output's scale: the same
+/// expressions, with an exp and erf that vectorise instead of libm's.
 #[test]
-fn forwards_are_bit_identical_to_candle_activations() {
+fn forwards_match_candle_activations_to_a_few_ulps() {
     let x = Rng(1).tensor(&[4, 513], 3.0, DType::F32);
     let u = Rng(2).tensor(&[4, 513], 1.0, DType::F32);
-    let same = |a: Tensor, b: Tensor| {
+    let same = |what: &str, a: Tensor, b: Tensor| {
         let (a, b): (Vec<f32>, Vec<f32>) =
             (a.flatten_all().unwrap().to_vec1().unwrap(), b.flatten_all().unwrap().to_vec1().unwrap());
-        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "{what}: {x} vs candle's {y}");
+        }
     };
-    same(taper_kernels::gelu_erf(&x).unwrap(), x.gelu_erf().unwrap());
-    same(taper_kernels::gelu_tanh(&x).unwrap(), x.gelu().unwrap());
-    same(taper_kernels::swiglu(&x, &u).unwrap(), (x.silu().unwrap() * &u).unwrap());
+    same("gelu_erf", taper_kernels::gelu_erf(&x).unwrap(), x.gelu_erf().unwrap());
+    same("gelu_tanh", taper_kernels::gelu_tanh(&x).unwrap(), x.gelu().unwrap());
+    same("swiglu", taper_kernels::swiglu(&x, &u).unwrap(), (x.silu().unwrap() * &u).unwrap());
 }
 
 #[test]
@@ -440,5 +442,16 @@ fn linear_cross_entropy_in_chunks() {
         };
         let composed = |a: &[Tensor]| ref_cross_entropy(&a[0].matmul(&a[1].t()?)?, &targets, ignore);
         both(&format!("linear_cross_entropy {n}x{c}x{v}/{rows}"), &fused, &composed, &make);
+        // A frozen head (LoRA, a frozen embedding) or frozen hidden states: the forward forms
+        // only the gradient that is wanted.
+        let mut r = Rng(3);
+        let (h, w) = (r.tensor(&[n, c], 1.0, DType::F32), r.tensor(&[v, c], 0.5, DType::F32));
+        for (label, inputs) in [
+            ("frozen head", [inp(h.clone()), constant(w.clone())]),
+            ("frozen hidden", [constant(h.clone()), inp(w.clone())]),
+            ("no gradient", [constant(h), constant(w)]),
+        ] {
+            parity(&format!("linear_cross_entropy {label} {n}x{c}x{v}"), &fused, &composed, &inputs, 1e-5);
+        }
     }
 }
