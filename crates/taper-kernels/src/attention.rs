@@ -10,6 +10,8 @@
 //! Elsewhere than CPU f32/f64, [`attention`] runs [`attention_composed`]: matmuls, an additive
 //! mask and a softmax built from primitives, the same math with candle's own backward.
 
+use crate::float::simd;
+use crate::linear::gemm_block;
 use candle_core::{CpuStorage, DType, Device, Layout, Shape, Tensor, WithDType, D};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -380,10 +382,10 @@ float!(f64, {
     }
 });
 
-/// Query rows per task and keys per tile: a tile's k, v (BK x D) and its transposed kᵀ, vᵀ
-/// stay in L1/L2 while the rows of the query tile go over them.
-const BQ: usize = 32;
-const BK: usize = 64;
+/// Query rows per block: the height of the GEMM microkernel.
+const BQ: usize = 64;
+/// Keys per block of the online softmax, so that a block's (BQ, BKV) scores stay in L2.
+const BKV: usize = 512;
 /// Independent partial sums, so that the dot product vectorises without reassociation.
 const LANES: usize = 16;
 
@@ -408,116 +410,6 @@ fn dot<T: Float>(a: &[T], b: &[T]) -> T {
         w /= 2;
     }
     acc[0] + tail
-}
-
-/// Defines `$name`, which runs `$inner` compiled for AVX-512 or AVX2 when the CPU has them: the
-/// crate builds for baseline x86-64, where these loops vectorise only 4 f32 wide. There is no
-/// FMA contraction without fast-math, so every version rounds the same.
-macro_rules! multiversion {
-    ($name:ident => $inner:ident ($($arg:ident: $ty:ty),*)) => {
-        #[allow(clippy::too_many_arguments)]
-        fn $name<T: Float>($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[allow(clippy::too_many_arguments)]
-                #[target_feature(enable = "avx512f")]
-                fn v4<T: Float>($($arg: $ty),*) {
-                    $inner($($arg),*)
-                }
-                #[allow(clippy::too_many_arguments)]
-                #[target_feature(enable = "avx2,fma")]
-                fn v3<T: Float>($($arg: $ty),*) {
-                    $inner($($arg),*)
-                }
-                if std::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has just been checked for the features v4 is built with.
-                    return unsafe { v4($($arg),*) };
-                }
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                    // SAFETY: as above, for v3.
-                    return unsafe { v3($($arg),*) };
-                }
-            }
-            $inner($($arg),*)
-        }
-    };
-}
-
-multiversion!(fwd_tile_mv => fwd_tile(
-    mask: &RowMask, i0: usize, q: &[T], kv: &HeadKv<T>, out: &mut [T], lse: &mut [T], scale: T
-));
-multiversion!(bwd_head_mv => bwd_head(
-    mask: &RowMask, h: &HeadRows<T>, kv: &HeadKv<T>, dq: &mut [T], dk: &mut [T], dv: &mut [T], scale: T
-));
-
-/// y += Σ_i a_i x_i, x the rows (len(a), D) of one matrix, four at a time so that y is loaded
-/// and stored once per four rows.
-#[inline(always)]
-fn axpy_rows<T: Float>(y: &mut [T], a: &[T], x: &[T]) {
-    let d = y.len();
-    let quads = a.chunks_exact(4);
-    let rest = quads.remainder();
-    let mut rows = x.chunks_exact(d);
-    for c in quads {
-        let (x0, x1, x2, x3) = (rows.next().unwrap(), rows.next().unwrap(), rows.next().unwrap(), rows.next().unwrap());
-        for ((((y, x0), x1), x2), x3) in y.iter_mut().zip(x0).zip(x1).zip(x2).zip(x3) {
-            *y += (c[0] * *x0 + c[1] * *x1) + (c[2] * *x2 + c[3] * *x3);
-        }
-    }
-    for (a, x) in rest.iter().zip(rows) {
-        for (y, x) in y.iter_mut().zip(x) {
-            *y += *a * *x;
-        }
-    }
-}
-
-/// acc[c] = x · column c of a (D, W) transposed block starting at `bt`: BK scores in one sweep of
-/// x with no horizontal sums, since the keys run along the vector lanes. Four separate
-/// accumulators, so that they stay in registers and their add chains overlap.
-#[inline(always)]
-fn row_block<T: Float>(x: &[T], bt: &[T], w: usize, acc: &mut [T; BK]) {
-    const { assert!(BK == 4 * LANES) };
-    let (mut r0, mut r1, mut r2, mut r3) = ([T::ZERO; LANES], [T::ZERO; LANES], [T::ZERO; LANES], [T::ZERO; LANES]);
-    for (i, &a) in x.iter().enumerate() {
-        let col: &[T; BK] = bt[i * w..i * w + BK].try_into().expect("a padded block");
-        for l in 0..LANES {
-            r0[l] += a * col[l];
-            r1[l] += a * col[LANES + l];
-            r2[l] += a * col[2 * LANES + l];
-            r3[l] += a * col[3 * LANES + l];
-        }
-    }
-    for (c, r) in acc.chunks_exact_mut(LANES).zip([r0, r1, r2, r3]) {
-        c.copy_from_slice(&r);
-    }
-}
-
-/// One key/value head: k and v (Tk, D) and their transposes (D, W), W = Tk rounded up to BK with
-/// zero columns, so that every key tile is a whole block.
-struct HeadKv<'a, T> {
-    k: &'a [T],
-    v: &'a [T],
-    kt: Vec<T>,
-    vt: Vec<T>,
-    w: usize,
-    d: usize,
-}
-
-impl<'a, T: Float> HeadKv<'a, T> {
-    fn new(k: &'a [T], v: &'a [T], d: usize, with_vt: bool) -> Self {
-        let tk = k.len() / d;
-        let w = tk.div_ceil(BK) * BK;
-        let transpose = |x: &[T]| {
-            let mut t = vec![T::ZERO; d * w];
-            for (j, row) in x.chunks_exact(d).enumerate() {
-                for (i, &e) in row.iter().enumerate() {
-                    t[i * w + j] = e;
-                }
-            }
-            t
-        };
-        Self { k, v, kt: transpose(k), vt: if with_vt { transpose(v) } else { Vec::new() }, w, d }
-    }
 }
 
 /// The custom op. The forward leaves the logsumexp of each query row (B, Hq, Tq) here for the
@@ -600,7 +492,7 @@ impl FusedAttention {
     }
 
     fn fwd<T: Float>(&self, q: &[T], k: &[T], v: &[T]) -> (Vec<T>, Vec<T>) {
-        let Dims { b, hq, hkv, tq, tk, d } = self.dims;
+        let Dims { hq, hkv, tq, tk, d, .. } = self.dims;
         let rep = self.dims.rep();
         let mut out = vec![T::ZERO; q.len()];
         let mut lse = vec![T::NEG_INF; q.len() / d.max(1)];
@@ -608,19 +500,16 @@ impl FusedAttention {
             return (out, lse);
         }
         let scale = T::from_f64(self.opts.scale);
-        let heads: Vec<HeadKv<T>> = (0..b * hkv)
-            .into_par_iter()
-            .map(|g| HeadKv::new(&k[g * tk * d..(g + 1) * tk * d], &v[g * tk * d..(g + 1) * tk * d], d, false))
-            .collect();
         out.par_chunks_mut(tq * d).zip(lse.par_chunks_mut(tq)).enumerate().for_each(|(bh, (out, lse))| {
             let (r, h) = (bh / hq, bh % hq);
-            let kv = &heads[r * hkv + h / rep];
+            let g = r * hkv + h / rep;
+            let (k, v) = (&k[g * tk * d..(g + 1) * tk * d], &v[g * tk * d..(g + 1) * tk * d]);
             let q = &q[bh * tq * d..(bh + 1) * tq * d];
             let mask = RowMask::new(self.dims, &self.opts, r);
-            out.par_chunks_mut(BQ * d).zip(lse.par_chunks_mut(BQ)).enumerate().for_each(|(t, (out, lse))| {
-                let i0 = t * BQ;
-                fwd_tile_mv(&mask, i0, &q[i0 * d..i0 * d + out.len()], kv, out, lse, scale);
-            });
+            simd!(<T: Float> (mask: &RowMask = &mask, q: &[T] = q, k: &[T] = k, v: &[T] = v, out: &mut [T] = out,
+                lse: &mut [T] = lse, scale: T = scale) {
+                fwd_head(mask, q, k, v, out, lse, scale)
+            })
         });
         (out, lse)
     }
@@ -642,7 +531,7 @@ impl FusedAttention {
         dq.par_chunks_mut(group).zip(dk.par_chunks_mut(tk * d)).zip(dv.par_chunks_mut(tk * d)).enumerate().for_each(
             |(bg, ((dq, dk), dv))| {
                 let r = bg / hkv;
-                let kv = HeadKv::new(&k[bg * tk * d..(bg + 1) * tk * d], &v[bg * tk * d..(bg + 1) * tk * d], d, true);
+                let (k, v) = (&k[bg * tk * d..(bg + 1) * tk * d], &v[bg * tk * d..(bg + 1) * tk * d]);
                 let mask = RowMask::new(self.dims, &self.opts, r);
                 let heads = bg * group..(bg + 1) * group;
                 let (q, o, g) = (&q[heads.clone()], &o[heads.clone()], &g[heads]);
@@ -658,7 +547,10 @@ impl FusedAttention {
                         lse: &lse[rows.clone()],
                         di: &di[rows.clone()],
                     };
-                    bwd_head_mv(&mask, &head, &kv, &mut dq[span], dk, dv, scale);
+                    simd!(<T: Float> (mask: &RowMask = &mask, h: &HeadRows<T> = &head, k: &[T] = k, v: &[T] = v,
+                        dq: &mut [T] = &mut dq[span], dk: &mut [T] = dk, dv: &mut [T] = dv, scale: T = scale) {
+                        bwd_head(mask, h, k, v, dq, dk, dv, scale)
+                    });
                 }
             },
         );
@@ -666,79 +558,83 @@ impl FusedAttention {
     }
 }
 
-/// The key tiles (multiples of BK) that some row of `rows` sees.
-fn tiles(rows: &[RowKeys]) -> std::iter::StepBy<std::ops::Range<usize>> {
-    let lo = rows.iter().filter(|r| r.lo < r.hi).map(|r| r.lo).min().unwrap_or(0);
-    let hi = rows.iter().map(|r| r.hi).max().unwrap_or(0);
-    (lo / BK * BK..hi).step_by(BK)
+/// The keys [lo, hi) that some row of `rows` sees.
+fn key_span(rows: &[RowKeys]) -> (usize, usize) {
+    let live = rows.iter().filter(|r| r.lo < r.hi);
+    let lo = live.clone().map(|r| r.lo).min().unwrap_or(0);
+    let hi = live.map(|r| r.hi).max().unwrap_or(0);
+    (lo, hi.max(lo))
 }
 
-/// Scores of one row against the key tile at t0, scaled, -inf where the row may not look; and
-/// the range of tile columns [a, b) left by the row's key range (empty: nothing to do).
+/// One row of raw scores against keys k0.. : scaled where the row may look, -inf elsewhere.
+/// Returns the row's largest score (-inf: it sees none of these keys).
 #[inline(always)]
-fn tile_scores<T: Float>(
-    mask: &RowMask,
-    row: RowKeys,
-    qi: &[T],
-    kv: &HeadKv<T>,
-    t0: usize,
-    scale: T,
-    s: &mut [T; BK],
-) -> (usize, usize) {
-    let (lo, hi) = (row.lo.max(t0), row.hi.min(t0 + BK));
-    if lo >= hi {
-        return (0, 0);
-    }
-    row_block(qi, &kv.kt[t0..], kv.w, s);
-    let (a, b) = (lo - t0, hi - t0);
+fn mask_row<T: Float>(mask: &RowMask, row: RowKeys, k0: usize, s: &mut [T], scale: T) -> T {
+    let kn = s.len();
+    let a = row.lo.clamp(k0, k0 + kn) - k0;
+    let b = row.hi.clamp(k0 + a, k0 + kn) - k0;
     s[..a].fill(T::NEG_INF);
     s[b..].fill(T::NEG_INF);
     s[a..b].iter_mut().for_each(|x| *x *= scale);
     if mask.pad.is_some() || row.seg.is_some() {
-        for (j, x) in (lo..hi).zip(&mut s[a..b]) {
+        for (j, x) in (k0 + a..k0 + b).zip(&mut s[a..b]) {
             if !mask.keep(row, j) {
                 *x = T::NEG_INF;
             }
         }
     }
-    (a, b)
+    s[a..b].iter().fold(T::NEG_INF, |m, x| m.fmax(*x))
 }
 
-/// Forward of query rows i0..i0+n against all keys of one head: `out` (n, D) accumulates the
-/// unnormalised output, rescaled whenever a row's running max grows.
+/// Forward of one query head (Tq, D) against its key/value head (Tk, D): BQ query rows at a
+/// time, over key blocks of BKV with an online softmax (a running max and sum per row). The
+/// block's scores S = q kᵀ and its output P v are GEMMs; `out` gets the normalised output and
+/// `lse` each row's logsumexp (-inf, and a zero row, where a row sees no key).
 #[inline(always)]
-fn fwd_tile<T: Float>(mask: &RowMask, i0: usize, q: &[T], kv: &HeadKv<T>, out: &mut [T], lse: &mut [T], scale: T) {
-    let (n, d) = (lse.len(), kv.d);
-    let rows: Vec<RowKeys> = (0..n).map(|r| mask.row(i0 + r)).collect();
-    let mut m = vec![T::NEG_INF; n];
-    let mut l = vec![T::ZERO; n];
-    let mut s = [T::ZERO; BK];
-    for t0 in tiles(&rows) {
-        for (r, row) in rows.iter().enumerate() {
-            let (a, b) = tile_scores(mask, *row, &q[r * d..(r + 1) * d], kv, t0, scale, &mut s);
-            let mx = s[a..b].iter().fold(T::NEG_INF, |m, x| m.fmax(*x));
-            if mx == T::NEG_INF {
-                continue;
+fn fwd_head<T: Float>(mask: &RowMask, q: &[T], k: &[T], v: &[T], out: &mut [T], lse: &mut [T], scale: T) {
+    let (tq, d) = (lse.len(), q.len() / lse.len().max(1));
+    let one = T::from_f64(1.0);
+    // On the heap: a (BQ, BKV) block of f64 is 256 KiB, a lot for a rayon thread's stack.
+    #[allow(clippy::useless_vec)]
+    let mut s = vec![T::ZERO; BQ * BKV];
+    for i0 in (0..tq).step_by(BQ) {
+        let n = BQ.min(tq - i0);
+        let rows: Vec<RowKeys> = (i0..i0 + n).map(|i| mask.row(i)).collect();
+        let (lo, hi) = key_span(&rows);
+        let (qb, ob) = (&q[i0 * d..(i0 + n) * d], &mut out[i0 * d..(i0 + n) * d]);
+        let (mut m, mut l) = ([T::NEG_INF; BQ], [T::ZERO; BQ]);
+        for k0 in (lo..hi).step_by(BKV) {
+            let kn = BKV.min(hi - k0);
+            let (kb, vb) = (&k[k0 * d..(k0 + kn) * d], &v[k0 * d..(k0 + kn) * d]);
+            let sb = &mut s[..n * kn];
+            // S (n, kn) = qb (n, D) · kbᵀ (D, kn), kbᵀ read in place.
+            gemm_block(sb, kn, (n, kn, d), false, qb, (d, 1), kb, (1, d), one);
+            for (r, srow) in sb.chunks_exact_mut(kn).enumerate() {
+                let mx = mask_row(mask, rows[r], k0, srow, scale);
+                if mx == T::NEG_INF {
+                    srow.fill(T::ZERO);
+                    continue;
+                }
+                if mx > m[r] {
+                    // exp(-inf) = 0 drops nothing on the first visible block: the row and l
+                    // are still 0.
+                    let alpha = (m[r] - mx).exp();
+                    ob[r * d..(r + 1) * d].iter_mut().for_each(|a| *a *= alpha);
+                    l[r] *= alpha;
+                    m[r] = mx;
+                }
+                T::exp_shifted(srow, m[r]);
+                l[r] += srow.iter().fold(T::ZERO, |acc, x| acc + *x);
             }
-            let acc = &mut out[r * d..(r + 1) * d];
-            if mx > m[r] {
-                // exp(-inf) = 0 drops nothing on the first visible tile: acc and l are still 0.
-                let alpha = (m[r] - mx).exp();
-                acc.iter_mut().for_each(|a| *a *= alpha);
-                l[r] *= alpha;
-                m[r] = mx;
-            }
-            let p = &mut s[a..b];
-            T::exp_shifted(p, m[r]);
-            l[r] += p.iter().fold(T::ZERO, |acc, x| acc + *x);
-            axpy_rows(acc, p, &kv.v[(t0 + a) * d..(t0 + b) * d]);
+            // ob (n, D) += P (n, kn) · vb (kn, D).
+            gemm_block(ob, d, (n, d, kn), true, sb, (kn, 1), vb, (d, 1), one);
         }
-    }
-    for r in 0..n {
-        if l[r] > T::ZERO {
-            let inv = T::from_f64(1.0) / l[r];
-            out[r * d..(r + 1) * d].iter_mut().for_each(|a| *a *= inv);
-            lse[r] = m[r] + l[r].ln();
+        for r in 0..n {
+            if l[r] > T::ZERO {
+                let inv = one / l[r];
+                ob[r * d..(r + 1) * d].iter_mut().for_each(|a| *a *= inv);
+                lse[i0 + r] = m[r] + l[r].ln();
+            }
         }
     }
 }
@@ -751,61 +647,61 @@ struct HeadRows<'a, T> {
     di: &'a [T],
 }
 
-/// Backward of one query head against its key/value head, a (BQ, BK) block at a time: the
-/// probabilities P and dS = P ∘ (dP - D_i) of the block are rebuilt, then dq takes dS k row by
-/// row and dk, dv take dSᵀ q and Pᵀ dO key by key.
+/// Backward of one query head against its key/value head, a (BQ, BKV) block at a time, as five
+/// GEMMs: the probabilities P = exp(q kᵀ - lse) are rebuilt, dv += Pᵀ dO, dP = dO vᵀ,
+/// dS = P ∘ (dP - D_i), dq += dS k and dk += dSᵀ q (the scale carried into both).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn bwd_head<T: Float>(
     mask: &RowMask,
     h: &HeadRows<T>,
-    kv: &HeadKv<T>,
+    k: &[T],
+    v: &[T],
     dq: &mut [T],
     dk: &mut [T],
     dv: &mut [T],
     scale: T,
 ) {
-    let (tq, d) = (h.lse.len(), kv.d);
-    let mut p = [[T::ZERO; BK]; BQ];
-    let mut ds = [[T::ZERO; BK]; BQ];
-    let mut dp = [T::ZERO; BK];
-    let mut col = [T::ZERO; BQ];
+    let (tq, d) = (h.lse.len(), h.q.len() / h.lse.len().max(1));
+    let one = T::from_f64(1.0);
+    // On the heap, as in the forward.
+    #[allow(clippy::useless_vec)]
+    let (mut p, mut ds) = (vec![T::ZERO; BQ * BKV], vec![T::ZERO; BQ * BKV]);
     for i0 in (0..tq).step_by(BQ) {
         let n = BQ.min(tq - i0);
-        let rows: Vec<RowKeys> = (i0..i0 + n).map(|i| mask.row(i)).collect();
-        let (qt, gt) = (&h.q[i0 * d..(i0 + n) * d], &h.g[i0 * d..(i0 + n) * d]);
-        for t0 in tiles(&rows) {
-            let (mut ka, mut kb) = (BK, 0);
-            for (r, row) in rows.iter().enumerate() {
+        // Rows that saw no key have lse = -inf, an output fixed at 0 and no gradient.
+        let rows: Vec<RowKeys> = (i0..i0 + n)
+            .map(|i| if h.lse[i] == T::NEG_INF { RowKeys { lo: 0, hi: 0, seg: None } } else { mask.row(i) })
+            .collect();
+        let (lo, hi) = key_span(&rows);
+        let (qb, gb) = (&h.q[i0 * d..(i0 + n) * d], &h.g[i0 * d..(i0 + n) * d]);
+        let dqb = &mut dq[i0 * d..(i0 + n) * d];
+        for k0 in (lo..hi).step_by(BKV) {
+            let kn = BKV.min(hi - k0);
+            let (kb, vb) = (&k[k0 * d..(k0 + kn) * d], &v[k0 * d..(k0 + kn) * d]);
+            let (pb, dsb) = (&mut p[..n * kn], &mut ds[..n * kn]);
+            gemm_block(pb, kn, (n, kn, d), false, qb, (d, 1), kb, (1, d), one); // S = qb kbᵀ
+            for (r, prow) in pb.chunks_exact_mut(kn).enumerate() {
                 let i = i0 + r;
-                let (pr, dsr) = (&mut p[r], &mut ds[r]);
-                // Rows that saw no key have lse = -inf, an output fixed at 0 and no gradient.
-                let (a, b) = if h.lse[i] == T::NEG_INF {
-                    (0, 0)
+                if mask_row(mask, rows[r], k0, prow, scale) == T::NEG_INF {
+                    prow.fill(T::ZERO);
                 } else {
-                    tile_scores(mask, *row, &qt[r * d..(r + 1) * d], kv, t0, scale, pr)
-                };
-                if a >= b {
-                    pr.fill(T::ZERO);
-                    dsr.fill(T::ZERO);
-                    continue;
+                    T::exp_shifted(prow, h.lse[i]);
                 }
-                (ka, kb) = (ka.min(a), kb.max(b));
-                let gi = &gt[r * d..(r + 1) * d];
-                row_block(gi, &kv.vt[t0..], kv.w, &mut dp);
-                T::exp_shifted(pr, h.lse[i]);
-                for c in 0..BK {
-                    // The scale of the scores carries into both dq and dk.
-                    dsr[c] = pr[c] * (dp[c] - h.di[i]) * scale;
+            }
+            // dv (kn, D) += Pᵀ (kn, n) · dO (n, D), Pᵀ read in place.
+            gemm_block(&mut dv[k0 * d..(k0 + kn) * d], d, (kn, d, n), true, pb, (1, kn), gb, (d, 1), one);
+            // dP (n, kn) = dO (n, D) · vbᵀ (D, kn), then dS in place.
+            gemm_block(dsb, kn, (n, kn, d), false, gb, (d, 1), vb, (1, d), one);
+            for (r, (dsr, pr)) in dsb.chunks_exact_mut(kn).zip(pb.chunks_exact(kn)).enumerate() {
+                let di = h.di[i0 + r];
+                for (x, &pv) in dsr.iter_mut().zip(pr) {
+                    *x = pv * (*x - di) * scale;
                 }
-                axpy_rows(&mut dq[i * d..(i + 1) * d], &dsr[a..b], &kv.k[(t0 + a) * d..(t0 + b) * d]);
             }
-            for c in ka..kb {
-                let j = t0 + c;
-                col[..n].iter_mut().zip(&p[..n]).for_each(|(x, pr)| *x = pr[c]);
-                axpy_rows(&mut dv[j * d..(j + 1) * d], &col[..n], gt);
-                col[..n].iter_mut().zip(&ds[..n]).for_each(|(x, dsr)| *x = dsr[c]);
-                axpy_rows(&mut dk[j * d..(j + 1) * d], &col[..n], qt);
-            }
+            // dq (n, D) += dS (n, kn) · kb (kn, D); dk (kn, D) += dSᵀ (kn, n) · qb (n, D).
+            gemm_block(dqb, d, (n, d, kn), true, dsb, (kn, 1), kb, (d, 1), one);
+            gemm_block(&mut dk[k0 * d..(k0 + kn) * d], d, (kn, d, n), true, dsb, (1, kn), qb, (d, 1), one);
         }
     }
 }

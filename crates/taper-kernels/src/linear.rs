@@ -73,25 +73,28 @@ fn parallelism(flops: usize) -> Parallelism {
     }
 }
 
-/// dst (m, n, row stride n) = [dst +] lhs (m, k) · rhs (k, n), each operand given by its row and
-/// column strides in elements, for m, n, k > 0.
+/// dst (m, n, row stride `ldd`) = [dst +] lhs (m, k) · rhs (k, n), each operand given by its row
+/// and column strides in elements, for m, n, k > 0; `one` is T's 1.
 ///
 /// # Safety
-/// `dst` must be valid for writes of m * n elements (and for reads too when `accumulate`), and
-/// alias neither operand.
+/// `dst` must be valid for writes of (m - 1) * ldd + n elements (and for reads too when
+/// `accumulate`), and alias neither operand.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_raw<T: Float>(
+pub(crate) unsafe fn gemm_raw<T: Copy + 'static>(
     dst: *mut T,
+    ldd: usize,
     (m, n, k): (usize, usize, usize),
     accumulate: bool,
     lhs: &[T],
     (lhs_rs, lhs_cs): (usize, usize),
     rhs: &[T],
     (rhs_rs, rhs_cs): (usize, usize),
+    one: T,
+    par: Parallelism,
 ) {
-    assert!(m > 0 && n > 0 && k > 0, "linear: empty product");
-    assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs, "linear: lhs out of bounds");
-    assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs, "linear: rhs out of bounds");
+    assert!(m > 0 && n > 0 && k > 0, "gemm: empty product");
+    assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs, "gemm: lhs out of bounds");
+    assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs, "gemm: rhs out of bounds");
     // SAFETY: the asserts keep every read inside lhs and rhs; the caller vouches for dst.
     unsafe {
         gemm::gemm(
@@ -100,7 +103,7 @@ unsafe fn gemm_raw<T: Float>(
             k,
             dst,
             1,
-            n as isize,
+            ldd as isize,
             accumulate,
             lhs.as_ptr(),
             lhs_cs as isize,
@@ -108,14 +111,37 @@ unsafe fn gemm_raw<T: Float>(
             rhs.as_ptr(),
             rhs_cs as isize,
             rhs_rs as isize,
-            T::ONE,
-            T::ONE,
+            one,
+            one,
             false,
             false,
             false,
-            parallelism(2 * m * n * k),
+            par,
         )
     }
+}
+
+/// dst (m, n, row stride `ldd`) = [dst +] lhs · rhs on the calling thread (for callers that are
+/// rayon tasks already); nothing to do when m, n or k is 0 (dst is left as it is).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_block<T: Copy + 'static>(
+    dst: &mut [T],
+    ldd: usize,
+    mnk: (usize, usize, usize),
+    accumulate: bool,
+    lhs: &[T],
+    ls: (usize, usize),
+    rhs: &[T],
+    rs: (usize, usize),
+    one: T,
+) {
+    let (m, n, k) = mnk;
+    if m * n * k == 0 {
+        return;
+    }
+    assert!(n <= ldd && dst.len() >= (m - 1) * ldd + n, "gemm: destination too small");
+    // SAFETY: dst is a live, exclusively borrowed slice covering every element written.
+    unsafe { gemm_raw(dst.as_mut_ptr(), ldd, mnk, accumulate, lhs, ls, rhs, rs, one, Parallelism::None) }
 }
 
 /// dst (m, n) += lhs (m, k) · rhs (k, n).
@@ -131,7 +157,7 @@ pub(crate) fn gemm_acc<T: Float>(
     assert!(dst.len() >= m * n, "linear: destination too small");
     if m * n * k > 0 {
         // SAFETY: dst is a live, exclusively borrowed slice of at least m * n elements.
-        unsafe { gemm_raw(dst.as_mut_ptr(), mnk, true, lhs, ls, rhs, rs) }
+        unsafe { gemm_raw(dst.as_mut_ptr(), n, mnk, true, lhs, ls, rhs, rs, T::ONE, parallelism(2 * m * n * k)) }
     }
 }
 
@@ -154,7 +180,7 @@ pub(crate) fn gemm_new<T: Float>(
     // (row stride n, column stride 1) and reads none, so each is initialised before the length
     // covers it.
     unsafe {
-        gemm_raw(out.as_mut_ptr(), mnk, false, lhs, ls, rhs, rs);
+        gemm_raw(out.as_mut_ptr(), n, mnk, false, lhs, ls, rhs, rs, T::ONE, parallelism(2 * m * n * k));
         out.set_len(m * n);
     }
     out

@@ -87,6 +87,9 @@ fn cases() -> Vec<Case> {
         Case::new("cross-attention Tq < Tk", (2, 2, 1), (11, 29, 19)),
         Case::new("cross-attention Tq > Tk", (1, 3, 3), (67, 13, 10)),
         Case::new("causal Tq > Tk (rows with no key)", (1, 2, 2), (6, 4, 8)).causal(0),
+        // Past the kernel's key block (512): the online softmax rescales rows across blocks.
+        Case::new("keys over three blocks", (1, 2, 1), (70, 1100, 6)),
+        Case::new("long causal over two key blocks", (1, 1, 1), (600, 600, 5)).causal(0),
     ];
     let mut pad = Case::new("key padding, a fully masked row", (2, 2, 2), (9, 13, 11));
     // Batch row 0 loses a few keys; batch row 1 loses all of them.
