@@ -161,6 +161,24 @@ pub fn attention_bthd(q: &Tensor, k: &Tensor, v: &Tensor, hq: usize, hkv: usize,
 /// (B, T, (Hq + 2·Hkv)·D) -> (B, T, Hq·D). With the three projections' weights stacked into one
 /// GEMM, their input gets a single gradient instead of three to add up.
 pub fn attention_packed(qkv: &Tensor, hq: usize, hkv: usize, opts: &AttnOpts) -> Result<Tensor> {
+    packed(qkv, hq, hkv, None, opts)
+}
+
+/// [`attention_packed`] with rotary embeddings on q and k, applied inside the op (rotate-half
+/// layout, as [`crate::rope`]): cos and sin are (T, D), or (B, 1, T, D) for rows with positions
+/// of their own, and constants. No (B, H, T, D) copies or rotation nodes in the graph.
+pub fn attention_packed_rope(
+    qkv: &Tensor,
+    hq: usize,
+    hkv: usize,
+    cos: &Tensor,
+    sin: &Tensor,
+    opts: &AttnOpts,
+) -> Result<Tensor> {
+    packed(qkv, hq, hkv, Some((cos, sin)), opts)
+}
+
+fn packed(qkv: &Tensor, hq: usize, hkv: usize, rope: Option<(&Tensor, &Tensor)>, opts: &AttnOpts) -> Result<Tensor> {
     let (b, t, w) =
         qkv.dims3().map_err(|_| AttentionError::Shape(format!("qkv must be (B, T, W), got {:?}", qkv.dims())))?;
     let heads = hq + 2 * hkv;
@@ -169,13 +187,38 @@ pub fn attention_packed(qkv: &Tensor, hq: usize, hkv: usize, opts: &AttnOpts) ->
     }
     let d = w / heads;
     let fused = qkv.device().is_cpu() && matches!(qkv.dtype(), DType::F32 | DType::F64);
+    let tables = match rope {
+        None => None,
+        Some((cos, sin)) => {
+            let shape = crate::rope::table_shape((b, t, d), cos).filter(|_| sin.dims() == cos.dims());
+            let Some((cb, _, _)) = shape else {
+                return Err(AttentionError::Shape(format!(
+                    "rotary tables cos {:?} and sin {:?} for {b} rows of {t} positions and an even head dim {d}",
+                    cos.dims(),
+                    sin.dims()
+                )));
+            };
+            let table = |x: &Tensor| -> candle_core::Result<Tensor> {
+                x.detach().to_dtype(qkv.dtype())?.contiguous()?.reshape((cb, t, d))
+            };
+            Some(RopeTables { cos: table(cos)?, sin: table(sin)? })
+        }
+    };
     if !fused {
-        let part = |from: usize, h: usize| qkv.narrow(2, from * d, h * d);
-        return attention_bthd(&part(0, hq)?, &part(hq, hkv)?, &part(hq + hkv, hkv)?, hq, hkv, opts);
+        // (B, H, T, D) heads out of the packed rows, rotated, through the plain attention.
+        let part = |from: usize, h: usize| -> candle_core::Result<Tensor> {
+            qkv.narrow(2, from * d, h * d)?.reshape((b, t, h, d))?.transpose(1, 2)
+        };
+        let (mut q, mut k, v) = (part(0, hq)?, part(hq, hkv)?, part(hq + hkv, hkv)?.contiguous()?);
+        if let Some((cos, sin)) = rope {
+            (q, k) = (crate::rope(&q, cos, sin)?, crate::rope(&k, cos, sin)?);
+        }
+        let y = attention(&q.contiguous()?, &k.contiguous()?, &v, opts)?; // (B, H, T, D)
+        return Ok(y.transpose(1, 2)?.reshape((b, t, hq * d))?);
     }
     let dims = Dims { b, hq, hkv, tq: t, tk: t, d }.checked(opts)?;
     let inner = FusedAttention { dims, opts: opts.clone(), lse: Mutex::new(None), bthd: false };
-    Ok(qkv.contiguous()?.apply_op1(PackedAttention(inner))?)
+    Ok(qkv.contiguous()?.apply_op1(PackedAttention { inner, rope: tables })?)
 }
 
 /// Attention softmax(scale · q kᵀ + mask) v over (B, Hq, Tq, D) queries and (B, Hkv, Tk, D)
@@ -793,25 +836,46 @@ impl FusedAttention {
 
 /// [`FusedAttention`] reading q, k and v out of one packed (B, T, (Hq + 2·Hkv)·D) tensor and
 /// writing (B, T, Hq·D); its gradient comes back packed the same way.
-struct PackedAttention(FusedAttention);
+struct PackedAttention {
+    inner: FusedAttention,
+    rope: Option<RopeTables>,
+}
+
+/// Rotary tables (Bc, T, D), Bc 1 or B, in the op's dtype.
+struct RopeTables {
+    cos: Tensor,
+    sin: Tensor,
+}
 
 impl PackedAttention {
-    /// q, k, v as (B, H, T, D) from the packed rows.
-    fn split<T: Float>(&self, x: &[T]) -> [Vec<T>; 3] {
-        let Dims { hq, hkv, tq: t, d, .. } = self.0.dims;
+    /// q, k, v as (B, H, T, D) from the packed rows, q and k rotated when there are tables.
+    fn split<T: Float>(&self, x: &[T]) -> candle_core::Result<[Vec<T>; 3]> {
+        let Dims { hq, hkv, tq: t, d, .. } = self.inner.dims;
         let w = (hq + 2 * hkv) * d;
-        [
-            gather_heads(x, t, hq, d, w, 0),
-            gather_heads(x, t, hkv, d, w, hq * d),
-            gather_heads(x, t, hkv, d, w, (hq + hkv) * d),
-        ]
+        let (q, k) = (gather_heads(x, t, hq, d, w, 0), gather_heads(x, t, hkv, d, w, hq * d));
+        let (q, k) = match &self.rope {
+            None => (q, k),
+            Some(_) => (self.rotate(&q, hq, false)?, self.rotate(&k, hkv, false)?),
+        };
+        Ok([q, k, gather_heads(x, t, hkv, d, w, (hq + hkv) * d)])
     }
 
-    fn fwd<T: Float>(&self, x: &[T]) -> (Vec<T>, Vec<T>) {
-        let Dims { hq, tq, d, .. } = self.0.dims;
-        let [q, k, v] = self.split(x);
-        let (out, lse) = self.0.fwd(&q, &k, &v);
-        (heads_to_rows(&out, tq, hq, d), lse)
+    /// (B, h, T, D) heads through the rotation, or with `backward` its transpose (the gradient
+    /// of the unrotated heads from that of the rotated ones).
+    fn rotate<T: Float>(&self, x: &[T], h: usize, backward: bool) -> candle_core::Result<Vec<T>> {
+        let Some(r) = &self.rope else { return Ok(x.to_vec()) };
+        let Dims { tq: t, d, .. } = self.inner.dims;
+        let cb = r.cos.dim(0)?;
+        in_place(&r.cos, |cos: &[T]| {
+            in_place(&r.sin, |sin: &[T]| crate::rope::rotated(x, (h, t, d), cos, sin, cb, backward))
+        })?
+    }
+
+    fn fwd<T: Float>(&self, x: &[T]) -> candle_core::Result<(Vec<T>, Vec<T>)> {
+        let Dims { hq, tq, d, .. } = self.inner.dims;
+        let [q, k, v] = self.split(x)?;
+        let (out, lse) = self.inner.fwd(&q, &k, &v);
+        Ok((heads_to_rows(&out, tq, hq, d), lse))
     }
 
     fn bwd_tensor<T: Float>(
@@ -821,11 +885,12 @@ impl PackedAttention {
         grad: &Tensor,
         lse: &CpuStorage,
     ) -> candle_core::Result<Tensor> {
-        let Dims { hq, hkv, tq: t, d, .. } = self.0.dims;
-        let [q, k, v] = in_place(x, |x: &[T]| self.split(x))?;
+        let Dims { hq, hkv, tq: t, d, .. } = self.inner.dims;
+        let [q, k, v] = in_place(x, |x: &[T]| self.split(x))??;
         let rows = |y: &Tensor| in_place(y, |y: &[T]| gather_heads(y, t, hq, d, hq * d, 0));
         let (o, g) = (rows(out)?, rows(grad)?);
-        let (dq, dk, dv) = self.0.bwd(&q, &k, &v, &o, &g, T::cpu_storage_as_slice(lse)?);
+        let (dq, dk, dv) = self.inner.bwd(&q, &k, &v, &o, &g, T::cpu_storage_as_slice(lse)?);
+        let (dq, dk) = (self.rotate(&dq, hq, true)?, self.rotate(&dk, hkv, true)?);
         let w = (hq + 2 * hkv) * d;
         let mut dx = vec![T::ZERO; x.elem_count()];
         scatter_heads(&dq, &mut dx, t, hq, d, w, 0);
@@ -841,24 +906,24 @@ impl candle_core::CustomOp1 for PackedAttention {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let Dims { b, hq, tq, d, .. } = self.0.dims;
+        let Dims { b, hq, tq, d, .. } = self.inner.dims;
         let (out, lse) = match candle_core::backend::BackendStorage::dtype(s) {
             DType::F32 => {
-                let (o, l) = self.fwd::<f32>(slice(s, l)?);
+                let (o, l) = self.fwd::<f32>(slice(s, l)?)?;
                 (CpuStorage::F32(o), CpuStorage::F32(l))
             }
             DType::F64 => {
-                let (o, l) = self.fwd::<f64>(slice(s, l)?);
+                let (o, l) = self.fwd::<f64>(slice(s, l)?)?;
                 (CpuStorage::F64(o), CpuStorage::F64(l))
             }
             dt => return Err(candle_core::Error::UnsupportedDTypeForOp(dt, "fused-attention-packed")),
         };
-        *self.0.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
+        *self.inner.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
         Ok((out, Shape::from((b, tq, hq * d))))
     }
 
     fn bwd(&self, x: &Tensor, out: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let guard = self.0.lse.lock().unwrap_or_else(|e| e.into_inner());
+        let guard = self.inner.lse.lock().unwrap_or_else(|e| e.into_inner());
         let lse = guard.as_ref().ok_or_else(|| {
             candle_core::Error::wrap(AttentionError::Backward(
                 "no saved logsumexp: the forward did not run on CPU".into(),

@@ -15,7 +15,9 @@ mod rope;
 mod softmax;
 
 pub use act::{gelu_erf, gelu_tanh, swiglu};
-pub use attention::{attention, attention_bthd, attention_composed, attention_packed, AttentionError, AttnOpts};
+pub use attention::{
+    attention, attention_bthd, attention_composed, attention_packed, attention_packed_rope, AttentionError, AttnOpts,
+};
 pub use linear::{linear, linear_composed, linear_gelu};
 pub use linear_loss::linear_cross_entropy;
 pub use loss::cross_entropy;

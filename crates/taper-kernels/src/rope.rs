@@ -24,14 +24,19 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// The tables' shape as (Bc, T, D) with Bc 1 or B, when x and the tables fit the kernel.
 fn tables(x: &Tensor, cos: &Tensor) -> Result<Option<(usize, usize, usize)>> {
     let Ok((b, _, t, d)) = x.dims4() else { return Ok(None) };
+    Ok(table_shape((b, t, d), cos))
+}
+
+/// [`tables`] for heads of B rows, T positions and D dims.
+pub(crate) fn table_shape((b, t, d): (usize, usize, usize), cos: &Tensor) -> Option<(usize, usize, usize)> {
     if d % 2 != 0 {
-        return Ok(None);
+        return None;
     }
-    Ok(match cos.dims() {
+    match cos.dims() {
         [ct, cd] if (*ct, *cd) == (t, d) => Some((1, t, d)),
         [cb, 1, ct, cd] if (*cb == b || *cb == 1) && (*ct, *cd) == (t, d) => Some((*cb, t, d)),
         _ => None,
-    })
+    }
 }
 
 /// The forward, or with `backward` its transpose: dx = g cos + rotate_half^T(g sin), where
@@ -55,31 +60,56 @@ impl Rope {
         let sin = slice::<T>(self.name(), ss, sl)?;
         let (_, h, t, d) = xl.shape().dims4()?;
         let cb = cl.shape().dims3()?.0;
-        let half = d / 2;
-        let mut y = vec![T::ZERO; x.len()];
-        if d > 0 {
-            let per = rows_per_task(d);
-            y.par_chunks_mut(per * d).zip(x.par_chunks(per * d)).enumerate().for_each(|(ci, (yc, xc))| {
-                for (ri, (yr, xr)) in yc.chunks_mut(d).zip(xc.chunks(d)).enumerate() {
-                    // Row r of x is (b, h, t); its table row is (b or 0, t).
-                    let r = ci * per + ri;
-                    let (bi, ti) = (r / (h * t), r % t);
-                    let tr = (if cb == 1 { 0 } else { bi }) * t + ti;
-                    let (cr, sr) = (&cos[tr * d..(tr + 1) * d], &sin[tr * d..(tr + 1) * d]);
-                    let (x1, x2) = xr.split_at(half);
-                    let (y1, y2) = yr.split_at_mut(half);
-                    rotate(self.backward, x1, x2, y1, y2, cr, sr);
-                }
-            });
-        }
+        let y = rotated(x, (h, t, d), cos, sin, cb, self.backward);
         Ok((T::storage(y), xl.shape().clone()))
     }
+}
+
+/// What the rotation needs of an element type: both kernel families' f32 and f64 have it.
+pub(crate) trait Rotatable:
+    Copy + Send + Sync + std::ops::Add<Output = Self> + std::ops::Sub<Output = Self> + std::ops::Mul<Output = Self>
+{
+}
+impl<T> Rotatable for T where
+    T: Copy + Send + Sync + std::ops::Add<Output = T> + std::ops::Sub<Output = T> + std::ops::Mul<Output = T>
+{
+}
+
+/// x (B, H, T, D) rotated by the tables (Bc, T, D), Bc 1 or B: the forward, or with `backward`
+/// its transpose.
+pub(crate) fn rotated<T: Rotatable>(
+    x: &[T],
+    (h, t, d): (usize, usize, usize),
+    cos: &[T],
+    sin: &[T],
+    cb: usize,
+    backward: bool,
+) -> Vec<T> {
+    let half = d / 2;
+    // Every element is overwritten; the copy only sizes the buffer without a zero it would need.
+    let mut y = x.to_vec();
+    if d > 0 {
+        let per = rows_per_task(d);
+        y.par_chunks_mut(per * d).zip(x.par_chunks(per * d)).enumerate().for_each(|(ci, (yc, xc))| {
+            for (ri, (yr, xr)) in yc.chunks_mut(d).zip(xc.chunks(d)).enumerate() {
+                // Row r of x is (b, h, t); its table row is (b or 0, t).
+                let r = ci * per + ri;
+                let (bi, ti) = (r / (h * t), r % t);
+                let tr = (if cb == 1 { 0 } else { bi }) * t + ti;
+                let (cr, sr) = (&cos[tr * d..(tr + 1) * d], &sin[tr * d..(tr + 1) * d]);
+                let (x1, x2) = xr.split_at(half);
+                let (y1, y2) = yr.split_at_mut(half);
+                rotate(backward, x1, x2, y1, y2, cr, sr);
+            }
+        });
+    }
+    y
 }
 
 /// One head vector: the forward, or its transpose. Eight slices run in step, clearer by index.
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
-fn rotate<T: Float>(backward: bool, x1: &[T], x2: &[T], y1: &mut [T], y2: &mut [T], cr: &[T], sr: &[T]) {
+fn rotate<T: Rotatable>(backward: bool, x1: &[T], x2: &[T], y1: &mut [T], y2: &mut [T], cr: &[T], sr: &[T]) {
     let half = x1.len();
     if backward {
         for i in 0..half {

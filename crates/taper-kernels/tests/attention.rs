@@ -362,3 +362,71 @@ fn packed_qkv_is_the_same_attention() -> Result<()> {
     }
     Ok(())
 }
+
+/// Rotary tables (rows, T, D) in the rotate-half layout: angle (offset + t) / 10000^(2i/D).
+fn rope_tables(rows: usize, t: usize, d: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    for r in 0..rows {
+        for p in 0..t {
+            for j in 0..d {
+                let i = j % (d / 2);
+                let a = (p + 3 * r) as f64 / 10_000f64.powf(2.0 * i as f64 / d as f64);
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+    }
+    let shape: &[usize] = if rows == 1 { &[t, d] } else { &[rows, 1, t, d] };
+    Ok((
+        Tensor::from_vec(cos, shape, &Device::Cpu)?.to_dtype(dtype)?,
+        Tensor::from_vec(sin, shape, &Device::Cpu)?.to_dtype(dtype)?,
+    ))
+}
+
+/// RoPE inside the packed op equals `rope` on the (B, H, T, D) heads followed by the attention,
+/// output and every gradient, with one table for all rows and with a table per row (packed
+/// sequences); tables of the wrong shape are a typed error.
+#[test]
+fn packed_qkv_with_rope_is_rope_then_attention() -> Result<()> {
+    for (n, c) in cases().iter().enumerate().filter(|(_, c)| c.tq == c.tk && c.d % 2 == 0) {
+        for rows in [1, c.b] {
+            let data = c.data(700 + n as u64);
+            let [q, k, v, r] = c.tensors(&data, DType::F64)?;
+            let (cos, sin) = rope_tables(rows, c.tq, c.d, DType::F64)?;
+            let (qv, kv, vv) = (Var::from_tensor(&q)?, Var::from_tensor(&k)?, Var::from_tensor(&v)?);
+            let (qr, kr) =
+                (taper_kernels::rope(qv.as_tensor(), &cos, &sin)?, taper_kernels::rope(kv.as_tensor(), &cos, &sin)?);
+            let want = taper_kernels::attention(&qr, &kr, vv.as_tensor(), &c.opts).map_err(candle_core::Error::wrap)?;
+            let wg = (&want * &r)?.sum_all()?.backward()?;
+
+            let to_rows = |t: &Tensor| -> Result<Tensor> {
+                let (b, h, tt, d) = t.dims4()?;
+                t.transpose(1, 2)?.contiguous()?.reshape((b, tt, h * d))
+            };
+            let qkv = Var::from_tensor(&Tensor::cat(&[to_rows(&q)?, to_rows(&k)?, to_rows(&v)?], 2)?)?;
+            let out = taper_kernels::attention_packed_rope(qkv.as_tensor(), c.hq, c.hkv, &cos, &sin, &c.opts)
+                .map_err(candle_core::Error::wrap)?;
+            let g = (&out * to_rows(&r)?)?.sum_all()?.backward()?;
+            let g = g.get(qkv.as_tensor()).expect("a gradient");
+            let back = |t: &Tensor, h: usize| -> Result<Vec<f64>> {
+                host(&t.reshape((c.b, c.tq, h, c.d))?.transpose(1, 2)?.contiguous()?)
+            };
+            let part = |from: usize, h: usize| g.narrow(2, from * c.d, h * c.d);
+            let wgrad = |x: &Var| host(wg.get(x.as_tensor()).expect("a gradient"));
+            for (what, got, want) in [
+                ("out", back(&out, c.hq)?, host(&want)?),
+                ("dq", back(&part(0, c.hq)?, c.hq)?, wgrad(&qv)?),
+                ("dk", back(&part(c.hq, c.hkv)?, c.hkv)?, wgrad(&kv)?),
+                ("dv", back(&part(c.hq + c.hkv, c.hkv)?, c.hkv)?, wgrad(&vv)?),
+            ] {
+                let e = rel_err(&got, &want);
+                assert!(e < 1e-12, "{} (tables for {rows} rows): {what} off by {e}", c.name);
+            }
+        }
+    }
+    let qkv = Tensor::zeros((2, 5, 3 * 8), DType::F32, &Device::Cpu)?;
+    let (cos, sin) = rope_tables(1, 4, 8, DType::F32)?;
+    let err = taper_kernels::attention_packed_rope(&qkv, 1, 1, &cos, &sin, &AttnOpts::causal(8, 0)).unwrap_err();
+    assert!(err.to_string().contains("rotary tables"), "{err}");
+    Ok(())
+}

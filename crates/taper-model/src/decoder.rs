@@ -534,9 +534,10 @@ impl Decoder {
         // Attention, pre-norm.
         let hx = l.input_layernorm.forward(x)?;
         let y = match mask {
-            // Without RoPE, qk-norm or a cache, the kernel takes the projections as they come
-            // out, (B, T, H*D), and gives o_proj its input: no reshape, transpose or copy nodes.
-            Mask::Fused(opts) if rope.is_none() && l.q_norm.is_none() && cache.is_none() && l.plain_qkv() => {
+            // Without qk-norm or a cache, the kernel takes the projections as they come out,
+            // (B, T, H*D), rotates q and k itself, and gives o_proj its input: no reshape,
+            // transpose, copy or rotation nodes.
+            Mask::Fused(opts) if l.q_norm.is_none() && cache.is_none() && l.plain_qkv() => {
                 // One GEMM for q, k and v: the stacked weights' backward is a cheap split, and
                 // hx gets one gradient instead of three to add up.
                 let w = Tensor::cat(&[&l.q_proj.w, &l.k_proj.w, &l.v_proj.w], 0)?; // ((H+2KV)*D, C)
@@ -545,7 +546,10 @@ impl Decoder {
                     _ => None,
                 };
                 let qkv = nn::linear_k(&hx, &w, b.as_ref(), true)?; // (B, T, (H+2KV)*D)
-                taper_kernels::attention_packed(&qkv, nh, nkv, opts)? // (B, T, H*D)
+                match rope {
+                    Some((cos, sin)) => taper_kernels::attention_packed_rope(&qkv, nh, nkv, cos, sin, opts)?,
+                    None => taper_kernels::attention_packed(&qkv, nh, nkv, opts)?,
+                } // (B, T, H*D)
             }
             Mask::Fused(opts) if rope.is_none() && l.q_norm.is_none() && cache.is_none() => {
                 let q = l.q_proj.forward_rng(&hx, rng.as_deref_mut())?; // (B, T, H*D)
