@@ -560,6 +560,16 @@ fn sft_lora_resume_export_and_bad_data() {
     )
     .unwrap();
     fails_with(sft(&bad_cfg, &d.join("b1"), &[]), &["bad.jsonl:7", "not valid JSON"]);
+    // A missing training file: its io error once, not again as the error chain's next link.
+    let gone_cfg = d.join("gone.toml");
+    let gone = d.join("gone.jsonl");
+    std::fs::write(
+        &gone_cfg,
+        std::fs::read_to_string(&cfg).unwrap().replace(&format!("{train:?}"), &format!("{gone:?}")),
+    )
+    .unwrap();
+    let err = fails_with(sft(&gone_cfg, &d.join("b0"), &[]), &["gone.jsonl: no such file or directory"]);
+    assert_eq!(err.matches("no such file").count(), 1, "{err}");
     let stderr = |o: Output| String::from_utf8_lossy(&ok(o).stderr).to_string();
     let skip = ["--set", "data.on_bad_record=\"skip\"", "--set", "train.max_steps=1"];
     let e = stderr(sft(&bad_cfg, &d.join("b2"), &skip));

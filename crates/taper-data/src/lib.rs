@@ -18,12 +18,9 @@ pub use shard::{Shard, TokenDtype};
 /// Errors from the data layer; each names the file (and line) it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    // The io error is part of the message and not a `source`: a `{:#}` chain would print it twice.
+    #[error("{path}: {err}")]
+    Io { path: String, err: std::io::Error },
     #[error("{path}: not a taper token shard ({reason})")]
     BadShard { path: String, reason: String },
     #[error("{path}:{line}: {reason}")]
@@ -45,13 +42,8 @@ pub enum DataError {
     #[error("{path}:{line}: conversation has no assistant turn to train on")]
     NoAssistant { path: String, line: usize },
     /// An example that reads fine but cannot be tokenised (its template fails, say).
-    #[error("{path}:{line}: {source}")]
-    Example {
-        path: String,
-        line: usize,
-        #[source]
-        source: Box<DataError>,
-    },
+    #[error("{path}:{line}: {err}")]
+    Example { path: String, line: usize, err: Box<DataError> },
     #[error("{0}")]
     Config(String),
 }
@@ -60,5 +52,5 @@ pub type Result<T> = std::result::Result<T, DataError>;
 
 pub(crate) fn io_err(path: impl AsRef<std::path::Path>) -> impl FnOnce(std::io::Error) -> DataError {
     let path = path.as_ref().display().to_string();
-    move |source| DataError::Io { path, source }
+    move |err| DataError::Io { path, err }
 }

@@ -85,7 +85,7 @@ pub fn encode_pairs(
     let mut stats = EncodeStats::default();
     let mut out = Vec::with_capacity(pairs.len());
     for p in pairs {
-        let wrap = |e: DataError| DataError::Example { path: p.path.clone(), line: p.line, source: Box::new(e) };
+        let wrap = |e: DataError| DataError::Example { path: p.path.clone(), line: p.line, err: Box::new(e) };
         let mut source = ids(tok, &p.example.source, "source").map_err(wrap)?;
         let mut target = ids(tok, &p.example.target, "target").map_err(wrap)?;
         source.push(eos);

@@ -112,7 +112,7 @@ pub fn read_records<T>(
         } else {
             return Err(DataError::Io {
                 path: p.display().to_string(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+                err: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
             });
         }
     }
@@ -432,7 +432,7 @@ impl<'a> SftEncoder<'a> {
                         stats.skipped_errors += 1;
                         continue;
                     }
-                    return Err(DataError::Example { path: ex.path.clone(), line: ex.line, source: Box::new(e) });
+                    return Err(DataError::Example { path: ex.path.clone(), line: ex.line, err: Box::new(e) });
                 }
             };
             if let Some(max) = self.opts.max_len.filter(|&m| t.len() > m) {

@@ -25,12 +25,9 @@ pub const QK8_0: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    // The io error is part of the message and not a `source`: a `{:#}` chain would print it twice.
+    #[error("{path}: {err}")]
+    Io { path: String, err: std::io::Error },
     #[error("not a GGUF file (magic {0:?})")]
     BadMagic([u8; 4]),
     #[error("GGUF version {0} is not supported (2 and 3 are)")]
@@ -58,7 +55,7 @@ pub enum GgufError {
 pub type Result<T> = std::result::Result<T, GgufError>;
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> GgufError + '_ {
-    move |source| GgufError::Io { path: path.display().to_string(), source }
+    move |err| GgufError::Io { path: path.display().to_string(), err }
 }
 
 fn tensor_err(name: &str, reason: impl Into<String>) -> GgufError {

@@ -30,12 +30,9 @@ pub enum TrainError {
     Checkpoint { path: String, reason: String },
     #[error("step {step}: {what} is not finite ({value}); set train.on_nonfinite = \"skip\" to skip such steps")]
     NonFinite { step: u64, what: &'static str, value: f64 },
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    // The io error is part of the message and not a `source`: a `{:#}` chain would print it twice.
+    #[error("{path}: {err}")]
+    Io { path: String, err: std::io::Error },
     #[error("{0}")]
     Invalid(String),
 }
@@ -44,5 +41,5 @@ pub type Result<T> = std::result::Result<T, TrainError>;
 
 pub(crate) fn io_err(path: impl AsRef<std::path::Path>) -> impl FnOnce(std::io::Error) -> TrainError {
     let path = path.as_ref().display().to_string();
-    move |source| TrainError::Io { path, source }
+    move |err| TrainError::Io { path, err }
 }
