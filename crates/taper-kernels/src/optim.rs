@@ -3,7 +3,7 @@
 //! operation for operation (candle's scalar ops are `x * mul + add` in the tensor's dtype), so
 //! the in-place and composed optimizers agree bit for bit.
 
-use crate::float::{fused, slice, slice_mut, Float, MIN_TASK_ELEMS};
+use crate::float::{fused, simd, slice, slice_mut, Float, MIN_TASK_ELEMS};
 use candle_core::{CpuStorage, Layout, Result, Tensor};
 use rayon::prelude::*;
 
@@ -131,7 +131,9 @@ impl Moment {
             Moment::Lerp(a) => {
                 let a = T::from_f64(a);
                 s.par_chunks_mut(k).zip(g.par_chunks(k)).for_each(|(sc, gc)| {
-                    sc.iter_mut().zip(gc).for_each(|(m, &gv)| *m = *m + scale(gv - *m, a));
+                    simd!(<T: Float> (sc: &mut [T] = sc, gc: &[T] = gc, a: T = a) {
+                        sc.iter_mut().zip(gc).for_each(|(m, &gv)| *m = *m + scale(gv - *m, a));
+                    })
                 });
                 return Ok(());
             }
@@ -139,10 +141,13 @@ impl Moment {
             Moment::Linear(b, a) => (T::from_f64(b), T::from_f64(a), false),
         };
         s.par_chunks_mut(k).zip(g.par_chunks(k)).for_each(|(sc, gc)| {
-            sc.iter_mut().zip(gc).for_each(|(v, &gv)| {
-                let x = if square { gv * gv } else { gv };
-                *v = scale(*v, b) + scale(x, a);
-            });
+            simd!(<T: Float> (sc: &mut [T] = sc, gc: &[T] = gc, b: T = b, a: T = a, square: bool = square) {
+                if square {
+                    sc.iter_mut().zip(gc).for_each(|(v, &gv)| *v = scale(*v, b) + scale(gv * gv, a));
+                } else {
+                    sc.iter_mut().zip(gc).for_each(|(v, &gv)| *v = scale(*v, b) + scale(gv, a));
+                }
+            })
         });
         Ok(())
     }
@@ -182,10 +187,13 @@ impl AdamUpdate {
             (T::from_f64(k.inv_bc2_sqrt), T::from_f64(k.eps), T::from_f64(k.decay), T::from_f64(k.step_size));
         let c = MIN_TASK_ELEMS;
         w.par_chunks_mut(c).zip(m.par_chunks(c).zip(v.par_chunks(c))).for_each(|(wc, (mc, vc))| {
-            for ((wv, &mv), &vv) in wc.iter_mut().zip(mc).zip(vc) {
-                let denom = scale(vv.sqrt(), inv) * T::ONE + eps;
-                *wv = scale(*wv, decay) - scale(mv / denom, step);
-            }
+            simd!(<T: Float> (wc: &mut [T] = wc, mc: &[T] = mc, vc: &[T] = vc, inv: T = inv, eps: T = eps,
+                decay: T = decay, step: T = step) {
+                for ((wv, &mv), &vv) in wc.iter_mut().zip(mc).zip(vc) {
+                    let denom = scale(vv.sqrt(), inv) * T::ONE + eps;
+                    *wv = scale(*wv, decay) - scale(mv / denom, step);
+                }
+            })
         });
         Ok(())
     }
@@ -237,17 +245,20 @@ impl LionUpdate {
             (T::from_f64(self.decay), T::from_f64(self.b1), T::from_f64(self.one_minus_b1), T::from_f64(self.lr));
         let c = MIN_TASK_ELEMS;
         w.par_chunks_mut(c).zip(m.par_chunks(c).zip(g.par_chunks(c))).for_each(|(wc, (mc, gc))| {
-            for ((wv, &mv), &gv) in wc.iter_mut().zip(mc).zip(gc) {
-                let u = scale(mv, b1) + scale(gv, a);
-                let sign = if u > T::ZERO {
-                    T::ONE
-                } else if u < T::ZERO {
-                    -T::ONE
-                } else {
-                    T::ZERO
-                };
-                *wv = scale(*wv, decay) - scale(sign, lr);
-            }
+            simd!(<T: Float> (wc: &mut [T] = wc, mc: &[T] = mc, gc: &[T] = gc, decay: T = decay, b1: T = b1, a: T = a,
+                lr: T = lr) {
+                for ((wv, &mv), &gv) in wc.iter_mut().zip(mc).zip(gc) {
+                    let u = scale(mv, b1) + scale(gv, a);
+                    let sign = if u > T::ZERO {
+                        T::ONE
+                    } else if u < T::ZERO {
+                        -T::ONE
+                    } else {
+                        T::ZERO
+                    };
+                    *wv = scale(*wv, decay) - scale(sign, lr);
+                }
+            })
         });
         Ok(())
     }
