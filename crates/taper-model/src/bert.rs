@@ -116,15 +116,18 @@ pub fn init_weights(cfg: &ModelConfig, seed: u64, dev: &Device) -> Result<Vec<(S
 struct Linear {
     w: Tensor,
     b: Tensor,
+    /// `model.kernels`: the fused linear.
+    kernels: bool,
 }
 
 impl Linear {
-    fn load(w: &Weights, name: &str, out: usize, inp: usize) -> Result<Self> {
-        Ok(Self { w: w.get(&format!("{name}.weight"), &[out, inp])?, b: w.get(&format!("{name}.bias"), &[out])? })
+    fn load(w: &Weights, name: &str, out: usize, inp: usize, kernels: bool) -> Result<Self> {
+        let (wt, b) = (w.get(&format!("{name}.weight"), &[out, inp])?, w.get(&format!("{name}.bias"), &[out])?);
+        Ok(Self { w: wt, b, kernels })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        nn::linear(x, &self.w, Some(&self.b))
+        nn::linear_k(x, &self.w, Some(&self.b), self.kernels)
     }
 }
 
@@ -132,6 +135,7 @@ struct LayerNorm {
     w: Tensor,
     b: Tensor,
     eps: f64,
+    kernels: bool,
 }
 
 impl LayerNorm {
@@ -141,10 +145,14 @@ impl LayerNorm {
             w: w.get(&format!("{name}.weight"), &[c])?,
             b: w.get(&format!("{name}.bias"), &[c])?,
             eps: cfg.norm_eps,
+            kernels: cfg.kernels,
         })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.kernels {
+            return taper_kernels::layer_norm(x, &self.w, Some(&self.b), self.eps);
+        }
         nn::layer_norm(x, &self.w, Some(&self.b), self.eps)
     }
 }
@@ -177,6 +185,8 @@ pub struct Bert {
 
 fn act(cfg: &ModelConfig, x: &Tensor) -> candle_core::Result<Tensor> {
     match cfg.mlp {
+        Mlp::Gelu if cfg.kernels => taper_kernels::gelu_erf(x),
+        Mlp::GeluTanh if cfg.kernels => taper_kernels::gelu_tanh(x),
         Mlp::Gelu => x.gelu_erf(),
         Mlp::GeluTanh => x.gelu(),
         Mlp::Relu => x.relu(),
@@ -203,13 +213,13 @@ impl Bert {
             .map(|i| {
                 let p = format!("bert.encoder.layer.{i}");
                 Ok(Layer {
-                    query: Linear::load(w, &format!("{p}.attention.self.query"), c, c)?,
-                    key: Linear::load(w, &format!("{p}.attention.self.key"), c, c)?,
-                    value: Linear::load(w, &format!("{p}.attention.self.value"), c, c)?,
-                    attention_output: Linear::load(w, &format!("{p}.attention.output.dense"), c, c)?,
+                    query: Linear::load(w, &format!("{p}.attention.self.query"), c, c, cfg.kernels)?,
+                    key: Linear::load(w, &format!("{p}.attention.self.key"), c, c, cfg.kernels)?,
+                    value: Linear::load(w, &format!("{p}.attention.self.value"), c, c, cfg.kernels)?,
+                    attention_output: Linear::load(w, &format!("{p}.attention.output.dense"), c, c, cfg.kernels)?,
                     attention_norm: LayerNorm::load(w, &format!("{p}.attention.output.LayerNorm"), cfg)?,
-                    intermediate: Linear::load(w, &format!("{p}.intermediate.dense"), h, c)?,
-                    output: Linear::load(w, &format!("{p}.output.dense"), c, h)?,
+                    intermediate: Linear::load(w, &format!("{p}.intermediate.dense"), h, c, cfg.kernels)?,
+                    output: Linear::load(w, &format!("{p}.output.dense"), c, h, cfg.kernels)?,
                     output_norm: LayerNorm::load(w, &format!("{p}.output.LayerNorm"), cfg)?,
                 })
             })
@@ -225,7 +235,7 @@ impl Bert {
             embeddings_norm: LayerNorm::load(w, "bert.embeddings.LayerNorm", cfg)?,
             layers,
             final_norm: if cfg.post_norm { None } else { Some(LayerNorm::load(w, FINAL_NORM, cfg)?) },
-            transform: Linear::load(w, "cls.predictions.transform.dense", c, c)?,
+            transform: Linear::load(w, "cls.predictions.transform.dense", c, c, cfg.kernels)?,
             transform_norm: LayerNorm::load(w, "cls.predictions.transform.LayerNorm", cfg)?,
             decoder,
             decoder_bias: w.get("cls.predictions.bias", &[v])?,

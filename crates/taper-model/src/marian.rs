@@ -142,18 +142,21 @@ pub fn sinusoidal_table(d: usize, max_pos: usize, dev: &Device) -> Result<Tensor
 struct Linear {
     w: Tensor,
     b: Option<Tensor>,
+    /// `model.kernels`: the fused linear.
+    kernels: bool,
 }
 
 impl Linear {
-    fn load(w: &Weights, name: &str, out: usize, inp: usize, bias: bool) -> Result<Self> {
+    fn load(w: &Weights, name: &str, out: usize, inp: usize, cfg: &ModelConfig) -> Result<Self> {
         Ok(Self {
             w: w.get(&format!("{name}.weight"), &[out, inp])?,
-            b: if bias { Some(w.get(&format!("{name}.bias"), &[out])?) } else { None },
+            b: if cfg.bias { Some(w.get(&format!("{name}.bias"), &[out])?) } else { None },
+            kernels: cfg.kernels,
         })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        nn::linear(x, &self.w, self.b.as_ref())
+        nn::linear_k(x, &self.w, self.b.as_ref(), self.kernels)
     }
 }
 
@@ -161,6 +164,7 @@ struct LayerNorm {
     w: Tensor,
     b: Option<Tensor>,
     eps: f64,
+    kernels: bool,
 }
 
 impl LayerNorm {
@@ -170,10 +174,14 @@ impl LayerNorm {
             w: w.get(&format!("{name}.weight"), &[c])?,
             b: if cfg.bias { Some(w.get(&format!("{name}.bias"), &[c])?) } else { None },
             eps: cfg.norm_eps,
+            kernels: cfg.kernels,
         })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.kernels {
+            return taper_kernels::layer_norm(x, &self.w, self.b.as_ref(), self.eps);
+        }
         nn::layer_norm(x, &self.w, self.b.as_ref(), self.eps)
     }
 }
@@ -187,12 +195,12 @@ struct Attention {
 
 impl Attention {
     fn load(w: &Weights, p: &str, cfg: &ModelConfig) -> Result<Self> {
-        let (c, b) = (cfg.n_embd, cfg.bias);
+        let c = cfg.n_embd;
         Ok(Self {
-            q_proj: Linear::load(w, &format!("{p}.q_proj"), c, c, b)?,
-            k_proj: Linear::load(w, &format!("{p}.k_proj"), c, c, b)?,
-            v_proj: Linear::load(w, &format!("{p}.v_proj"), c, c, b)?,
-            out_proj: Linear::load(w, &format!("{p}.out_proj"), c, c, b)?,
+            q_proj: Linear::load(w, &format!("{p}.q_proj"), c, c, cfg)?,
+            k_proj: Linear::load(w, &format!("{p}.k_proj"), c, c, cfg)?,
+            v_proj: Linear::load(w, &format!("{p}.v_proj"), c, c, cfg)?,
+            out_proj: Linear::load(w, &format!("{p}.out_proj"), c, c, cfg)?,
         })
     }
 
@@ -346,15 +354,14 @@ impl Seq2Seq {
             }
             PosEmb::Rope | PosEmb::None => (None, None),
         };
-        let b = cfg.bias;
         let encoder = (0..cfg.n_layer)
             .map(|i| {
                 let p = format!("model.encoder.layers.{i}");
                 Ok(EncoderLayer {
                     self_attn: Attention::load(w, &format!("{p}.self_attn"), cfg)?,
                     self_attn_layer_norm: LayerNorm::load(w, &format!("{p}.self_attn_layer_norm"), cfg)?,
-                    fc1: Linear::load(w, &format!("{p}.fc1"), h, c, b)?,
-                    fc2: Linear::load(w, &format!("{p}.fc2"), c, h, b)?,
+                    fc1: Linear::load(w, &format!("{p}.fc1"), h, c, cfg)?,
+                    fc2: Linear::load(w, &format!("{p}.fc2"), c, h, cfg)?,
                     final_layer_norm: LayerNorm::load(w, &format!("{p}.final_layer_norm"), cfg)?,
                 })
             })
@@ -367,8 +374,8 @@ impl Seq2Seq {
                     self_attn_layer_norm: LayerNorm::load(w, &format!("{p}.self_attn_layer_norm"), cfg)?,
                     encoder_attn: Attention::load(w, &format!("{p}.encoder_attn"), cfg)?,
                     encoder_attn_layer_norm: LayerNorm::load(w, &format!("{p}.encoder_attn_layer_norm"), cfg)?,
-                    fc1: Linear::load(w, &format!("{p}.fc1"), h, c, b)?,
-                    fc2: Linear::load(w, &format!("{p}.fc2"), c, h, b)?,
+                    fc1: Linear::load(w, &format!("{p}.fc1"), h, c, cfg)?,
+                    fc2: Linear::load(w, &format!("{p}.fc2"), c, h, cfg)?,
                     final_layer_norm: LayerNorm::load(w, &format!("{p}.final_layer_norm"), cfg)?,
                 })
             })
@@ -420,6 +427,8 @@ impl Seq2Seq {
     fn mlp(&self, fc1: &Linear, fc2: &Linear, x: &Tensor, rng: Option<&mut Rng>) -> candle_core::Result<Tensor> {
         let up = fc1.forward(x)?;
         let act = match self.cfg.mlp {
+            Mlp::Gelu if self.cfg.kernels => taper_kernels::gelu_erf(&up)?,
+            Mlp::GeluTanh if self.cfg.kernels => taper_kernels::gelu_tanh(&up)?,
             Mlp::Gelu => up.gelu_erf()?,
             Mlp::GeluTanh => up.gelu()?,
             Mlp::Relu => up.relu()?,

@@ -267,13 +267,14 @@ pub fn resolve_vocab(cfg: &mut RunConfig, tokenizer_path: &Path, tok_vocab: usiz
 /// What the loop trains: the training model (over the optimizer's variables) and its detached
 /// twin for evaluation.
 enum Task {
+    // Boxed, both: the two model structs differ in size by hundreds of bytes.
     Clm {
-        model: Decoder,
-        eval: Decoder,
+        model: Box<Decoder>,
+        eval: Box<Decoder>,
     },
     Mlm {
-        model: Bert,
-        eval: Bert,
+        model: Box<Bert>,
+        eval: Box<Bert>,
         masker: Masker,
         /// The most frequent training token: the accuracy baseline.
         unigram: u32,
@@ -351,15 +352,15 @@ pub fn pretrain(mut cfg: RunConfig, run_dir: &Path, resume: Resume, obs: &mut dy
     let weights = Weights::from_pairs(vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())));
     let task = match cfg.objective {
         Objective::Clm => Task::Clm {
-            model: Decoder::load(&weights, &cfg.model)?,
-            eval: Decoder::load(&weights.detached(), &cfg.model)?,
+            model: Box::new(Decoder::load(&weights, &cfg.model)?),
+            eval: Box::new(Decoder::load(&weights.detached(), &cfg.model)?),
         },
         Objective::Mlm => {
             let masker = Masker::from_tokenizer(&tok, &data.tokenizer, cfg.mlm_probability)?;
             let unigram = masker.most_frequent(train.shard());
             Task::Mlm {
-                model: Bert::load(&weights, &cfg.model)?,
-                eval: Bert::load(&weights.detached(), &cfg.model)?,
+                model: Box::new(Bert::load(&weights, &cfg.model)?),
+                eval: Box::new(Bert::load(&weights.detached(), &cfg.model)?),
                 masker,
                 unigram,
             }
