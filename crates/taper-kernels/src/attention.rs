@@ -1,9 +1,10 @@
 //! Fused scaled-dot-product attention with a backward pass (the FlashAttention-2 scheme of
 //! Dao 2023, on CPU).
 //!
-//! The forward walks the keys tile by tile with an online softmax (a running max and sum per
-//! query row), so the (Tq, Tk) probability matrix never exists: it keeps the output and the
-//! per-row logsumexp, and the backward recomputes the probabilities from q, k and that
+//! The forward takes 64 query rows at a time over blocks of up to 512 keys with an online
+//! softmax (a running max and sum per query row), the block products q kᵀ and P v as GEMMs, so
+//! the (Tq, Tk) probability matrix never exists: it keeps the output and the per-row
+//! logsumexp, and the backward recomputes each block's probabilities from q, k and that
 //! logsumexp. Grouped-query attention reads each key/value head in place for its group of query
 //! heads instead of repeating it.
 //!
