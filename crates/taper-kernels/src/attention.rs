@@ -854,21 +854,18 @@ impl PackedAttention {
         let Dims { hq, hkv, tq: t, d, .. } = self.inner.dims;
         let w = (hq + 2 * hkv) * d;
         let (q, k) = (gather_heads(x, t, hq, d, w, 0), gather_heads(x, t, hkv, d, w, hq * d));
-        let (q, k) = match &self.rope {
-            None => (q, k),
-            Some(_) => (self.rotate(&q, hq, false)?, self.rotate(&k, hkv, false)?),
-        };
+        let (q, k) = (self.rotate(q, hq, false)?, self.rotate(k, hkv, false)?);
         Ok([q, k, gather_heads(x, t, hkv, d, w, (hq + hkv) * d)])
     }
 
     /// (B, h, T, D) heads through the rotation, or with `backward` its transpose (the gradient
-    /// of the unrotated heads from that of the rotated ones).
-    fn rotate<T: Float>(&self, x: &[T], h: usize, backward: bool) -> candle_core::Result<Vec<T>> {
-        let Some(r) = &self.rope else { return Ok(x.to_vec()) };
+    /// of the unrotated heads from that of the rotated ones); as they are without tables.
+    fn rotate<T: Float>(&self, x: Vec<T>, h: usize, backward: bool) -> candle_core::Result<Vec<T>> {
+        let Some(r) = &self.rope else { return Ok(x) };
         let Dims { tq: t, d, .. } = self.inner.dims;
         let cb = r.cos.dim(0)?;
         in_place(&r.cos, |cos: &[T]| {
-            in_place(&r.sin, |sin: &[T]| crate::rope::rotated(x, (h, t, d), cos, sin, cb, backward))
+            in_place(&r.sin, |sin: &[T]| crate::rope::rotated(&x, (h, t, d), cos, sin, cb, backward, T::ZERO))
         })?
     }
 
@@ -891,7 +888,7 @@ impl PackedAttention {
         let rows = |y: &Tensor| in_place(y, |y: &[T]| gather_heads(y, t, hq, d, hq * d, 0));
         let (o, g) = (rows(out)?, rows(grad)?);
         let (dq, dk, dv) = self.inner.bwd(&q, &k, &v, &o, &g, T::cpu_storage_as_slice(lse)?);
-        let (dq, dk) = (self.rotate(&dq, hq, true)?, self.rotate(&dk, hkv, true)?);
+        let (dq, dk) = (self.rotate(dq, hq, true)?, self.rotate(dk, hkv, true)?);
         let w = (hq + 2 * hkv) * d;
         let mut dx = vec![T::ZERO; x.elem_count()];
         scatter_heads(&dq, &mut dx, t, hq, d, w, 0);

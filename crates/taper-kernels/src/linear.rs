@@ -135,16 +135,10 @@ pub(crate) fn gemm_block<T: Copy + 'static>(
     rs: (usize, usize),
     one: T,
 ) {
-    let (m, n, k) = mnk;
-    if m * n * k == 0 {
-        return;
-    }
-    assert!(n <= ldd && dst.len() >= (m - 1) * ldd + n, "gemm: destination too small");
-    // SAFETY: dst is a live, exclusively borrowed slice covering every element written.
-    unsafe { gemm_raw(dst.as_mut_ptr(), ldd, mnk, accumulate, lhs, ls, rhs, rs, one, Parallelism::None) }
+    gemm_slice(dst, ldd, mnk, accumulate, lhs, ls, rhs, rs, one, Parallelism::None)
 }
 
-/// dst (m, n) += lhs (m, k) · rhs (k, n).
+/// dst (m, n) += lhs (m, k) · rhs (k, n), threaded when it is big enough to pay.
 pub(crate) fn gemm_acc<T: Float>(
     dst: &mut [T],
     mnk: (usize, usize, usize),
@@ -155,10 +149,30 @@ pub(crate) fn gemm_acc<T: Float>(
 ) {
     let (m, n, k) = mnk;
     assert!(dst.len() >= m * n, "linear: destination too small");
-    if m * n * k > 0 {
-        // SAFETY: dst is a live, exclusively borrowed slice of at least m * n elements.
-        unsafe { gemm_raw(dst.as_mut_ptr(), n, mnk, true, lhs, ls, rhs, rs, T::ONE, parallelism(2 * m * n * k)) }
+    gemm_slice(dst, n, mnk, true, lhs, ls, rhs, rs, T::ONE, parallelism(2 * m * n * k))
+}
+
+/// [`gemm_raw`] into a slice, its bounds checked; nothing to do when m, n or k is 0.
+#[allow(clippy::too_many_arguments)]
+fn gemm_slice<T: Copy + 'static>(
+    dst: &mut [T],
+    ldd: usize,
+    mnk: (usize, usize, usize),
+    accumulate: bool,
+    lhs: &[T],
+    ls: (usize, usize),
+    rhs: &[T],
+    rs: (usize, usize),
+    one: T,
+    par: Parallelism,
+) {
+    let (m, n, k) = mnk;
+    if m * n * k == 0 {
+        return;
     }
+    assert!(n <= ldd && dst.len() >= (m - 1) * ldd + n, "gemm: destination too small");
+    // SAFETY: dst is a live, exclusively borrowed slice covering every element written.
+    unsafe { gemm_raw(dst.as_mut_ptr(), ldd, mnk, accumulate, lhs, ls, rhs, rs, one, par) }
 }
 
 /// A fresh (m, n) product lhs · rhs. gemm writes every element of the destination without

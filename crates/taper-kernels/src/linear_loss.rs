@@ -36,8 +36,7 @@ pub fn linear_cross_entropy(
     if !fused(&[hidden, weight]) || !targets.device().is_cpu() {
         return composed(&hidden.matmul(&weight.t()?)?, targets, ignore_index);
     }
-    let count = check_targets(targets, n, v, ignore_index)?;
-    let ts = targets.to_vec1::<i64>()?;
+    let (ts, count) = check_targets(targets, n, v, ignore_index)?;
     let rows = if chunk_rows > 0 { chunk_rows } else { (CHUNK_ELEMS / v.max(1)).max(1) };
     let want = Want { dh: hidden.track_op(), dw: weight.track_op() };
     let (h, w) = (hidden.contiguous()?, weight.contiguous()?);

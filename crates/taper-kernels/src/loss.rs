@@ -16,7 +16,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: i64) -> Re
         }
         return composed(logits, targets, ignore_index);
     }
-    let count = check_targets(targets, n, v, ignore_index)?;
+    let (_, count) = check_targets(targets, n, v, ignore_index)?;
     let out = logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropy { ignore_index, count })?;
     Ok((out.get(0)?, count))
 }
@@ -80,7 +80,7 @@ impl CrossEntropy {
 }
 
 /// The targets as i64 after checking their shape (N,) and range: (values, counted targets).
-pub(crate) fn check_targets(targets: &Tensor, n: usize, v: usize, ignore_index: i64) -> Result<usize> {
+pub(crate) fn check_targets(targets: &Tensor, n: usize, v: usize, ignore_index: i64) -> Result<(Vec<i64>, usize)> {
     if targets.dims() != [n] || targets.dtype() != DType::I64 {
         return Err(crate::bad(
             "cross-entropy",
@@ -91,7 +91,8 @@ pub(crate) fn check_targets(targets: &Tensor, n: usize, v: usize, ignore_index: 
     if let Some(t) = ts.iter().find(|&&t| t != ignore_index && !(0..v as i64).contains(&t)) {
         return Err(crate::bad("cross-entropy", format!("target {t} outside the vocabulary of {v}")));
     }
-    Ok(ts.iter().filter(|&&t| t != ignore_index).count())
+    let count = ts.iter().filter(|&&t| t != ignore_index).count();
+    Ok((ts, count))
 }
 
 fn targets<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [i64]> {

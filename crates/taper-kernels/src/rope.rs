@@ -60,7 +60,7 @@ impl Rope {
         let sin = slice::<T>(self.name(), ss, sl)?;
         let (_, h, t, d) = xl.shape().dims4()?;
         let cb = cl.shape().dims3()?.0;
-        let y = rotated(x, (h, t, d), cos, sin, cb, self.backward);
+        let y = rotated(x, (h, t, d), cos, sin, cb, self.backward, T::ZERO);
         Ok((T::storage(y), xl.shape().clone()))
     }
 }
@@ -84,10 +84,10 @@ pub(crate) fn rotated<T: Rotatable>(
     sin: &[T],
     cb: usize,
     backward: bool,
+    zero: T,
 ) -> Vec<T> {
     let half = d / 2;
-    // Every element is overwritten; the copy only sizes the buffer without a zero it would need.
-    let mut y = x.to_vec();
+    let mut y = vec![zero; x.len()];
     if d > 0 {
         let per = rows_per_task(d);
         y.par_chunks_mut(per * d).zip(x.par_chunks(per * d)).enumerate().for_each(|(ci, (yc, xc))| {
