@@ -12,8 +12,9 @@
 //! mask and a softmax built from primitives, the same math with candle's own backward.
 
 use crate::float::simd;
-use crate::linear::gemm_block;
+use crate::linear::gemm_into;
 use candle_core::{CpuStorage, DType, Device, Layout, Shape, Tensor, WithDType, D};
+use gemm::Parallelism;
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -652,7 +653,7 @@ fn fwd_head<T: Float>(mask: &RowMask, q: &[T], k: &[T], v: &[T], out: &mut [T], 
             let (kb, vb) = (&k[k0 * d..(k0 + kn) * d], &v[k0 * d..(k0 + kn) * d]);
             let sb = &mut s[..n * kn];
             // S (n, kn) = qb (n, D) · kbᵀ (D, kn), kbᵀ read in place.
-            gemm_block(sb, kn, (n, kn, d), false, qb, (d, 1), kb, (1, d), one);
+            gemm_into(sb, kn, (n, kn, d), false, qb, (d, 1), kb, (1, d), one, Parallelism::None);
             for (r, srow) in sb.chunks_exact_mut(kn).enumerate() {
                 let mx = mask_row(mask, rows[r], k0, srow, scale);
                 if mx == T::NEG_INF {
@@ -671,7 +672,7 @@ fn fwd_head<T: Float>(mask: &RowMask, q: &[T], k: &[T], v: &[T], out: &mut [T], 
                 l[r] += srow.iter().fold(T::ZERO, |acc, x| acc + *x);
             }
             // ob (n, D) += P (n, kn) · vb (kn, D).
-            gemm_block(ob, d, (n, d, kn), true, sb, (kn, 1), vb, (d, 1), one);
+            gemm_into(ob, d, (n, d, kn), true, sb, (kn, 1), vb, (d, 1), one, Parallelism::None);
         }
         for r in 0..n {
             if l[r] > T::ZERO {
@@ -724,7 +725,7 @@ fn bwd_head<T: Float>(
             let kn = BKV.min(hi - k0);
             let (kb, vb) = (&k[k0 * d..(k0 + kn) * d], &v[k0 * d..(k0 + kn) * d]);
             let (pb, dsb) = (&mut p[..n * kn], &mut ds[..n * kn]);
-            gemm_block(pb, kn, (n, kn, d), false, qb, (d, 1), kb, (1, d), one); // S = qb kbᵀ
+            gemm_into(pb, kn, (n, kn, d), false, qb, (d, 1), kb, (1, d), one, Parallelism::None); // S = qb kbᵀ
             for (r, prow) in pb.chunks_exact_mut(kn).enumerate() {
                 let i = i0 + r;
                 if mask_row(mask, rows[r], k0, prow, scale) == T::NEG_INF {
@@ -734,9 +735,20 @@ fn bwd_head<T: Float>(
                 }
             }
             // dv (kn, D) += Pᵀ (kn, n) · dO (n, D), Pᵀ read in place.
-            gemm_block(&mut dv[k0 * d..(k0 + kn) * d], d, (kn, d, n), true, pb, (1, kn), gb, (d, 1), one);
+            gemm_into(
+                &mut dv[k0 * d..(k0 + kn) * d],
+                d,
+                (kn, d, n),
+                true,
+                pb,
+                (1, kn),
+                gb,
+                (d, 1),
+                one,
+                Parallelism::None,
+            );
             // dP (n, kn) = dO (n, D) · vbᵀ (D, kn), then dS in place.
-            gemm_block(dsb, kn, (n, kn, d), false, gb, (d, 1), vb, (1, d), one);
+            gemm_into(dsb, kn, (n, kn, d), false, gb, (d, 1), vb, (1, d), one, Parallelism::None);
             for (r, (dsr, pr)) in dsb.chunks_exact_mut(kn).zip(pb.chunks_exact(kn)).enumerate() {
                 let di = h.di[i0 + r];
                 for (x, &pv) in dsr.iter_mut().zip(pr) {
@@ -744,8 +756,19 @@ fn bwd_head<T: Float>(
                 }
             }
             // dq (n, D) += dS (n, kn) · kb (kn, D); dk (kn, D) += dSᵀ (kn, n) · qb (n, D).
-            gemm_block(dqb, d, (n, d, kn), true, dsb, (kn, 1), kb, (d, 1), one);
-            gemm_block(&mut dk[k0 * d..(k0 + kn) * d], d, (kn, d, n), true, dsb, (1, kn), qb, (d, 1), one);
+            gemm_into(dqb, d, (n, d, kn), true, dsb, (kn, 1), kb, (d, 1), one, Parallelism::None);
+            gemm_into(
+                &mut dk[k0 * d..(k0 + kn) * d],
+                d,
+                (kn, d, n),
+                true,
+                dsb,
+                (1, kn),
+                qb,
+                (d, 1),
+                one,
+                Parallelism::None,
+            );
         }
     }
 }

@@ -121,23 +121,6 @@ pub(crate) unsafe fn gemm_raw<T: Copy + 'static>(
     }
 }
 
-/// dst (m, n, row stride `ldd`) = [dst +] lhs · rhs on the calling thread (for callers that are
-/// rayon tasks already); nothing to do when m, n or k is 0 (dst is left as it is).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_block<T: Copy + 'static>(
-    dst: &mut [T],
-    ldd: usize,
-    mnk: (usize, usize, usize),
-    accumulate: bool,
-    lhs: &[T],
-    ls: (usize, usize),
-    rhs: &[T],
-    rs: (usize, usize),
-    one: T,
-) {
-    gemm_slice(dst, ldd, mnk, accumulate, lhs, ls, rhs, rs, one, Parallelism::None)
-}
-
 /// dst (m, n) += lhs (m, k) · rhs (k, n), threaded when it is big enough to pay.
 pub(crate) fn gemm_acc<T: Float>(
     dst: &mut [T],
@@ -149,12 +132,14 @@ pub(crate) fn gemm_acc<T: Float>(
 ) {
     let (m, n, k) = mnk;
     assert!(dst.len() >= m * n, "linear: destination too small");
-    gemm_slice(dst, n, mnk, true, lhs, ls, rhs, rs, T::ONE, parallelism(2 * m * n * k))
+    gemm_into(dst, n, mnk, true, lhs, ls, rhs, rs, T::ONE, parallelism(2 * m * n * k))
 }
 
-/// [`gemm_raw`] into a slice, its bounds checked; nothing to do when m, n or k is 0.
+/// dst (m, n, row stride `ldd`) = [dst +] lhs · rhs into a slice, its bounds checked; nothing
+/// to do when m, n or k is 0 (dst is left as it is). `Parallelism::None` for callers that are
+/// rayon tasks already.
 #[allow(clippy::too_many_arguments)]
-fn gemm_slice<T: Copy + 'static>(
+pub(crate) fn gemm_into<T: Copy + 'static>(
     dst: &mut [T],
     ldd: usize,
     mnk: (usize, usize, usize),
