@@ -11,10 +11,10 @@ fn taper() -> Command {
     c
 }
 
-/// `$TAPER_DATA_DIR` (relative paths are taken from the workspace root), else ../shared/data.
+/// `$TAPER_DATA_DIR` (relative paths are taken from the workspace root), else the repository's `data/`.
 fn data_dir() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let d = std::env::var("TAPER_DATA_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("../shared/data"));
+    let d = std::env::var("TAPER_DATA_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("data"));
     let d = if d.is_absolute() { d } else { root.join(d) };
     assert!(
         d.join("tinyshakespeare.txt").exists(),
@@ -304,7 +304,7 @@ fn tokenizer_and_prepare_commands() {
     let cfg = cfg
         .replace("block_size = 16", "block_size = 2")
         .replace("max_steps = 8", "max_steps = 2")
-        .replace("eval_every = 4", "eval_every = 0");
+        .replace("eval_every = 4", "eval_every = 2");
     ok(pretrain(&write_config(&d, &cfg), &d.join("run"), &[]));
 }
 
@@ -346,6 +346,7 @@ fn builtin_dataset_downloads_with_checksum_into_the_cache() {
     let tok = d.join("tok.json");
     let train = |url: &str| {
         Command::new(env!("CARGO_BIN_EXE_taper"))
+            .current_dir(&d)
             .env_remove("TAPER_DATA_DIR")
             .env("XDG_CACHE_HOME", d.join("cache"))
             .env("TAPER_TINYSHAKESPEARE_URL", url)
@@ -658,12 +659,13 @@ fn reward_model_and_dpo_tiny_runs_resume_and_bad_pairs() {
     fails_with(dpo(&d.join("b3"), &[]), &["pairs.jsonl:2", "rejected completion is empty"]);
 
     // GRPO (verifiable reward) and PPO (the reward model above): tiny runs whose resume is exact.
-    let rl = |kind: &str, reward: &str, section: &str| {
+    let rl = |kind: &str, reward: &str, section: &str, batch: usize| {
         let cfg = d.join(format!("{kind}.toml"));
         let text = format!(
             "seed = 9\ndevice = \"cpu\"\ninit = {base:?}\n[data]\ntrain = [{test:?}]\neval = [{test:?}]\n\
              chat_template = \"chatml\"\n[rollout]\nmax_new_tokens = 6\n[reward]\n{reward}\n{section}\n\
-             [train]\nmax_steps = 2\nlog_every = 1\neval_every = 2\ncheckpoint_every = 1\n[optim]\nlr = 1e-3\n"
+             [train]\nmax_steps = 2\nbatch_size = {batch}\nlog_every = 1\neval_every = 2\ncheckpoint_every = 1\n\
+             [optim]\nlr = 1e-3\n"
         );
         std::fs::write(&cfg, text).unwrap();
         cfg
@@ -671,12 +673,13 @@ fn reward_model_and_dpo_tiny_runs_resume_and_bad_pairs() {
     let run = |cmd: &str, cfg: &Path, dir: &Path, extra: &[&str]| {
         taper().arg(cmd).arg("--config").arg(cfg).arg("--run-dir").arg(dir).args(extra).output().unwrap()
     };
-    let grpo = rl("grpo", "kind = \"exact_match\"", "[grpo]\ngroup_size = 2\nprompts_per_step = 2\nbeta = 0.04");
+    let grpo = rl("grpo", "kind = \"exact_match\"", "[grpo]\ngroup_size = 2\nprompts_per_step = 2\nbeta = 0.04", 4);
     let rm_reward = format!("kind = \"model\"\npath = {rm:?}");
     let ppo = rl(
         "ppo",
         &rm_reward,
-        "[ppo]\nrollouts_per_step = 4\nminibatches = 2\nepochs = 2\nadaptive_kl = { target = 1.0, horizon = 100.0 }",
+        "[ppo]\nrollouts_per_step = 4\nepochs = 2\nadaptive_kl = { target = 1.0, horizon = 100.0 }",
+        2,
     );
     for (cmd, cfg, keys) in
         [("grpo", &grpo, ["\"kl\"", "\"reward_std\""]), ("ppo", &ppo, ["\"value_loss\"", "\"kl_coef\""])]
@@ -699,9 +702,9 @@ fn reward_model_and_dpo_tiny_runs_resume_and_bad_pairs() {
     let other = d.join("other");
     ok(pretrain(&write_config(&d, &TINY.replace("max_steps = 8", "max_steps = 2")), &other, &[]));
     std::fs::copy(other.join("data/tokenizer.json"), d.join("rm-hf/tokenizer.json")).unwrap();
-    let bad = rl("ppo-bad", &format!("kind = \"model\"\npath = {:?}", d.join("rm-hf")), "");
+    let bad = rl("ppo-bad", &format!("kind = \"model\"\npath = {:?}", d.join("rm-hf")), "", 8);
     fails_with(run("ppo", &bad, &d.join("p1"), &[]), &["reward model", "tokenizer", "differs from the policy"]);
-    let not_rm = rl("ppo-not-rm", &format!("kind = \"model\"\npath = {base:?}"), "");
+    let not_rm = rl("ppo-not-rm", &format!("kind = \"model\"\npath = {base:?}"), "", 8);
     fails_with(run("ppo", &not_rm, &d.join("p2"), &[]), &["not a reward model"]);
 }
 
@@ -745,11 +748,7 @@ fn alignment_recipes_train_lora_adapters() {
         ("rm", pair_cfg(""), rm.clone()),
         ("dpo", pair_cfg("[dpo]\nbeta = 0.1\n"), d.join("dpo")),
         ("grpo", rl_cfg("kind = \"exact_match\"", "[grpo]\ngroup_size = 2\nprompts_per_step = 2"), d.join("grpo")),
-        (
-            "ppo",
-            rl_cfg(&format!("kind = \"model\"\npath = {rm:?}"), "[ppo]\nrollouts_per_step = 4\nminibatches = 2"),
-            d.join("ppo"),
-        ),
+        ("ppo", rl_cfg(&format!("kind = \"model\"\npath = {rm:?}"), "[ppo]\nrollouts_per_step = 4"), d.join("ppo")),
     ];
     for (cmd, text, run) in &recipes {
         let cfg = d.join(format!("{cmd}.toml"));

@@ -12,10 +12,10 @@ fn taper() -> Command {
     c
 }
 
-/// `$TAPER_DATA_DIR` (relative paths are taken from the workspace root), else ../shared/data.
+/// `$TAPER_DATA_DIR` (relative paths are taken from the workspace root), else the repository's `data/`.
 fn data_dir() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let d = std::env::var("TAPER_DATA_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("../shared/data"));
+    let d = std::env::var("TAPER_DATA_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("data"));
     let d = if d.is_absolute() { d } else { root.join(d) };
     assert!(d.join("tinyshakespeare.txt").exists(), "set TAPER_DATA_DIR (tried {})", d.display());
     d.canonicalize().unwrap()

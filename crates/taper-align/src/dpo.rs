@@ -8,19 +8,24 @@ use crate::pairs::{pair_rows, scalar, sequence_logps, EncodedPair, PairDataConfi
 use crate::{AlignError, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
+use serde_json::Map;
 use std::path::Path;
-use std::time::Instant;
-use taper_data::sft::read_sft;
+use taper_data::chat::ChatTemplate;
+use taper_data::sft::{read_sft, Example};
 use taper_model::lora::LoraConfig;
 use taper_model::{Decoder, Rng, Weights};
-use taper_train::config::{TrainConfig, Validate};
-use taper_train::finetune::{load_resume, resume_optimizer, trainable, Progress, Saver};
-use taper_train::optim::{OptimConfig, Optimizer};
-use taper_train::pretrain::{Observer, Resume, RunInfo, StepLog, Summary};
+use taper_train::chat::exact_match;
+use taper_train::config::{RecipeConfig, TrainConfig};
+use taper_train::finetune::{self, trainable};
+use taper_train::loop_fields;
+use taper_train::observe::{Observer, Summary};
+use taper_train::optim::OptimConfig;
+use taper_train::order::epoch_pick;
+use taper_train::rules::Rules;
 use taper_train::schedule::ScheduleConfig;
-use taper_train::sft::{epoch_pick, exact_match, EvalConfig};
+use taper_train::sft::{exact_match_line, EvalConfig};
 use taper_train::source::Source;
-use taper_train::steps::{accumulate, guarded_update, Metrics};
+use taper_train::trainer::{self, Built, Evaluation, Micro, Recipe, RunSpec, StepReport};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -79,34 +84,33 @@ impl Default for DpoConfig {
     }
 }
 
-impl Validate for DpoConfig {
+impl RecipeConfig for DpoConfig {
+    const RECIPE: &'static str = "dpo";
+
+    loop_fields!();
+
     fn validate(&self) -> Vec<String> {
-        let mut e = Vec::new();
-        if self.init.is_empty() {
-            e.push("init: name the policy to start from (a checkpoint, run dir, HF dir or hf://Org/Name)".into());
-        }
+        let mut e = Rules::new();
+        e.required("init", &self.init, "the policy to start from (a checkpoint, run dir, HF dir or hf://Org/Name)");
         e.extend(self.data.validate());
-        if self.dpo.rpo_alpha < 0.0 {
-            e.push(format!("dpo.rpo_alpha = {} must be >= 0", self.dpo.rpo_alpha));
-        }
-        if self.dpo.beta <= 0.0 {
-            e.push(format!("dpo.beta = {} must be > 0", self.dpo.beta));
+        e.non_negative("dpo.rpo_alpha", self.dpo.rpo_alpha);
+        e.positive("dpo.beta", self.dpo.beta);
+        match self.dpo.loss {
+            DpoLoss::Sigmoid { label_smoothing } => e.unit("dpo.loss.label_smoothing", label_smoothing, false),
+            DpoLoss::Simpo { gamma } => e.non_negative("dpo.loss.gamma", gamma),
+            DpoLoss::Ipo | DpoLoss::Hinge => {}
         }
         if self.dpo.precompute_ref && !self.dpo.loss.needs_reference() {
-            e.push("dpo.precompute_ref: SimPO uses no reference".into());
+            e.push("dpo.precompute_ref: SimPO uses no reference");
         }
         if let Some(l) = &self.lora {
             e.extend(l.validate());
         }
-        e.extend(self.optim.validate());
-        e.extend(self.schedule.validate(self.train.max_steps));
-        e
+        e.into_vec()
     }
-}
 
-impl DpoConfig {
-    pub fn to_toml(&self) -> String {
-        toml::to_string(self).expect("DpoConfig serialises to TOML")
+    fn free_on_resume(&self) -> &'static [&'static str] {
+        &["eval.", "data.eval", "data.prompts"]
     }
 }
 
@@ -185,11 +189,12 @@ fn eval_pairs(
     pairs: &[EncodedPair],
     s: &DpoSettings,
     pad: u32,
-    dev: &Device,
+    batch: usize,
 ) -> Result<PairEval> {
     let avg = s.loss.length_normalised();
+    let dev = policy.device();
     let (mut loss, mut acc, mut margin, mut chosen, mut rejected, mut n) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
-    for chunk in pairs.chunks(16) {
+    for chunk in pairs.chunks(batch) {
         let batch: Vec<&EncodedPair> = chunk.iter().collect();
         let (pc, pr, _) = pair_logps(policy, &batch, pad, avg, dev, None)?;
         let refs = match s.loss.needs_reference() {
@@ -209,148 +214,166 @@ fn eval_pairs(
     Ok(PairEval { loss: loss / n, accuracy: acc / n, margin: margin / n, chosen: chosen / n, rejected: rejected / n })
 }
 
-/// Exact match of greedy answers on held-out prompts, logged and written to the metrics.
-pub(crate) fn prompts_exact_match(
-    model: &Decoder,
-    src: &Source,
-    template: &taper_data::chat::ChatTemplate,
-    files: &[String],
-    eval: &EvalConfig,
-    obs: &mut dyn Observer,
-) -> Result<Option<(usize, usize)>> {
+/// Held-out prompts with reference answers, read for exact match after training.
+fn read_prompts(files: &[String]) -> Result<Vec<Example>> {
     if files.is_empty() {
-        return Ok(None);
+        return Ok(Vec::new());
     }
     let paths = taper_data::hub::resolve_data(files)?;
-    let examples: Vec<_> =
-        read_sft(&paths, taper_data::sft::OnBadRecord::Error)?.examples.into_iter().map(|e| e.example).collect();
-    let (hits, total) = exact_match(model, src, template, &examples, eval.max_new_tokens, eval.max_examples)?;
-    obs.message(&format!(
-        "exact match on held-out prompts: {hits}/{total} = {:.1}%",
-        100.0 * hits as f64 / total.max(1) as f64
-    ));
-    Ok(Some((hits, total)))
+    Ok(read_sft(&paths, taper_data::sft::OnBadRecord::Error)?.examples.into_iter().map(|e| e.example).collect())
 }
 
-pub fn dpo(cfg: DpoConfig, run_dir: &Path, resume: Resume, obs: &mut dyn Observer) -> Result<Summary> {
-    let started = Instant::now();
-    let PairRun { device, ck_root, src, template, pad, train, eval } =
-        PairRun::setup(&cfg.device, &cfg.init, &cfg.data, run_dir, obs)?;
-    let ck = load_resume(&resume, &ck_root, &device)?;
-    let (vars, weights) = trainable(&src, cfg.lora.as_ref(), cfg.seed, Vec::new(), ck.as_ref())?;
-    let policy = Decoder::load(&weights, &src.config)?;
-    let eval_policy = Decoder::load(&weights.detached(), &src.config)?;
-    // The reference is the starting policy, frozen: detached weights never join a graph.
-    let reference = Decoder::load(&Weights::new(src.weights.clone()).detached(), &src.config)?;
-    let n_trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-    let mut opt = Optimizer::new(cfg.optim.clone(), vars)?;
-    let (mut step, mut tokens, mut skipped) = resume_optimizer(&mut opt, ck, obs)?;
-    let s = &cfg.dpo;
-    let avg = s.loss.length_normalised();
-    let pre = if s.precompute_ref {
-        let p = precompute(&reference, &train, pad, avg, &run_dir.join("ref_logps.safetensors"), &device)?;
-        obs.message(&format!("reference log-probs of {} pairs precomputed", train.len()));
-        Some(p)
-    } else {
-        None
-    };
-
-    PairRun::save_config(run_dir, &cfg.to_toml())?;
-    let mut metrics = Metrics::open(run_dir, step, started)?;
-    let tc = cfg.train.clone();
-    let end = tc.end_step();
-    obs.started(&RunInfo {
-        start_step: step,
-        end_step: end,
-        params: n_trainable,
-        vocab_size: src.config.vocab_size,
-        train_tokens: train.iter().map(|p| p.chosen.len() + p.rejected.len()).sum(),
-        val_tokens: 0,
-        device: format!("{device:?}"),
-    });
-    let dropout = src.config.dropout > 0.0 || cfg.lora.as_ref().is_some_and(|l| l.dropout > 0.0);
-    let (mut last_loss, mut last_val, mut last_ck) = (f64::NAN, None, None);
-    let saver = Saver {
-        ck_root: &ck_root,
-        src: &src,
-        init: &cfg.init,
-        lora: cfg.lora.as_ref(),
-        seed: cfg.seed,
-        keep: tc.keep_checkpoints,
-        heads: &[],
-        frozen: &[],
-    };
-    while step < end {
-        let lr = cfg.schedule.lr(step, cfg.optim.lr, tc.max_steps);
-        let (mut acc, mut margin, mut chosen, mut rejected, mut step_tokens) = (0.0, 0.0, 0.0, 0.0, 0u64);
-        let micro_n = tc.grad_accum_steps;
-        let (loss, grads) = accumulate(opt.params(), micro_n, |micro| {
-            let g = step * micro_n as u64 + micro as u64;
-            let idx = epoch_pick(cfg.seed, train.len(), tc.batch_size, g);
-            let batch: Vec<&EncodedPair> = idx.iter().map(|&i| &train[i]).collect();
-            step_tokens += batch.iter().map(|p| (p.chosen.len() + p.rejected.len()) as u64).sum::<u64>();
-            let mut rng = Rng::derive(cfg.seed, &[step, micro as u64]);
-            let (pc, pr, nll) = pair_logps(&policy, &batch, pad, avg, &device, dropout.then_some(&mut rng))?;
-            let refs = match (&pre, s.loss.needs_reference()) {
-                (_, false) => None,
-                (Some((c, r)), true) => {
-                    let take = |v: &Vec<f32>| {
-                        Tensor::from_vec(idx.iter().map(|&i| v[i]).collect::<Vec<f32>>(), idx.len(), &device)
-                    };
-                    Some((take(c)?, take(r)?))
-                }
-                (None, true) => {
-                    let (c, r, _) = pair_logps(&reference, &batch, pad, avg, &device, None)?;
-                    Some((c, r))
-                }
-            };
-            let out = dpo_loss(s.loss, s.beta, &pc, &pr, refs.as_ref().map(|(a, b)| (a, b)))?;
-            let k = micro_n as f64;
-            acc += out.accuracy / k;
-            margin += out.margin / k;
-            chosen += out.chosen_rewards.iter().map(|&x| x as f64).sum::<f64>() / (batch.len() as f64 * k);
-            rejected += out.rejected_rewards.iter().map(|&x| x as f64).sum::<f64>() / (batch.len() as f64 * k);
-            Ok::<_, AlignError>(if s.rpo_alpha > 0.0 { (out.loss + (nll * s.rpo_alpha)?)? } else { out.loss })
-        })?;
-        let norm = guarded_update(&mut opt, grads, loss, lr, &tc, step, &mut skipped, obs)?;
-        step += 1;
-        tokens += step_tokens;
-        metrics.add_tokens(step_tokens);
-        last_loss = loss;
-        let mut extra = serde_json::json!({"rewards/chosen": chosen, "rewards/rejected": rejected,
-            "rewards/accuracy": acc, "rewards/margin": margin});
-        let val_loss = if !eval.is_empty() && tc.eval_due(step) {
-            let e = eval_pairs(&eval_policy, &reference, &eval, s, pad, &device)?;
-            obs.message(&format!(
-                "step {step}: held-out pairs loss {:.4}, reward accuracy {:.3}, margin {:.3}",
-                e.loss, e.accuracy, e.margin
-            ));
-            extra["eval/rewards/accuracy"] = e.accuracy.into();
-            extra["eval/rewards/margin"] = e.margin.into();
-            extra["eval/rewards/chosen"] = e.chosen.into();
-            extra["eval/rewards/rejected"] = e.rejected.into();
-            last_val = Some(e.loss);
-            Some(e.loss)
+/// Trains the policy `cfg.init` on preference pairs with a loss of the DPO family.
+pub fn dpo(cfg: DpoConfig, run: RunSpec, obs: &mut dyn Observer) -> Result<Summary> {
+    trainer::train(cfg, run, obs, |cfg, env| {
+        let (eval_batches, batch) = (cfg.train.eval_batches, cfg.train.batch_size);
+        let PairRun { src, template, pad, train, eval } =
+            PairRun::setup(&cfg.init, &cfg.data, eval_batches, batch, env)?;
+        let lora = cfg.lora.as_ref();
+        let (params, weights) = trainable(&src, lora, cfg.seed, Vec::new(), env.checkpoint)?;
+        // The reference is the starting policy, frozen: detached weights never join a graph.
+        let reference = Decoder::load(&Weights::new(src.weights.clone()).detached(), &src.config)?;
+        let s = cfg.dpo.clone();
+        let precomputed = if s.precompute_ref {
+            let path = env.run_dir.join("ref_logps.safetensors");
+            let p = precompute(&reference, &train, pad, s.loss.length_normalised(), &path, &env.device)?;
+            env.obs.message(&format!("reference log-probs of {} pairs precomputed", train.len()));
+            Some(p)
         } else {
             None
         };
-        if step % tc.log_every == 0 || val_loss.is_some() || step == end {
-            metrics.step(StepLog::new(step, loss, lr, norm, tokens, skipped, val_loss), Some(extra), obs)?;
-        }
-        if tc.checkpoint_due(step) {
-            let at = Progress { step, tokens, skipped, val_loss: last_val };
-            last_ck = Some(saver.save(&opt, cfg.to_toml(), at, None, obs)?);
-        }
-    }
-    if let Some((hits, total)) = prompts_exact_match(&eval_policy, &src, &template, &cfg.data.prompts, &cfg.eval, obs)?
-    {
-        metrics.write(&serde_json::json!({"step": step, "exact_match": hits as f64 / total.max(1) as f64, "exact_match_n": total}))?;
-    }
-    Ok(Summary {
-        step,
-        train_loss: last_loss,
-        val_loss: last_val,
-        elapsed_s: started.elapsed().as_secs_f64(),
-        checkpoint: last_ck,
+        let recipe = Dpo {
+            policy: Decoder::load(&weights, &src.config)?,
+            eval_policy: Decoder::load(&weights.detached(), &src.config)?,
+            reference,
+            precomputed,
+            dropout: finetune::uses_dropout(&src, lora),
+            prompts: read_prompts(&cfg.data.prompts)?,
+            template,
+            train,
+            eval,
+            pad,
+            settings: s,
+            eval_settings: cfg.eval.clone(),
+            seed: cfg.seed,
+            batch,
+            stats: RewardStats::default(),
+            tokens: 0,
+            contents_src: src,
+        };
+        let (vocab_size, train_tokens) =
+            (recipe.contents_src.config.vocab_size, recipe.train.iter().map(EncodedPair::tokens).sum());
+        let contents = finetune::contents(&recipe.contents_src, lora, &cfg.init, &[], &[]);
+        Ok(Built { recipe, params, contents, vocab_size, train_tokens, val_tokens: 0 })
     })
+}
+
+/// The implicit rewards of a step's pairs, averaged over its micro-batches.
+#[derive(Default)]
+struct RewardStats {
+    chosen: f64,
+    rejected: f64,
+    accuracy: f64,
+    margin: f64,
+}
+
+struct Dpo {
+    policy: Decoder,
+    eval_policy: Decoder,
+    reference: Decoder,
+    /// Reference log-probs (chosen, rejected) of every training pair, when precomputed.
+    precomputed: Option<(Vec<f32>, Vec<f32>)>,
+    dropout: bool,
+    /// Held-out prompts for exact match after the last step.
+    prompts: Vec<Example>,
+    template: ChatTemplate,
+    train: Vec<EncodedPair>,
+    eval: Vec<EncodedPair>,
+    pad: u32,
+    settings: DpoSettings,
+    eval_settings: EvalConfig,
+    seed: u64,
+    batch: usize,
+    stats: RewardStats,
+    tokens: u64,
+    contents_src: Source,
+}
+
+impl Recipe for Dpo {
+    type Error = AlignError;
+    const SCORE_NAME: &'static str = "eval loss";
+
+    fn loss(&mut self, at: Micro) -> Result<Tensor> {
+        let s = &self.settings;
+        let avg = s.loss.length_normalised();
+        let dev = self.policy.device().clone();
+        let idx = epoch_pick(self.seed, self.train.len(), self.batch, at.global());
+        let batch: Vec<&EncodedPair> = idx.iter().map(|&i| &self.train[i]).collect();
+        self.tokens += batch.iter().map(|p| p.tokens() as u64).sum::<u64>();
+        let mut rng = at.dropout_rng(self.seed);
+        let (pc, pr, nll) = pair_logps(&self.policy, &batch, self.pad, avg, &dev, self.dropout.then_some(&mut rng))?;
+        let refs = match (&self.precomputed, s.loss.needs_reference()) {
+            (_, false) => None,
+            (Some((c, r)), true) => {
+                let take =
+                    |v: &Vec<f32>| Tensor::from_vec(idx.iter().map(|&i| v[i]).collect::<Vec<f32>>(), idx.len(), &dev);
+                Some((take(c)?, take(r)?))
+            }
+            (None, true) => {
+                let (c, r, _) = pair_logps(&self.reference, &batch, self.pad, avg, &dev, None)?;
+                Some((c, r))
+            }
+        };
+        let out = dpo_loss(s.loss, s.beta, &pc, &pr, refs.as_ref().map(|(a, b)| (a, b)))?;
+        let (k, n) = (at.count as f64, batch.len() as f64);
+        let st = &mut self.stats;
+        st.accuracy += out.accuracy / k;
+        st.margin += out.margin / k;
+        st.chosen += out.chosen_rewards.iter().map(|&x| x as f64).sum::<f64>() / (n * k);
+        st.rejected += out.rejected_rewards.iter().map(|&x| x as f64).sum::<f64>() / (n * k);
+        Ok(if s.rpo_alpha > 0.0 { (out.loss + (nll * s.rpo_alpha)?)? } else { out.loss })
+    }
+
+    fn end_step(&mut self, _step: u64) -> Result<StepReport> {
+        let st = std::mem::take(&mut self.stats);
+        let mut metrics = Map::new();
+        metrics.insert("rewards/chosen".into(), st.chosen.into());
+        metrics.insert("rewards/rejected".into(), st.rejected.into());
+        metrics.insert("rewards/accuracy".into(), st.accuracy.into());
+        metrics.insert("rewards/margin".into(), st.margin.into());
+        Ok(StepReport { tokens: std::mem::take(&mut self.tokens), metrics })
+    }
+
+    fn evaluate(&mut self, step: u64, obs: &mut dyn Observer) -> Result<Evaluation> {
+        if self.eval.is_empty() {
+            return Ok(Evaluation::default());
+        }
+        let e = eval_pairs(&self.eval_policy, &self.reference, &self.eval, &self.settings, self.pad, self.batch)?;
+        obs.message(&format!(
+            "step {step}: held-out pairs loss {:.4}, reward accuracy {:.3}, margin {:.3}",
+            e.loss, e.accuracy, e.margin
+        ));
+        let mut out = Evaluation::of_loss(e.loss);
+        out.metrics.insert("eval/rewards/accuracy".into(), e.accuracy.into());
+        out.metrics.insert("eval/rewards/margin".into(), e.margin.into());
+        out.metrics.insert("eval/rewards/chosen".into(), e.chosen.into());
+        out.metrics.insert("eval/rewards/rejected".into(), e.rejected.into());
+        Ok(out)
+    }
+
+    fn finish(&mut self, _step: u64, obs: &mut dyn Observer) -> Result<Option<Map<String, serde_json::Value>>> {
+        if self.prompts.is_empty() {
+            return Ok(None);
+        }
+        let e = &self.eval_settings;
+        let (hits, total) = exact_match(
+            &self.eval_policy,
+            &self.contents_src,
+            &self.template,
+            &self.prompts,
+            e.max_new_tokens,
+            e.max_examples,
+        )?;
+        Ok(Some(exact_match_line(hits, total, obs)))
+    }
 }

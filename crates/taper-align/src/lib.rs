@@ -10,6 +10,8 @@ pub mod pairs;
 pub mod ppo;
 pub mod rl;
 pub mod rm;
+pub mod sample;
+pub mod score;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AlignError {

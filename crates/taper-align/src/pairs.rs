@@ -4,14 +4,15 @@
 use crate::{AlignError, Result};
 use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
 use taper_data::chat::ChatTemplate;
 use taper_data::packing::{collate, Row};
 use taper_data::preference::{read_pairs, Pair};
 use taper_data::sft::{EncodeOptions, Located, OnBadRecord, Overflow, SftEncoder, Tokenized, IGNORE_INDEX};
 use taper_model::{nn, Decoder, Rng};
-use taper_train::pretrain::Observer;
+use taper_train::observe::Observer;
+use taper_train::rules::Rules;
 use taper_train::source::Source;
+use taper_train::trainer::Env;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -50,17 +51,13 @@ impl Default for PairDataConfig {
 
 impl PairDataConfig {
     pub fn validate(&self) -> Vec<String> {
-        let mut e = Vec::new();
+        let mut e = Rules::new();
         if self.train.is_empty() {
-            e.push("data.train: give one or more preference files".into());
+            e.push("data.train: give one or more preference files");
         }
-        if !matches!(self.on_bad_record.as_str(), "stop" | "skip") {
-            e.push(format!("data.on_bad_record = {:?}: expected \"stop\" or \"skip\"", self.on_bad_record));
-        }
-        if !matches!(self.overflow.as_str(), "truncate" | "drop") {
-            e.push(format!("data.overflow = {:?}: expected \"truncate\" or \"drop\"", self.overflow));
-        }
-        e
+        e.one_of("data.on_bad_record", &self.on_bad_record, &["stop", "skip"]);
+        e.one_of("data.overflow", &self.overflow, &["truncate", "drop"]);
+        e.into_vec()
     }
 
     pub fn on_bad(&self) -> OnBadRecord {
@@ -87,6 +84,13 @@ pub struct EncodedPair {
     pub chosen: Tokenized,
     pub rejected: Tokenized,
     pub margin: Option<f64>,
+}
+
+impl EncodedPair {
+    /// Tokens of both sides.
+    pub fn tokens(&self) -> usize {
+        self.chosen.len() + self.rejected.len()
+    }
 }
 
 /// Reads and tokenises preference files, reporting what was skipped, truncated or dropped.
@@ -215,11 +219,9 @@ pub fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
-/// What the pair recipes (reward model, DPO) set up alike: the device, the starting model, its
-/// chat template and pad id, and the train and held-out pairs.
+/// What the pair recipes (reward model, DPO) set up alike: the starting model, its chat
+/// template and pad id, and the train and held-out pairs.
 pub struct PairRun {
-    pub device: Device,
-    pub ck_root: PathBuf,
     pub src: Source,
     pub template: ChatTemplate,
     pub pad: u32,
@@ -228,29 +230,25 @@ pub struct PairRun {
 }
 
 impl PairRun {
-    pub fn setup(
-        device: &str,
-        init: &str,
-        data: &PairDataConfig,
-        run_dir: &Path,
-        obs: &mut dyn Observer,
-    ) -> Result<Self> {
-        let device = taper_train::pretrain::select_device(device)?;
-        std::fs::create_dir_all(run_dir).map_err(|e| AlignError::Invalid(format!("{}: {e}", run_dir.display())))?;
-        let src = taper_train::source::load(init, &device)?;
-        let template = taper_train::sft::template_for(data.chat_template.as_deref(), &src)?;
+    pub fn setup(init: &str, data: &PairDataConfig, eval_batches: usize, batch: usize, env: &mut Env) -> Result<Self> {
+        let src = taper_train::source::load(init, &env.device)?;
+        src.expect_kind(taper_model::ModelKind::Decoder)?;
+        let template = taper_train::chat::template_for(data.chat_template.as_deref(), &src)?;
         let pad = src.eos_ids.first().copied().unwrap_or(0);
-        let train = load_pairs(&data.train, &src, &template, data, obs)?;
+        let train = load_pairs(&data.train, &src, &template, data, env.obs)?;
         if train.is_empty() {
             return Err(AlignError::Invalid("no preference pairs left after reading and tokenising".into()));
         }
-        let eval = if data.eval.is_empty() { Vec::new() } else { load_pairs(&data.eval, &src, &template, data, obs)? };
-        Ok(Self { device, ck_root: run_dir.join("checkpoints"), src, template, pad, train, eval })
+        let mut eval =
+            if data.eval.is_empty() { Vec::new() } else { load_pairs(&data.eval, &src, &template, data, env.obs)? };
+        if eval_batches > 0 {
+            eval.truncate(eval_batches * batch);
+        }
+        Ok(Self { src, template, pad, train, eval })
     }
 
-    /// Writes the resolved config into the run dir.
-    pub fn save_config(run_dir: &Path, toml: &str) -> Result<()> {
-        let p = run_dir.join("config.toml");
-        std::fs::write(&p, toml).map_err(|e| AlignError::Invalid(format!("{}: {e}", p.display())))
+    /// Tokens of the training pairs, both sides.
+    pub fn train_tokens(&self) -> usize {
+        self.train.iter().map(EncodedPair::tokens).sum()
     }
 }

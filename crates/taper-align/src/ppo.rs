@@ -3,30 +3,30 @@
 //! one sampled response per prompt (KV cache); a score from the reward model or a verifiable
 //! reward; per-token rewards = -kl_coef * KL(policy || reference) plus the score on the last
 //! token; values from a value head on the policy's hidden states; GAE; whitened advantages;
-//! then epochs x minibatches of the clipped policy loss + vf_coef * the clipped value loss (the
-//! value head a linear probe on the policy's hidden states, which its loss does not train).
+//! then epochs of updates over minibatches of `train.batch_size` x `train.grad_accum_steps`
+//! rollouts with the clipped policy loss + vf_coef * the clipped value loss (the value head a
+//! linear probe on the policy's hidden states, which its loss does not train).
 //! The KL coefficient is fixed or adapted towards a target (Ziegler et al. 2019, eq. 2).
 
 use crate::losses::{gae, kl_per_token, ppo_policy_loss, ppo_value_loss, whiten, KlEstimator};
 use crate::rl::{
-    evaluate, mean_entropy, rollout_rows, rollouts, token_forward, PromptDataConfig, PromptRun, RewardSpec,
-    RolloutConfig, TokenOut,
+    mean_entropy, mean_std, minibatch_rules, object, token_forward, Minibatches, PromptDataConfig, RewardSpec, Rl,
+    RlAlgorithm, RlCore, RlSettings, RolloutConfig, Sampled, TokenOut,
 };
-use crate::{AlignError, Result};
+use crate::Result;
 use candle_core::{Device, Tensor, D};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
-use std::time::Instant;
 use taper_data::packing::Row;
 use taper_model::lora::LoraConfig;
-use taper_model::{Decoder, Rng, Sampling, Weights};
-use taper_train::config::{TrainConfig, Validate};
-use taper_train::finetune::{load_resume, resume_optimizer, trainable, Progress, Saver};
-use taper_train::optim::{OptimConfig, Optimizer};
-use taper_train::pretrain::{Observer, Resume, RunInfo, StepLog, Summary};
+use taper_model::Rng;
+use taper_train::config::{RecipeConfig, TrainConfig};
+use taper_train::loop_fields;
+use taper_train::observe::{Observer, Summary};
+use taper_train::optim::OptimConfig;
+use taper_train::rules::Rules;
 use taper_train::schedule::ScheduleConfig;
-use taper_train::sft::epoch_pick;
-use taper_train::steps::{accumulate, guarded_update, Metrics};
+use taper_train::source::Source;
+use taper_train::trainer::{self, Built, Micro, Plan, RunSpec, StepReport};
 
 /// The value head's names: a linear map from the final hidden state to a scalar.
 pub const V_HEAD: &str = "v_head.weight";
@@ -44,12 +44,14 @@ pub struct AdaptiveKl {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PpoSettings {
-    /// Prompts per step, one response each.
+    /// Prompts per step, one response each. Each pass over them makes optimizer updates of
+    /// `train.batch_size` rollouts per forward and `train.grad_accum_steps` forwards.
     pub rollouts_per_step: usize,
     /// Passes over each batch of rollouts.
     pub epochs: usize,
-    /// Minibatches per pass (one optimizer step each).
-    pub minibatches: usize,
+    /// Replaced by `train.batch_size` and `train.grad_accum_steps`; kept only to say so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub minibatches: Option<usize>,
     pub clip_eps: f64,
     /// The value loss's clip range.
     pub vf_clip: f64,
@@ -70,7 +72,7 @@ impl Default for PpoSettings {
         Self {
             rollouts_per_step: 32,
             epochs: 4,
-            minibatches: 4,
+            minibatches: None,
             clip_eps: 0.2,
             vf_clip: 0.2,
             vf_coef: 0.1,
@@ -112,50 +114,59 @@ impl Default for PpoConfig {
             reward: RewardSpec::default(),
             ppo: PpoSettings::default(),
             lora: None,
-            train: TrainConfig { batch_size: 1, ..TrainConfig::default() },
+            train: TrainConfig { batch_size: 8, eval_batches: 0, ..TrainConfig::default() },
             optim: OptimConfig { lr: 1e-5, weight_decay: 0.0, ..OptimConfig::default() },
             schedule: ScheduleConfig::default(),
         }
     }
 }
 
-impl Validate for PpoConfig {
+impl RecipeConfig for PpoConfig {
+    const RECIPE: &'static str = "ppo";
+
+    loop_fields!();
+
     fn validate(&self) -> Vec<String> {
-        let mut e = Vec::new();
-        if self.init.is_empty() {
-            e.push("init: name the policy to start from".into());
-        }
+        let mut e = Rules::new();
+        e.required("init", &self.init, "the policy to start from");
         e.extend(self.data.validate());
         e.extend(self.rollout.validate());
         let p = &self.ppo;
-        if p.rollouts_per_step == 0 || p.epochs == 0 || p.minibatches == 0 || p.minibatches > p.rollouts_per_step {
-            e.push(
-                "ppo: rollouts_per_step, epochs and minibatches must be > 0, minibatches <= rollouts_per_step".into(),
-            );
+        e.at_least_one("ppo.rollouts_per_step", p.rollouts_per_step as u64);
+        e.at_least_one("ppo.epochs", p.epochs as u64);
+        if let Some(m) = p.minibatches {
+            e.push(format!(
+                "ppo.minibatches = {m}: replaced by train.batch_size (rollouts per forward) and \
+                 train.grad_accum_steps (forwards per optimizer update); {m} minibatches of one forward each \
+                 are train.batch_size = {}",
+                p.rollouts_per_step / m.max(1)
+            ));
         }
-        if !(0.0..=1.0).contains(&p.gamma) || !(0.0..=1.0).contains(&p.lam) {
-            e.push("ppo.gamma and ppo.lam must be in [0, 1]".into());
-        }
-        if p.kl_coef < 0.0 || p.clip_eps <= 0.0 || p.vf_clip <= 0.0 || p.vf_coef < 0.0 {
-            e.push("ppo: kl_coef and vf_coef must be >= 0, clip_eps and vf_clip > 0".into());
-        }
+        e.extend(minibatch_rules("ppo", "ppo.rollouts_per_step", p.rollouts_per_step, &self.train));
+        e.unit("ppo.gamma", p.gamma, true);
+        e.unit("ppo.lam", p.lam, true);
+        e.non_negative("ppo.kl_coef", p.kl_coef);
+        e.non_negative("ppo.vf_coef", p.vf_coef);
+        e.positive("ppo.clip_eps", p.clip_eps);
+        e.positive("ppo.vf_clip", p.vf_clip);
         if let Some(a) = p.adaptive_kl {
-            if a.target <= 0.0 || a.horizon <= 0.0 {
-                e.push("ppo.adaptive_kl: target and horizon must be > 0".into());
-            }
+            e.positive("ppo.adaptive_kl.target", a.target);
+            e.positive("ppo.adaptive_kl.horizon", a.horizon);
+        }
+        if self.train.eval_batches > 0 {
+            e.push(format!(
+                "train.eval_batches = {}: ppo evaluates every prompt of data.eval; leave it unset",
+                self.train.eval_batches
+            ));
         }
         if let Some(l) = &self.lora {
             e.extend(l.validate());
         }
-        e.extend(self.optim.validate());
-        e.extend(self.schedule.validate(self.train.max_steps));
-        e
+        e.into_vec()
     }
-}
 
-impl PpoConfig {
-    pub fn to_toml(&self) -> String {
-        toml::to_string(self).expect("PpoConfig serialises to TOML")
+    fn free_on_resume(&self) -> &'static [&'static str] {
+        &["data.eval", "rollout.eval_samples"]
     }
 }
 
@@ -222,168 +233,150 @@ fn prepare(
     })
 }
 
-pub fn ppo(cfg: PpoConfig, run_dir: &Path, resume: Resume, obs: &mut dyn Observer) -> Result<Summary> {
-    let started = Instant::now();
-    let PromptRun { device, ck_root, src, pad, train, eval, reward } =
-        PromptRun::setup(&cfg.device, &cfg.init, &cfg.data, &cfg.rollout, &cfg.reward, run_dir, obs)?;
-    let max_new = cfg.rollout.max_new_tokens;
-
-    let ck = load_resume(&resume, &ck_root, &device)?;
-    let c = src.config.n_embd;
-    let mut rng = Rng::derive(cfg.seed, &[0x5648_4541]);
-    let head: Vec<f32> = (0..c).map(|_| (rng.normal() * 0.02) as f32).collect();
-    let heads = vec![
-        (V_HEAD.to_string(), Tensor::from_vec(head, (1, c), &device)?),
-        (V_BIAS.to_string(), Tensor::zeros(1, candle_core::DType::F32, &device)?),
-    ];
-    let (vars, weights) = trainable(&src, cfg.lora.as_ref(), cfg.seed, heads, ck.as_ref())?;
-    let head_of = |name: &str| vars.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_tensor().clone());
-    let (vw, vb) = (head_of(V_HEAD).expect("trainable"), head_of(V_BIAS).expect("trainable"));
-    let policy = Decoder::load(&weights, &src.config)?;
-    let frozen = Decoder::load(&weights.detached(), &src.config)?;
-    let reference = Decoder::load(&Weights::new(src.weights.clone()).detached(), &src.config)?;
-    let n_trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-    let mut kl_coef = cfg.ppo.kl_coef;
-    if let Some(ck) = &ck {
-        if let Some(k) = std::fs::read_to_string(ck.dir.join("recipe_state.json"))
-            .ok()
-            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-            .and_then(|v| v["kl_coef_bits"].as_u64())
-        {
-            kl_coef = f64::from_bits(k);
-        }
-    }
-    let mut opt = Optimizer::new(cfg.optim.clone(), vars)?;
-    let (mut step, mut tokens, mut skipped) = resume_optimizer(&mut opt, ck, obs)?;
-    crate::pairs::PairRun::save_config(run_dir, &cfg.to_toml())?;
-    let mut metrics = Metrics::open(run_dir, step, started)?;
-    let tc = cfg.train.clone();
-    let end = tc.end_step();
-    obs.started(&RunInfo {
-        start_step: step,
-        end_step: end,
-        params: n_trainable,
-        vocab_size: src.config.vocab_size,
-        train_tokens: 0,
-        val_tokens: 0,
-        device: format!("{device:?}"),
-    });
-    if step == 0 && !eval.is_empty() {
-        let e = evaluate(&frozen, &src, &eval, &reward, &cfg.rollout, pad)?;
-        let mut line = serde_json::json!({"step": 0});
-        e.report(0, &mut line, obs);
-        metrics.write(&line)?;
-    }
-    let pp = &cfg.ppo;
-    let sampling =
-        Sampling { temperature: cfg.rollout.temperature, top_k: cfg.rollout.top_k, top_p: cfg.rollout.top_p };
-    let dropout = src.config.dropout > 0.0 || cfg.lora.as_ref().is_some_and(|l| l.dropout > 0.0);
-    let (mut last_loss, mut last_val, mut last_ck) = (f64::NAN, None, None);
-    let saver = Saver {
-        ck_root: &ck_root,
-        src: &src,
-        init: &cfg.init,
-        lora: cfg.lora.as_ref(),
-        seed: cfg.seed,
-        keep: tc.keep_checkpoints,
-        heads: &[V_HEAD, V_BIAS],
-        frozen: &[],
-    };
-    while step < end {
-        let lr = cfg.schedule.lr(step, cfg.optim.lr, tc.max_steps);
-        let picked = epoch_pick(cfg.seed, train.len(), pp.rollouts_per_step, step);
-        let which: Vec<(usize, Rng)> = picked
-            .iter()
-            .enumerate()
-            .map(|(i, &p)| (p, Rng::derive(cfg.seed, &[step, i as u64, 0x5050_4F00])))
-            .collect();
-        let outs = rollouts(&frozen, &src, &train, &which, &sampling, max_new)?;
-        let scores = reward.score(&outs, &train, pad)?;
-        let rows = rollout_rows(&outs, &train, pad);
-        let step_tokens: u64 = rows.iter().map(|r| r.segment_ids.iter().filter(|&&s| s > 0).count() as u64).sum();
-        let old = token_forward(&frozen, &rows, &device, None)?;
-        let old_values = values(&old.hidden, &vw.detach(), &vb.detach())?;
-        let ref_logp = token_forward(&reference, &rows, &device, None)?.logp;
-        let batch = prepare(rows, &old, old_values, &ref_logp, &scores, pp, kl_coef, &device)?;
-
-        let n = batch.rows.len();
-        let mb = n.div_ceil(pp.minibatches);
-        let (mut pl_sum, mut vl_sum, mut clip_sum, mut vclip_sum, mut akl_sum, mut k, mut norm) =
-            (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
-        let mut loss = 0.0;
-        for epoch in 0..pp.epochs {
-            let mut order: Vec<usize> = (0..n).collect();
-            Rng::derive(cfg.seed, &[step, epoch as u64, 0x4D42]).shuffle(&mut order);
-            for (m, chunk) in order.chunks(mb).enumerate() {
-                let idx =
-                    Tensor::from_vec(chunk.iter().map(|&i| i as u32).collect::<Vec<u32>>(), chunk.len(), &device)?;
-                let rows: Vec<Row> = chunk.iter().map(|&i| batch.rows[i].clone()).collect();
-                let pick = |t: &Tensor| t.index_select(&idx, 0);
-                let (mut pl, mut vl, mut cf, mut vcf, mut akl) = (0.0, 0.0, 0.0, 0.0, 0.0);
-                let (l, grads) = accumulate(opt.params(), 1, |_| {
-                    let mut rng = Rng::derive(cfg.seed, &[step, epoch as u64, m as u64]);
-                    let out = token_forward(&policy, &rows, &device, dropout.then_some(&mut rng))?;
-                    // The value head reads the policy's features but does not train them: with
-                    // one shared trunk the value loss's gradient would pull the LM off course.
-                    let v = values(&out.hidden.detach(), &vw, &vb)?;
-                    let adv = pick(&batch.advantages)?;
-                    let pol = ppo_policy_loss(&out.logp, &pick(&batch.old_logp)?, &adv, &out.mask, pp.clip_eps)?;
-                    let (vloss, vclip) =
-                        ppo_value_loss(&v, &pick(&batch.old_values)?, &pick(&batch.returns)?, &out.mask, pp.vf_clip)?;
-                    pl = crate::pairs::scalar(&pol.loss)?;
-                    vl = crate::pairs::scalar(&vloss)?;
-                    (cf, vcf, akl) = (pol.clip_frac, vclip, pol.approx_kl);
-                    Ok::<_, AlignError>((pol.loss + (vloss * pp.vf_coef)?)?)
-                })?;
-                norm = guarded_update(&mut opt, grads, l, lr, &tc, step, &mut skipped, obs)?;
-                loss = l;
-                (pl_sum, vl_sum, clip_sum, vclip_sum, akl_sum, k) =
-                    (pl_sum + pl, vl_sum + vl, clip_sum + cf, vclip_sum + vcf, akl_sum + akl, k + 1.0);
-            }
-        }
-        // Ziegler et al.'s proportional controller, its error clipped to +-20%.
-        if let Some(a) = pp.adaptive_kl {
-            let err = ((batch.kl - a.target) / a.target).clamp(-0.2, 0.2);
-            kl_coef *= 1.0 + err * n as f64 / a.horizon;
-        }
-        step += 1;
-        tokens += step_tokens;
-        metrics.add_tokens(step_tokens);
-        last_loss = loss;
-        let nf = scores.len() as f64;
-        let mean = scores.iter().map(|&r| r as f64).sum::<f64>() / nf;
-        let std = (scores.iter().map(|&r| (r as f64 - mean).powi(2)).sum::<f64>() / nf).sqrt();
-        let len = outs.iter().map(|o| o.response.len() as f64).sum::<f64>() / nf;
-        let mut extra = serde_json::json!({"reward": mean, "reward_std": std, "kl": batch.kl, "kl_coef": kl_coef,
-            "entropy": batch.entropy, "policy_loss": pl_sum / k, "value_loss": vl_sum / k,
-            "clip_frac": clip_sum / k, "vf_clip_frac": vclip_sum / k, "approx_kl": akl_sum / k,
-            "response_length": len});
-        let val = if !eval.is_empty() && tc.eval_due(step) {
-            let e = evaluate(&frozen, &src, &eval, &reward, &cfg.rollout, pad)?;
-            e.report(step, &mut extra, obs);
-            let r = e.sampled_reward.unwrap_or(e.greedy_reward);
-            last_val = Some(r);
-            Some(r)
-        } else {
-            None
+/// Trains the policy `cfg.init` with PPO against the configured reward.
+pub fn ppo(cfg: PpoConfig, run: RunSpec, obs: &mut dyn Observer) -> Result<Summary> {
+    trainer::train(cfg, run, obs, |cfg, env| {
+        let seed = cfg.seed;
+        // The value head: a fresh linear probe on the final hidden state.
+        let heads = |src: &Source, dev: &Device| {
+            let c = src.config.n_embd;
+            let mut rng = Rng::derive(seed, &[0x5648_4541]);
+            let head: Vec<f32> = (0..c).map(|_| (rng.normal() * 0.02) as f32).collect();
+            Ok(vec![
+                (V_HEAD.to_string(), Tensor::from_vec(head, (1, c), dev)?),
+                (V_BIAS.to_string(), Tensor::zeros(1, candle_core::DType::F32, dev)?),
+            ])
         };
-        if step % tc.log_every == 0 || val.is_some() || step == end {
-            metrics.step(StepLog::new(step, loss, lr, norm, tokens, skipped, None), Some(extra), obs)?;
-        }
-        if tc.checkpoint_due(step) {
-            let at = Progress { step, tokens, skipped, val_loss: last_val };
-            // The bits too: JSON floats do not read back exactly, and resume must.
-            let state = serde_json::json!({ "kl_coef": kl_coef, "kl_coef_bits": kl_coef.to_bits() });
-            last_ck = Some(saver.save(&opt, cfg.to_toml(), at, Some(&state), obs)?);
-        }
-    }
-    Ok(Summary {
-        step,
-        train_loss: last_loss,
-        val_loss: last_val,
-        elapsed_s: started.elapsed().as_secs_f64(),
-        checkpoint: last_ck,
+        let s = RlSettings {
+            init: &cfg.init,
+            data: &cfg.data,
+            rollout: &cfg.rollout,
+            reward: &cfg.reward,
+            lora: cfg.lora.as_ref(),
+            seed,
+        };
+        let (core, params, contents) = RlCore::build(s, heads, env)?;
+        let head_of = |name: &str| params.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_tensor().clone());
+        let (vw, vb) = (head_of(V_HEAD).expect("trainable"), head_of(V_BIAS).expect("trainable"));
+        let vocab_size = core.src.config.vocab_size;
+        let algorithm = Ppo {
+            vw,
+            vb,
+            kl_coef: cfg.ppo.kl_coef,
+            settings: cfg.ppo.clone(),
+            batch: cfg.train.batch_size,
+            step: None,
+            stats: UpdateStats::default(),
+        };
+        let recipe = Rl { core, algorithm };
+        Ok(Built { recipe, params, contents, vocab_size, train_tokens: 0, val_tokens: 0 })
     })
+}
+
+struct Ppo {
+    /// The value head, (1, C) and (1,).
+    vw: Tensor,
+    vb: Tensor,
+    /// The KL penalty's coefficient, adapted as the run goes when asked.
+    kl_coef: f64,
+    settings: PpoSettings,
+    batch: usize,
+    /// The current step's rollouts, prepared for its updates.
+    step: Option<StepData>,
+    stats: UpdateStats,
+}
+
+/// A step's rollouts and what its updates read.
+struct StepData {
+    batch: Batch,
+    minibatches: Minibatches,
+    sampled: Sampled,
+}
+
+/// The updates' losses and clip fractions, summed over micro-batches.
+#[derive(Default)]
+struct UpdateStats {
+    policy_loss: f64,
+    value_loss: f64,
+    clip: f64,
+    vclip: f64,
+    approx_kl: f64,
+    micro_batches: f64,
+}
+
+impl RlAlgorithm for Ppo {
+    /// One sampled response per prompt from the current policy, scored; then the per-token
+    /// rewards, values, advantages and returns its updates read.
+    fn plan(&mut self, rl: &RlCore, step: u64, accum: usize) -> Result<Plan> {
+        let pp = &self.settings;
+        let dev = rl.policy.device();
+        let sampled = rl.sample(step, pp.rollouts_per_step, 1, 0x5050_4F00)?;
+        let old = token_forward(&rl.frozen, &sampled.rows, dev, None)?;
+        let old_values = values(&old.hidden, &self.vw.detach(), &self.vb.detach())?;
+        let ref_logp = token_forward(&rl.reference, &sampled.rows, dev, None)?.logp;
+        let rows = sampled.rows.clone();
+        let batch = prepare(rows, &old, old_values, &ref_logp, &sampled.scores, pp, self.kl_coef, dev)?;
+        let seed = rl.seed;
+        let minibatches = Minibatches::new(batch.rows.len(), pp.epochs, self.batch, accum, |epoch| {
+            Some(Rng::derive(seed, &[step, epoch as u64, 0x4D42]))
+        });
+        let updates = minibatches.updates();
+        self.step = Some(StepData { batch, minibatches, sampled });
+        Ok(Plan { updates, micro_batches: accum })
+    }
+
+    fn loss(&mut self, rl: &RlCore, at: Micro) -> Result<Tensor> {
+        let d = self.step.as_ref().expect("plan() prepared the step");
+        let pp = &self.settings;
+        let dev = rl.policy.device();
+        let (_, idx, rows) = d.minibatches.micro(at.update, at.index, &d.batch.rows, dev)?;
+        let pick = |t: &Tensor| t.index_select(&idx, 0);
+        let mut rng = Rng::derive(rl.seed, &[at.step, at.update as u64, at.index as u64]);
+        let out = token_forward(&rl.policy, &rows, dev, rl.dropout.then_some(&mut rng))?;
+        // The value head reads the policy's features but does not train them: with one
+        // shared trunk the value loss's gradient would pull the LM off course.
+        let v = values(&out.hidden.detach(), &self.vw, &self.vb)?;
+        let adv = pick(&d.batch.advantages)?;
+        let pol = ppo_policy_loss(&out.logp, &pick(&d.batch.old_logp)?, &adv, &out.mask, pp.clip_eps)?;
+        let (vloss, vclip) =
+            ppo_value_loss(&v, &pick(&d.batch.old_values)?, &pick(&d.batch.returns)?, &out.mask, pp.vf_clip)?;
+        let st = &mut self.stats;
+        st.policy_loss += crate::pairs::scalar(&pol.loss)?;
+        st.value_loss += crate::pairs::scalar(&vloss)?;
+        (st.clip, st.vclip, st.approx_kl) = (st.clip + pol.clip_frac, st.vclip + vclip, st.approx_kl + pol.approx_kl);
+        st.micro_batches += 1.0;
+        Ok((pol.loss + (vloss * pp.vf_coef)?)?)
+    }
+
+    fn end_step(&mut self, _step: u64) -> Result<StepReport> {
+        let d = self.step.take().expect("plan() prepared the step");
+        let n = d.batch.rows.len();
+        // Ziegler et al.'s proportional controller, its error clipped to +-20%.
+        if let Some(a) = self.settings.adaptive_kl {
+            let err = ((d.batch.kl - a.target) / a.target).clamp(-0.2, 0.2);
+            self.kl_coef *= 1.0 + err * n as f64 / a.horizon;
+        }
+        let st = std::mem::take(&mut self.stats);
+        let k = st.micro_batches.max(1.0);
+        let (mean, std) = mean_std(&d.sampled.scores);
+        let metrics = object(serde_json::json!({"reward": mean, "reward_std": std, "kl": d.batch.kl,
+            "kl_coef": self.kl_coef, "entropy": d.batch.entropy, "policy_loss": st.policy_loss / k,
+            "value_loss": st.value_loss / k, "clip_frac": st.clip / k, "vf_clip_frac": st.vclip / k,
+            "approx_kl": st.approx_kl / k, "response_length": d.sampled.response_length}));
+        Ok(StepReport { tokens: d.sampled.tokens, metrics })
+    }
+
+    fn state(&self) -> Option<serde_json::Value> {
+        // The bits too: JSON floats do not read back exactly, and resume must.
+        Some(serde_json::json!({ "kl_coef": self.kl_coef, "kl_coef_bits": self.kl_coef.to_bits() }))
+    }
+
+    fn restore(&mut self, state: &serde_json::Value) -> Result<()> {
+        if let Some(bits) = state["kl_coef_bits"].as_u64() {
+            self.kl_coef = f64::from_bits(bits);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

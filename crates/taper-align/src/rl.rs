@@ -7,13 +7,21 @@ use crate::rm::RewardModel;
 use crate::{AlignError, Result};
 use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
+use serde_json::Map;
 use taper_data::chat::ChatTemplate;
 use taper_data::packing::{collate, Row};
 use taper_data::preference::{read_prompts, Prompt};
 use taper_data::sft::{Example, OnBadRecord, Tokenized, IGNORE_INDEX};
-use taper_model::{nn, Decoder, Rng, Sampling};
-use taper_train::pretrain::Observer;
+use taper_model::lora::LoraConfig;
+use taper_model::{nn, Decoder, Rng, Sampling, Weights};
+use taper_train::chat::stop_ids;
+use taper_train::checkpoint::Contents;
+use taper_train::finetune::{self, trainable};
+use taper_train::observe::Observer;
+use taper_train::order::epoch_pick;
+use taper_train::rules::Rules;
 use taper_train::source::Source;
+use taper_train::trainer::{Env, Evaluation, Micro, Params, Plan, Recipe, StepReport};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -44,17 +52,13 @@ impl Default for PromptDataConfig {
 
 impl PromptDataConfig {
     pub fn validate(&self) -> Vec<String> {
-        let mut e = Vec::new();
+        let mut e = Rules::new();
         if self.train.is_empty() {
-            e.push("data.train: give one or more prompt files".into());
+            e.push("data.train: give one or more prompt files");
         }
-        if !matches!(self.on_bad_record.as_str(), "stop" | "skip") {
-            e.push(format!("data.on_bad_record = {:?}: expected \"stop\" or \"skip\"", self.on_bad_record));
-        }
-        if !matches!(self.overflow.as_str(), "truncate" | "drop") {
-            e.push(format!("data.overflow = {:?}: expected \"truncate\" or \"drop\"", self.overflow));
-        }
-        e
+        e.one_of("data.on_bad_record", &self.on_bad_record, &["stop", "skip"]);
+        e.one_of("data.overflow", &self.overflow, &["truncate", "drop"]);
+        e.into_vec()
     }
 }
 
@@ -78,17 +82,12 @@ impl Default for RolloutConfig {
 
 impl RolloutConfig {
     pub fn validate(&self) -> Vec<String> {
-        let mut e = Vec::new();
-        if self.max_new_tokens == 0 {
-            e.push("rollout.max_new_tokens must be > 0".into());
-        }
-        if self.temperature <= 0.0 {
-            e.push("rollout.temperature must be > 0 (RL samples; greedy rollouts never explore)".into());
-        }
-        if !(0.0..=1.0).contains(&self.top_p) || self.top_p == 0.0 {
-            e.push(format!("rollout.top_p = {} must be in (0, 1]", self.top_p));
-        }
-        e
+        let mut e = Rules::new();
+        e.at_least_one("rollout.max_new_tokens", self.max_new_tokens as u64);
+        // RL samples: greedy rollouts never explore.
+        e.positive("rollout.temperature", self.temperature);
+        e.open_unit("rollout.top_p", self.top_p, true);
+        e.into_vec()
     }
 }
 
@@ -237,17 +236,6 @@ pub struct Rollout {
     pub text: String,
 }
 
-/// Tokens that end a response: the model's eos ids and the chat end-of-turn markers.
-pub fn stop_ids(src: &Source) -> Vec<u32> {
-    let mut stop = src.eos_ids.clone();
-    for t in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>"] {
-        stop.extend(src.tokenizer.token_to_id(t));
-    }
-    stop.sort_unstable();
-    stop.dedup();
-    stop
-}
-
 /// Samples one response per (prompt index, rng) with the KV cache.
 pub fn rollouts(
     model: &Decoder,
@@ -343,27 +331,27 @@ pub struct Eval {
 
 impl Eval {
     /// The metrics keys and the progress line of this evaluation at `step`.
-    pub fn report(&self, step: u64, extra: &mut serde_json::Value, obs: &mut dyn Observer) {
+    pub fn report(&self, step: u64, extra: &mut Map<String, serde_json::Value>, obs: &mut dyn Observer) {
         let em = self.hits as f64 / self.with_answers.max(1) as f64;
-        extra["eval/reward"] = self.greedy_reward.into();
-        extra["eval/exact_match"] = em.into();
+        extra.insert("eval/reward".into(), self.greedy_reward.into());
+        extra.insert("eval/exact_match".into(), em.into());
         let sampled = match self.sampled_reward {
             Some(r) => {
-                extra["eval/sampled_reward"] = r.into();
+                extra.insert("eval/sampled_reward".into(), r.into());
                 format!(", sampled mean reward {r:.4}")
             }
             None => String::new(),
         };
         let sampled = match self.sampled_exact_match {
             Some(m) => {
-                extra["eval/sampled_exact_match"] = m.into();
+                extra.insert("eval/sampled_exact_match".into(), m.into());
                 format!("{sampled}, sampled exact match {m:.4}")
             }
             None => sampled,
         };
         let sampled = match self.best_of_n_exact_match {
             Some(m) => {
-                extra["eval/best_of_n_exact_match"] = m.into();
+                extra.insert("eval/best_of_n_exact_match".into(), m.into());
                 format!("{sampled}, best-of-n exact match {m:.4}")
             }
             None => sampled,
@@ -420,44 +408,249 @@ pub fn evaluate(
     Ok(Eval { greedy_reward, hits, with_answers, sampled_reward, sampled_exact_match, best_of_n_exact_match })
 }
 
-/// What the RL recipes (PPO, GRPO) set up alike: the device, the starting policy, its pad id,
-/// the train and held-out prompts, and the reward.
-pub struct PromptRun {
-    pub device: Device,
-    pub ck_root: std::path::PathBuf,
+/// The settings both RL configs have, which [`RlCore::build`] reads.
+pub struct RlSettings<'a> {
+    pub init: &'a str,
+    pub data: &'a PromptDataConfig,
+    pub rollout: &'a RolloutConfig,
+    pub reward: &'a RewardSpec,
+    pub lora: Option<&'a LoraConfig>,
+    pub seed: u64,
+}
+
+/// What both RL recipes hold: the policy being trained, its detached twin (rollouts and old
+/// log-probs record no graph), the frozen reference, the prompts, the reward and how to sample.
+pub struct RlCore {
+    pub policy: Decoder,
+    pub frozen: Decoder,
+    pub reference: Decoder,
+    pub dropout: bool,
+    pub rollout: RolloutConfig,
+    pub seed: u64,
     pub src: Source,
-    pub pad: u32,
     pub train: Vec<RlPrompt>,
     pub eval: Vec<RlPrompt>,
     pub reward: Reward,
+    pub pad: u32,
 }
 
-impl PromptRun {
-    pub fn setup(
-        device: &str,
-        init: &str,
-        data: &PromptDataConfig,
-        rollout: &RolloutConfig,
-        reward: &RewardSpec,
-        run_dir: &std::path::Path,
-        obs: &mut dyn Observer,
-    ) -> Result<Self> {
-        let device = taper_train::pretrain::select_device(device)?;
-        std::fs::create_dir_all(run_dir).map_err(|e| AlignError::Invalid(format!("{}: {e}", run_dir.display())))?;
-        let src = taper_train::source::load(init, &device)?;
-        let template = taper_train::sft::template_for(data.chat_template.as_deref(), &src)?;
+/// What an RL algorithm (PPO, GRPO) supplies over the rollouts, reward and evaluation it
+/// shares with the others ([`RlCore`]): a step's plan (its rollouts and what its updates
+/// read), the loss of a micro-batch, its metrics, and any state of its own.
+pub trait RlAlgorithm {
+    fn plan(&mut self, core: &RlCore, step: u64, accum: usize) -> Result<Plan>;
+    fn loss(&mut self, core: &RlCore, at: Micro) -> Result<Tensor>;
+    fn end_step(&mut self, step: u64) -> Result<StepReport>;
+    fn state(&self) -> Option<serde_json::Value> {
+        None
+    }
+    fn restore(&mut self, _state: &serde_json::Value) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// An RL recipe: the shared machinery and an algorithm.
+pub struct Rl<A> {
+    pub core: RlCore,
+    pub algorithm: A,
+}
+
+impl<A: RlAlgorithm> Recipe for Rl<A> {
+    type Error = AlignError;
+    const SCORE_NAME: &'static str = "held-out reward";
+
+    fn plan(&mut self, step: u64, accum: usize) -> Result<Plan> {
+        self.algorithm.plan(&self.core, step, accum)
+    }
+
+    fn loss(&mut self, at: Micro) -> Result<Tensor> {
+        self.algorithm.loss(&self.core, at)
+    }
+
+    fn end_step(&mut self, step: u64) -> Result<StepReport> {
+        self.algorithm.end_step(step)
+    }
+
+    fn evaluate(&mut self, step: u64, obs: &mut dyn Observer) -> Result<Evaluation> {
+        self.core.evaluate(step, obs)
+    }
+
+    /// The starting policy's reward, the baseline the run is judged against.
+    fn evaluates_at_start(&self) -> bool {
+        !self.core.eval.is_empty()
+    }
+
+    fn state(&self) -> Option<serde_json::Value> {
+        self.algorithm.state()
+    }
+
+    fn restore(&mut self, state: &serde_json::Value) -> Result<()> {
+        self.algorithm.restore(state)
+    }
+}
+
+/// A step's rollouts: responses, their scores, and rows of prompt + response.
+pub struct Sampled {
+    pub outs: Vec<Rollout>,
+    pub scores: Vec<f32>,
+    pub rows: Vec<Row>,
+    pub tokens: u64,
+    pub response_length: f64,
+}
+
+impl RlCore {
+    /// The policy from `s.init` (full or LoRA) with the trained `heads` that `make_heads`
+    /// draws; returns the core, the trainable parameters and what checkpoints hold.
+    pub fn build(
+        s: RlSettings,
+        make_heads: impl FnOnce(&Source, &candle_core::Device) -> Result<Vec<(String, Tensor)>>,
+        env: &mut Env,
+    ) -> Result<(Self, Params, Contents)> {
+        let src = taper_train::source::load(s.init, &env.device)?;
+        src.expect_kind(taper_model::ModelKind::Decoder)?;
+        let template = taper_train::chat::template_for(s.data.chat_template.as_deref(), &src)?;
         let pad = src.eos_ids.first().copied().unwrap_or(0);
-        let max_new = rollout.max_new_tokens;
-        let train = load_prompts(&data.train, &src, &template, data, max_new, obs)?;
+        let max_new = s.rollout.max_new_tokens;
+        let train = load_prompts(&s.data.train, &src, &template, s.data, max_new, env.obs)?;
         if train.is_empty() {
             return Err(AlignError::Invalid("no prompts left after reading and tokenising".into()));
         }
-        let eval = if data.eval.is_empty() {
-            Vec::new()
-        } else {
-            load_prompts(&data.eval, &src, &template, data, max_new, obs)?
+        let eval = match s.data.eval.is_empty() {
+            true => Vec::new(),
+            false => load_prompts(&s.data.eval, &src, &template, s.data, max_new, env.obs)?,
         };
-        let reward = Reward::load(reward, &src, template, &device)?;
-        Ok(Self { device, ck_root: run_dir.join("checkpoints"), src, pad, train, eval, reward })
+        let reward = Reward::load(s.reward, &src, template, &env.device)?;
+        let heads = make_heads(&src, &env.device)?;
+        let head_names: Vec<String> = heads.iter().map(|(n, _)| n.clone()).collect();
+        let (params, weights) = trainable(&src, s.lora, s.seed, heads, env.checkpoint)?;
+        let names: Vec<&str> = head_names.iter().map(String::as_str).collect();
+        let contents = finetune::contents(&src, s.lora, s.init, &names, &[]);
+        let core = Self {
+            policy: Decoder::load(&weights, &src.config)?,
+            frozen: Decoder::load(&weights.detached(), &src.config)?,
+            reference: Decoder::load(&Weights::new(src.weights.clone()).detached(), &src.config)?,
+            dropout: finetune::uses_dropout(&src, s.lora),
+            rollout: s.rollout.clone(),
+            seed: s.seed,
+            src,
+            train,
+            eval,
+            reward,
+            pad,
+        };
+        Ok((core, params, contents))
     }
+
+    /// Step `step`'s rollouts from the current policy: `per_step` training prompts (a fresh
+    /// order each epoch), `copies` responses each, response i sampled from the stream
+    /// (seed, step, i, salt); scored by the reward.
+    pub fn sample(&self, step: u64, per_step: usize, copies: usize, salt: u64) -> Result<Sampled> {
+        let picked = epoch_pick(self.seed, self.train.len(), per_step, step);
+        let which: Vec<(usize, Rng)> = picked
+            .iter()
+            .flat_map(|&p| std::iter::repeat_n(p, copies))
+            .enumerate()
+            .map(|(i, p)| (p, Rng::derive(self.seed, &[step, i as u64, salt])))
+            .collect();
+        let r = &self.rollout;
+        let outs = rollouts(&self.frozen, &self.src, &self.train, &which, &sampling(r), r.max_new_tokens)?;
+        let scores = self.reward.score(&outs, &self.train, self.pad)?;
+        let rows = rollout_rows(&outs, &self.train, self.pad);
+        let tokens = rows.iter().map(|r| r.segment_ids.iter().filter(|&&s| s > 0).count() as u64).sum();
+        let response_length = outs.iter().map(|o| o.response.len() as f64).sum::<f64>() / outs.len().max(1) as f64;
+        Ok(Sampled { outs, scores, rows, tokens, response_length })
+    }
+
+    /// The held-out evaluation at `step`: greedy and sampled rewards reported, the sampled
+    /// mean reward (or the greedy one) as the score.
+    pub fn evaluate(&self, step: u64, obs: &mut dyn Observer) -> Result<Evaluation> {
+        if self.eval.is_empty() {
+            return Ok(Evaluation::default());
+        }
+        let e = evaluate(&self.frozen, &self.src, &self.eval, &self.reward, &self.rollout, self.pad)?;
+        let mut metrics = Map::new();
+        e.report(step, &mut metrics, obs);
+        let score = Some(e.sampled_reward.unwrap_or(e.greedy_reward));
+        Ok(Evaluation { loss: None, score, metrics, samples: Vec::new() })
+    }
+}
+
+/// The mean and standard deviation of a step's rewards.
+pub fn mean_std(r: &[f32]) -> (f64, f64) {
+    let n = r.len().max(1) as f64;
+    let mean = r.iter().map(|&x| x as f64).sum::<f64>() / n;
+    (mean, (r.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt())
+}
+
+/// A JSON object's map (`json!({...})` of the metrics a step reports).
+pub fn object(v: serde_json::Value) -> Map<String, serde_json::Value> {
+    match v {
+        serde_json::Value::Object(m) => m,
+        other => Map::from_iter([("value".to_string(), other)]),
+    }
+}
+
+/// The sampling settings of rollouts.
+pub fn sampling(r: &RolloutConfig) -> Sampling {
+    Sampling { temperature: r.temperature, top_k: r.top_k, top_p: r.top_p }
+}
+
+/// The rollouts of an RL step, `batch` rows per forward, `accum` forwards per optimizer
+/// update: which rollouts each update's micro-batch holds. The rollouts are shuffled afresh
+/// for each epoch by `seed`.
+pub struct Minibatches {
+    /// Per epoch, the rollout order.
+    orders: Vec<Vec<usize>>,
+    batch: usize,
+    accum: usize,
+}
+
+impl Minibatches {
+    pub fn new(n: usize, epochs: usize, batch: usize, accum: usize, shuffle: impl Fn(usize) -> Option<Rng>) -> Self {
+        let orders = (0..epochs)
+            .map(|e| {
+                let mut order: Vec<usize> = (0..n).collect();
+                if let Some(mut rng) = shuffle(e) {
+                    rng.shuffle(&mut order);
+                }
+                order
+            })
+            .collect();
+        Self { orders, batch, accum }
+    }
+
+    /// Optimizer updates per epoch.
+    pub fn per_epoch(&self) -> usize {
+        self.orders.first().map_or(0, |o| o.len() / (self.batch * self.accum))
+    }
+
+    /// Updates in all.
+    pub fn updates(&self) -> usize {
+        self.per_epoch() * self.orders.len()
+    }
+
+    /// Micro-batch `micro` of update `update`: its epoch, the indices of its rollouts as a
+    /// tensor (to pick their rows of per-rollout tensors), and their rows.
+    pub fn micro(&self, update: usize, micro: usize, rows: &[Row], dev: &Device) -> Result<(usize, Tensor, Vec<Row>)> {
+        let (epoch, u) = (update / self.per_epoch(), update % self.per_epoch());
+        let start = (u * self.accum + micro) * self.batch;
+        let chunk = &self.orders[epoch][start..start + self.batch];
+        let idx = Tensor::from_vec(chunk.iter().map(|&i| i as u32).collect::<Vec<u32>>(), chunk.len(), dev)?;
+        Ok((epoch, idx, chunk.iter().map(|&i| rows[i].clone()).collect()))
+    }
+}
+
+/// The rule the RL recipes put on `train.batch_size` and `train.grad_accum_steps`: an epoch
+/// over a step's `n` rollouts splits into whole updates of batch x accumulation rollouts.
+pub fn minibatch_rules(recipe: &str, what: &str, n: usize, train: &taper_train::config::TrainConfig) -> Vec<String> {
+    let per_update = train.batch_size * train.grad_accum_steps;
+    if per_update == 0 || n.is_multiple_of(per_update) {
+        return Vec::new();
+    }
+    vec![format!(
+        "train.batch_size = {}: {recipe} trains on {what} = {n} rollouts per step, which must split into whole \
+         optimizer updates of train.batch_size x train.grad_accum_steps = {per_update} rollouts (rows per \
+         forward x forwards per update)",
+        train.batch_size
+    )]
 }

@@ -7,21 +7,22 @@ use crate::pairs::{pair_rows, scalar, EncodedPair, PairDataConfig, PairRun};
 use crate::{AlignError, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
-use std::time::Instant;
+use serde_json::Map;
 use taper_data::chat::ChatTemplate;
 use taper_data::packing::{collate, Row};
 use taper_data::sft::{EncodeOptions, Example, OnBadRecord, Overflow, SftEncoder};
 use taper_model::lora::LoraConfig;
 use taper_model::{Decoder, Rng, Weights};
-use taper_train::config::{TrainConfig, Validate};
-use taper_train::finetune::{load_resume, resume_optimizer, trainable_except, Progress, Saver};
-use taper_train::optim::{OptimConfig, Optimizer};
-use taper_train::pretrain::{Observer, Resume, RunInfo, StepLog, Summary};
+use taper_train::config::{RecipeConfig, TrainConfig};
+use taper_train::finetune::{self, trainable_except};
+use taper_train::loop_fields;
+use taper_train::observe::{Observer, Summary};
+use taper_train::optim::OptimConfig;
+use taper_train::order::epoch_pick;
+use taper_train::rules::Rules;
 use taper_train::schedule::ScheduleConfig;
-use taper_train::sft::epoch_pick;
 use taper_train::source::Source;
-use taper_train::steps::{accumulate, guarded_update, Metrics};
+use taper_train::trainer::{self, Built, Evaluation, Micro, Recipe, RunSpec, StepReport};
 
 /// The reward head's name: HF's sequence-classification head.
 pub const SCORE: &str = "score.weight";
@@ -65,32 +66,31 @@ impl Default for RmConfig {
             data: PairDataConfig::default(),
             rm: RmSettings::default(),
             lora: None,
-            train: TrainConfig { batch_size: 8, ..TrainConfig::default() },
+            train: TrainConfig { batch_size: 8, eval_batches: 0, ..TrainConfig::default() },
             optim: OptimConfig { lr: 1e-5, weight_decay: 0.0, ..OptimConfig::default() },
             schedule: ScheduleConfig::default(),
         }
     }
 }
 
-impl Validate for RmConfig {
+impl RecipeConfig for RmConfig {
+    const RECIPE: &'static str = "rm";
+
+    loop_fields!();
+
     fn validate(&self) -> Vec<String> {
-        let mut e = Vec::new();
-        if self.init.is_empty() {
-            e.push("init: name the model to start from (a checkpoint, run dir, HF dir or hf://Org/Name)".into());
-        }
+        let mut e = Rules::new();
+        e.required("init", &self.init, "the model to start from (a checkpoint, run dir, HF dir or hf://Org/Name)");
         e.extend(self.data.validate());
+        e.non_negative("rm.center_coef", self.rm.center_coef);
         if let Some(l) = &self.lora {
             e.extend(l.validate());
         }
-        e.extend(self.optim.validate());
-        e.extend(self.schedule.validate(self.train.max_steps));
-        e
+        e.into_vec()
     }
-}
 
-impl RmConfig {
-    pub fn to_toml(&self) -> String {
-        toml::to_string(self).expect("RmConfig serialises to TOML")
+    fn free_on_resume(&self) -> &'static [&'static str] {
+        &["data.eval"]
     }
 }
 
@@ -196,9 +196,10 @@ fn eval_pairs(
     pairs: &[EncodedPair],
     s: &RmSettings,
     pad: u32,
+    batch: usize,
 ) -> Result<(f64, f64, f64)> {
     let (mut loss, mut acc, mut margin, mut n) = (0.0, 0.0, 0.0, 0.0);
-    for chunk in pairs.chunks(16) {
+    for chunk in pairs.chunks(batch) {
         let batch: Vec<&EncodedPair> = chunk.iter().collect();
         let r = rewards(model, score, &pair_rows(&batch, pad), model.device(), None)?;
         let k = batch.len();
@@ -213,114 +214,113 @@ fn eval_pairs(
     Ok((loss / n, acc / n, margin / n))
 }
 
-pub fn rm(cfg: RmConfig, run_dir: &Path, resume: Resume, obs: &mut dyn Observer) -> Result<Summary> {
-    let started = Instant::now();
-    let PairRun { device, ck_root, src, pad, train, eval, .. } =
-        PairRun::setup(&cfg.device, &cfg.init, &cfg.data, run_dir, obs)?;
-    let ck = load_resume(&resume, &ck_root, &device)?;
-    // A reward model as `init` goes on with its own head (another round of training on new
-    // pairs); otherwise a fresh head as HF initialises one: normal(0, 0.02), from our seeded RNG.
-    let c = src.config.n_embd;
-    let head = match src.weights.get(SCORE) {
-        Some(h) if h.dims() == [1, c] => h.detach(),
-        Some(h) => {
-            return Err(AlignError::Invalid(format!(
-                "{}: `{SCORE}` has shape {:?}, expected [1, {c}]",
-                cfg.init,
-                h.dims()
-            )))
-        }
-        None => {
-            let mut rng = Rng::derive(cfg.seed, &[0x5343_4F52]);
-            let head: Vec<f32> = (0..c).map(|_| (rng.normal() * 0.02) as f32).collect();
-            Tensor::from_vec(head, (1, c), &device)?
-        }
-    };
-    let heads = vec![(SCORE.to_string(), head)];
-    // The LM head plays no part in a reward: it stays as it was.
-    let frozen = ["lm_head.weight"];
-    let (vars, weights) = trainable_except(&src, cfg.lora.as_ref(), cfg.seed, heads, ck.as_ref(), &frozen)?;
-    let score =
-        vars.iter().find(|(n, _)| n == SCORE).map(|(_, v)| v.as_tensor().clone()).expect("the head is trainable");
-    let model = Decoder::load(&weights, &src.config)?;
-    let eval_model = Decoder::load(&weights.detached(), &src.config)?;
-    let n_trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-    let mut opt = Optimizer::new(cfg.optim.clone(), vars)?;
-    let (mut step, mut tokens, mut skipped) = resume_optimizer(&mut opt, ck, obs)?;
-    PairRun::save_config(run_dir, &cfg.to_toml())?;
-    let mut metrics = Metrics::open(run_dir, step, started)?;
-    let tc = cfg.train.clone();
-    let end = tc.end_step();
-    obs.started(&RunInfo {
-        start_step: step,
-        end_step: end,
-        params: n_trainable,
-        vocab_size: src.config.vocab_size,
-        train_tokens: train.iter().map(|p| p.chosen.len() + p.rejected.len()).sum(),
-        val_tokens: 0,
-        device: format!("{device:?}"),
-    });
-    let dropout = src.config.dropout > 0.0 || cfg.lora.as_ref().is_some_and(|l| l.dropout > 0.0);
-    let (mut last_loss, mut last_val, mut last_ck) = (f64::NAN, None, None);
-    let saver = Saver {
-        ck_root: &ck_root,
-        src: &src,
-        init: &cfg.init,
-        lora: cfg.lora.as_ref(),
-        seed: cfg.seed,
-        keep: tc.keep_checkpoints,
-        heads: &[SCORE],
-        frozen: &frozen,
-    };
-    while step < end {
-        let lr = cfg.schedule.lr(step, cfg.optim.lr, tc.max_steps);
-        let (mut acc, mut margin, mut step_tokens) = (0.0, 0.0, 0u64);
-        let micro_n = tc.grad_accum_steps;
-        let (loss, grads) = accumulate(opt.params(), micro_n, |micro| {
-            let g = step * micro_n as u64 + micro as u64;
-            let idx = epoch_pick(cfg.seed, train.len(), tc.batch_size, g);
-            let batch: Vec<&EncodedPair> = idx.iter().map(|&i| &train[i]).collect();
-            step_tokens += batch.iter().map(|p| (p.chosen.len() + p.rejected.len()) as u64).sum::<u64>();
-            let mut rng = Rng::derive(cfg.seed, &[step, micro as u64]);
-            let r = rewards(&model, &score, &pair_rows(&batch, pad), &device, dropout.then_some(&mut rng))?;
-            let k = batch.len();
-            let m = margins(&batch, cfg.rm.use_margin, &device)?;
-            let out = bradley_terry(&r.narrow(0, 0, k)?, &r.narrow(0, k, k)?, m.as_ref(), cfg.rm.center_coef)?;
-            acc += out.accuracy / micro_n as f64;
-            margin += out.margin / micro_n as f64;
-            Ok::<_, AlignError>(out.loss)
-        })?;
-        let norm = guarded_update(&mut opt, grads, loss, lr, &tc, step, &mut skipped, obs)?;
-        step += 1;
-        tokens += step_tokens;
-        metrics.add_tokens(step_tokens);
-        last_loss = loss;
-        let mut extra = serde_json::json!({"accuracy": acc, "margin": margin});
-        let val_loss = if !eval.is_empty() && tc.eval_due(step) {
-            let (l, a, m) = eval_pairs(&eval_model, &score.detach(), &eval, &cfg.rm, pad)?;
-            obs.message(&format!("step {step}: held-out pairs loss {l:.4}, accuracy {a:.3}, margin {m:.3}"));
-            extra["eval/accuracy"] = a.into();
-            extra["eval/margin"] = m.into();
-            last_val = Some(l);
-            Some(l)
-        } else {
-            None
+/// Trains a reward model from `cfg.init` on preference pairs.
+pub fn rm(cfg: RmConfig, run: RunSpec, obs: &mut dyn Observer) -> Result<Summary> {
+    trainer::train(cfg, run, obs, |cfg, env| {
+        let (eval_batches, batch) = (cfg.train.eval_batches, cfg.train.batch_size);
+        let PairRun { src, pad, train, eval, .. } = PairRun::setup(&cfg.init, &cfg.data, eval_batches, batch, env)?;
+        // A reward model as `init` goes on with its own head (another round of training on new
+        // pairs); otherwise a fresh head as HF initialises one: normal(0, 0.02), from our seeded RNG.
+        let c = src.config.n_embd;
+        let head = match src.weights.get(SCORE) {
+            Some(h) if h.dims() == [1, c] => h.detach(),
+            Some(h) => {
+                return Err(AlignError::Invalid(format!(
+                    "{}: `{SCORE}` has shape {:?}, expected [1, {c}]",
+                    cfg.init,
+                    h.dims()
+                )))
+            }
+            None => {
+                let mut rng = Rng::derive(cfg.seed, &[0x5343_4F52]);
+                let head: Vec<f32> = (0..c).map(|_| (rng.normal() * 0.02) as f32).collect();
+                Tensor::from_vec(head, (1, c), &env.device)?
+            }
         };
-        if step % tc.log_every == 0 || val_loss.is_some() || step == end {
-            metrics.step(StepLog::new(step, loss, lr, norm, tokens, skipped, val_loss), Some(extra), obs)?;
-        }
-        if tc.checkpoint_due(step) {
-            let at = Progress { step, tokens, skipped, val_loss: last_val };
-            last_ck = Some(saver.save(&opt, cfg.to_toml(), at, None, obs)?);
-        }
-    }
-    Ok(Summary {
-        step,
-        train_loss: last_loss,
-        val_loss: last_val,
-        elapsed_s: started.elapsed().as_secs_f64(),
-        checkpoint: last_ck,
+        let heads = vec![(SCORE.to_string(), head)];
+        // The LM head plays no part in a reward: it stays as it was.
+        let frozen = ["lm_head.weight"];
+        let lora = cfg.lora.as_ref();
+        let (params, weights) = trainable_except(&src, lora, cfg.seed, heads, env.checkpoint, &frozen)?;
+        let score = params.iter().find(|(n, _)| n == SCORE).map(|(_, v)| v.as_tensor().clone()).expect("trainable");
+        let recipe = Rm {
+            model: Decoder::load(&weights, &src.config)?,
+            eval_model: Decoder::load(&weights.detached(), &src.config)?,
+            score,
+            dropout: finetune::uses_dropout(&src, lora),
+            train,
+            eval,
+            pad,
+            settings: cfg.rm.clone(),
+            seed: cfg.seed,
+            batch,
+            acc: 0.0,
+            margin: 0.0,
+            tokens: 0,
+        };
+        let (vocab_size, train_tokens) = (src.config.vocab_size, recipe.train.iter().map(EncodedPair::tokens).sum());
+        let contents = finetune::contents(&src, lora, &cfg.init, &[SCORE], &frozen);
+        Ok(Built { recipe, params, contents, vocab_size, train_tokens, val_tokens: 0 })
     })
+}
+
+struct Rm {
+    model: Decoder,
+    eval_model: Decoder,
+    /// The trained head, (1, C).
+    score: Tensor,
+    dropout: bool,
+    train: Vec<EncodedPair>,
+    eval: Vec<EncodedPair>,
+    pad: u32,
+    settings: RmSettings,
+    seed: u64,
+    batch: usize,
+    /// The step's mean pairwise accuracy and margin so far.
+    acc: f64,
+    margin: f64,
+    tokens: u64,
+}
+
+impl Recipe for Rm {
+    type Error = AlignError;
+    const SCORE_NAME: &'static str = "eval loss";
+
+    fn loss(&mut self, at: Micro) -> Result<Tensor> {
+        let idx = epoch_pick(self.seed, self.train.len(), self.batch, at.global());
+        let batch: Vec<&EncodedPair> = idx.iter().map(|&i| &self.train[i]).collect();
+        self.tokens += batch.iter().map(|p| p.tokens() as u64).sum::<u64>();
+        let mut rng = at.dropout_rng(self.seed);
+        let dev = self.model.device().clone();
+        let r =
+            rewards(&self.model, &self.score, &pair_rows(&batch, self.pad), &dev, self.dropout.then_some(&mut rng))?;
+        let k = batch.len();
+        let m = margins(&batch, self.settings.use_margin, &dev)?;
+        let out = bradley_terry(&r.narrow(0, 0, k)?, &r.narrow(0, k, k)?, m.as_ref(), self.settings.center_coef)?;
+        self.acc += out.accuracy / at.count as f64;
+        self.margin += out.margin / at.count as f64;
+        Ok(out.loss)
+    }
+
+    fn end_step(&mut self, _step: u64) -> Result<StepReport> {
+        let mut metrics = Map::new();
+        metrics.insert("accuracy".into(), std::mem::take(&mut self.acc).into());
+        metrics.insert("margin".into(), std::mem::take(&mut self.margin).into());
+        Ok(StepReport { tokens: std::mem::take(&mut self.tokens), metrics })
+    }
+
+    fn evaluate(&mut self, step: u64, obs: &mut dyn Observer) -> Result<Evaluation> {
+        if self.eval.is_empty() {
+            return Ok(Evaluation::default());
+        }
+        let (l, a, m) =
+            eval_pairs(&self.eval_model, &self.score.detach(), &self.eval, &self.settings, self.pad, self.batch)?;
+        obs.message(&format!("step {step}: held-out pairs loss {l:.4}, accuracy {a:.3}, margin {m:.3}"));
+        let mut e = Evaluation::of_loss(l);
+        e.metrics.insert("eval/accuracy".into(), a.into());
+        e.metrics.insert("eval/margin".into(), m.into());
+        Ok(e)
+    }
 }
 
 #[cfg(test)]

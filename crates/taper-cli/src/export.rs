@@ -185,7 +185,7 @@ pub fn export_peft(src: &Source, l: &LoraParts, out: &Path) -> Result<()> {
         );
     }
     std::fs::create_dir_all(out).with_context(|| out.display().to_string())?;
-    taper_train::finetune::write_peft(out, &l.adapters, &l.config, &l.base)?;
+    taper_train::checkpoint::write_peft(out, &l.adapters, &l.config, &l.base)?;
     std::fs::copy(&src.tokenizer_path, out.join("tokenizer.json"))?;
     for f in ["tokenizer_config.json", "chat_template.jinja"] {
         if src.dir.join(f).exists() {

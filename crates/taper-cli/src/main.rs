@@ -1,7 +1,6 @@
 //! `taper`: tokenizer training, data preparation, pretraining, generation and inspection.
 
 mod export;
-mod seq2seq_cli;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -9,8 +8,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use taper_data::{datasets, prepare, tokenizer};
-use taper_model::{Bert, Decoder, ModelKind, Rng, Sampling, Weights};
-use taper_train::pretrain::{self, Observer, Resume, RunInfo, StepLog};
+use taper_model::{Decoder, ModelKind, Rng, Sampling, Weights};
+use taper_train::config::Objective;
+use taper_train::config::RecipeConfig;
+use taper_train::device::select_device;
+use taper_train::observe::{Observer, RunInfo, StepLog, Summary};
+use taper_train::trainer::{Resume, RunSpec};
 use taper_train::{checkpoint, source};
 
 #[derive(Parser)]
@@ -28,17 +31,17 @@ enum Cmd {
     /// Tokenize text or JSONL files into train/val token shards.
     Prepare(PrepareArgs),
     /// Pretrain a decoder language model from a TOML config.
-    Pretrain(PretrainArgs),
+    Pretrain(TrainArgs),
     /// Supervised fine-tuning (full or LoRA) from a TOML config.
-    Sft(PretrainArgs),
+    Sft(TrainArgs),
     /// Train a reward model (scalar head, Bradley-Terry loss) on preference pairs.
-    Rm(PretrainArgs),
+    Rm(TrainArgs),
     /// Direct preference optimisation (sigmoid / cDPO, IPO, hinge, SimPO) on preference pairs.
-    Dpo(PretrainArgs),
+    Dpo(TrainArgs),
     /// PPO (RLHF) with a value head and a KL penalty, against a reward model or a verifiable reward.
-    Ppo(PretrainArgs),
+    Ppo(TrainArgs),
     /// GRPO: group-relative policy optimisation against a reward model or a verifiable reward.
-    Grpo(PretrainArgs),
+    Grpo(TrainArgs),
     /// Loss, perplexity and exact match of a model source on SFT-format data.
     Eval(EvalArgs),
     /// Generate text from any model source; for an encoder, fill the prompt's mask tokens.
@@ -192,8 +195,9 @@ struct PrepareArgs {
     files: Vec<PathBuf>,
 }
 
+/// The flags every training command takes.
 #[derive(Args)]
-struct PretrainArgs {
+struct TrainArgs {
     /// The run config (TOML). With --resume it defaults to the run dir's config.toml.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -283,36 +287,20 @@ fn run(cli: Cli) -> Result<()> {
                 meta.vocab_size
             );
         }
-        Cmd::Pretrain(a) => pretrain_cmd(a)?,
-        Cmd::Sft(a) => sft_cmd(a)?,
-        Cmd::Rm(a) => {
-            let (run_dir, cfg, resume) = run_setup::<taper_align::rm::RmConfig>(&a)?;
-            let mut obs = Progress::new();
-            let s = taper_align::rm::rm(cfg, &run_dir, resume, &mut obs)?;
-            obs.finish();
-            print_summary(&s, "eval", &run_dir);
+        Cmd::Pretrain(a) => {
+            let (cfg, run) = run_setup::<taper_train::RunConfig>(&a)?;
+            let pretrain = match (cfg.model.kind, cfg.objective) {
+                (ModelKind::EncoderDecoder, _) => taper_train::seq2seq::pretrain,
+                (_, Objective::Mlm) => taper_train::mlm::pretrain,
+                (_, Objective::Clm) => taper_train::pretrain::pretrain,
+            };
+            train_cmd(cfg, run, pretrain)?
         }
-        Cmd::Dpo(a) => {
-            let (run_dir, cfg, resume) = run_setup::<taper_align::dpo::DpoConfig>(&a)?;
-            let mut obs = Progress::new();
-            let s = taper_align::dpo::dpo(cfg, &run_dir, resume, &mut obs)?;
-            obs.finish();
-            print_summary(&s, "eval", &run_dir);
-        }
-        Cmd::Ppo(a) => {
-            let (run_dir, cfg, resume) = run_setup::<taper_align::ppo::PpoConfig>(&a)?;
-            let mut obs = Progress::new();
-            let s = taper_align::ppo::ppo(cfg, &run_dir, resume, &mut obs)?;
-            obs.finish();
-            print_rl_summary(&s, &run_dir);
-        }
-        Cmd::Grpo(a) => {
-            let (run_dir, cfg, resume) = run_setup::<taper_align::grpo::GrpoConfig>(&a)?;
-            let mut obs = Progress::new();
-            let s = taper_align::grpo::grpo(cfg, &run_dir, resume, &mut obs)?;
-            obs.finish();
-            print_rl_summary(&s, &run_dir);
-        }
+        Cmd::Sft(a) => train_with(&a, taper_train::sft::sft)?,
+        Cmd::Rm(a) => train_with(&a, taper_align::rm::rm)?,
+        Cmd::Dpo(a) => train_with(&a, taper_align::dpo::dpo)?,
+        Cmd::Ppo(a) => train_with(&a, taper_align::ppo::ppo)?,
+        Cmd::Grpo(a) => train_with(&a, taper_align::grpo::grpo)?,
         Cmd::Eval(a) => eval_cmd(a)?,
         Cmd::Generate(a) => generate_cmd(a)?,
         Cmd::Score(a) => score_cmd(a)?,
@@ -340,9 +328,9 @@ fn with_dataset(dataset: Option<&str>, mut files: Vec<PathBuf>) -> Result<Vec<Pa
     Ok(files)
 }
 
-/// A training run's directory, its config (parsed and checked, overrides applied) and where
+/// A training run's config (parsed and checked, overrides applied), its directory and where
 /// to resume from: shared by every recipe.
-fn run_setup<T: taper_train::config::Validate>(a: &PretrainArgs) -> Result<(PathBuf, T, Resume)> {
+fn run_setup<C: RecipeConfig>(a: &TrainArgs) -> Result<(C, RunSpec)> {
     let run_dir = match (&a.run_dir, &a.config) {
         (Some(d), _) => d.clone(),
         (None, Some(c)) => PathBuf::from("runs").join(c.file_stem().unwrap_or_default()),
@@ -360,29 +348,30 @@ fn run_setup<T: taper_train::config::Validate>(a: &PretrainArgs) -> Result<(Path
         Some("") => Resume::Latest,
         Some(d) => Resume::Dir(PathBuf::from(d)),
     };
-    Ok((run_dir, cfg, resume))
+    Ok((cfg, RunSpec::new(run_dir, resume)))
 }
 
-fn print_summary(s: &pretrain::Summary, val_name: &str, run_dir: &Path) {
-    println!(
-        "done: step {} train loss {:.4} {val_name} loss {} in {:.1}s; run dir {}",
-        s.step,
-        s.train_loss,
-        s.val_loss.map_or("-".into(), |v| format!("{v:.4}")),
-        s.elapsed_s,
-        run_dir.display()
-    );
+/// Runs one recipe under the progress bar and prints its summary.
+fn train_cmd<C, E>(cfg: C, run: RunSpec, recipe: fn(C, RunSpec, &mut dyn Observer) -> Result<Summary, E>) -> Result<()>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let dir = run.dir.clone();
+    let mut obs = Progress::new();
+    let s = recipe(cfg, run, &mut obs);
+    obs.finish();
+    println!("{}", s?.line(&dir));
+    Ok(())
 }
 
-fn print_rl_summary(s: &pretrain::Summary, run_dir: &Path) {
-    println!(
-        "done: step {} loss {:.4} held-out reward {} in {:.1}s; run dir {}",
-        s.step,
-        s.train_loss,
-        s.val_loss.map_or("-".into(), |v| format!("{v:.4}")),
-        s.elapsed_s,
-        run_dir.display()
-    );
+/// [`train_cmd`] for a recipe whose config is read from the command's flags.
+fn train_with<C, E>(a: &TrainArgs, recipe: fn(C, RunSpec, &mut dyn Observer) -> Result<Summary, E>) -> Result<()>
+where
+    C: RecipeConfig,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let (cfg, run) = run_setup::<C>(a)?;
+    train_cmd(cfg, run, recipe)
 }
 
 fn bench_cmd(a: BenchArgs) -> Result<()> {
@@ -412,26 +401,8 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn pretrain_cmd(a: PretrainArgs) -> Result<()> {
-    let (run_dir, cfg, resume) = run_setup::<taper_train::RunConfig>(&a)?;
-    let mut obs = Progress::new();
-    let s = pretrain::pretrain(cfg, &run_dir, resume, &mut obs)?;
-    obs.finish();
-    print_summary(&s, "val", &run_dir);
-    Ok(())
-}
-
-fn sft_cmd(a: PretrainArgs) -> Result<()> {
-    let (run_dir, cfg, resume) = run_setup::<taper_train::sft::SftConfig>(&a)?;
-    let mut obs = Progress::new();
-    let s = taper_train::sft::sft(cfg, &run_dir, resume, &mut obs)?;
-    obs.finish();
-    print_summary(&s, "eval", &run_dir);
-    Ok(())
-}
-
 fn eval_cmd(a: EvalArgs) -> Result<()> {
-    let device = pretrain::select_device(&a.device)?;
+    let device = select_device(&a.device)?;
     let src = source::load(&a.model, &device)?;
     let mut obs = Progress::new();
     let r = taper_train::sft::evaluate_source(
@@ -538,14 +509,20 @@ impl Observer for Progress {
 }
 
 fn generate_cmd(a: GenerateArgs) -> Result<()> {
-    let device = pretrain::select_device(&a.device)?;
+    let device = select_device(&a.device)?;
     let src = source::load(&a.model, &device)?;
     if src.config.kind == ModelKind::Encoder {
-        return fill_mask(&a, &src);
+        let f = taper_train::fill_mask::fill_mask(&src, &a.prompt, a.top_k.unwrap_or(5))?;
+        println!("{}", f.text);
+        for (n, m) in f.masks.iter().enumerate() {
+            let top: Vec<String> = m.top.iter().map(|(t, p)| format!("{t:?} {p:.4}")).collect();
+            println!("{} {} (token {}): {}", f.mask_token, n + 1, m.position, top.join(", "));
+        }
+        return Ok(());
     }
-    if src.config.kind == taper_model::ModelKind::EncoderDecoder {
+    if src.config.kind == ModelKind::EncoderDecoder {
         let max = a.max_tokens.or(src.generation.max_new_tokens).unwrap_or(src.config.block_size);
-        println!("{}", seq2seq_cli::translate(&src, &a.prompt, a.beams, a.length_penalty, max)?);
+        println!("{}", taper_train::seq2seq::translate(&src, &a.prompt, a.beams, a.length_penalty, max)?);
         return Ok(());
     }
     let model = Decoder::load(&Weights::new(src.weights.clone()).detached(), &src.config)?;
@@ -594,148 +571,38 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// `taper generate` on an encoder: predicts the prompt's mask tokens, printing the filled text
-/// (each mask replaced by its most likely ordinary token) and each mask's top-k.
-fn fill_mask(a: &GenerateArgs, src: &source::Source) -> Result<()> {
-    use candle_core::{DType, Tensor};
-    let tok = &src.tokenizer;
-    let Some(mask) = tokenizer::mask_id(tok) else {
-        bail!("{}: the tokenizer has no mask token ([MASK] or <mask>) to fill", src.tokenizer_path.display())
-    };
-    let mask_name = tok.id_to_token(mask).unwrap_or_default();
-    let enc = tok.encode(a.prompt.as_str(), true).map_err(|e| anyhow::anyhow!("prompt: {e}"))?;
-    let mut ids = enc.get_ids().to_vec();
-    let at: Vec<usize> = (0..ids.len()).filter(|&i| ids[i] == mask).collect();
-    if at.is_empty() {
-        bail!("the prompt has no {mask_name} token: an encoder model fills masks, e.g. --prompt \"ROMEO: Good {mask_name}orrow\"");
-    }
-    if ids.len() > src.config.block_size {
-        bail!("the prompt is {} tokens, past the model's context of {}", ids.len(), src.config.block_size);
-    }
-    let model = Bert::load(&Weights::new(src.weights.clone()).detached(), &src.config)?;
-    let x = Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?;
-    let logits = model.forward(&x, None, None, None)?.squeeze(0)?.to_dtype(DType::F32)?; // (T, V)
-    let special = tokenizer::special_ids(tok);
-    let k = a.top_k.unwrap_or(5).max(1);
-    let mut lines = Vec::new();
-    for (n, &i) in at.iter().enumerate() {
-        let probs: Vec<f32> = taper_model::nn::softmax(&logits.get(i)?)?.to_vec1()?;
-        // Only ordinary tokens fill a mask: a special token is never a masked-LM target.
-        let mut order: Vec<usize> = (0..probs.len())
-            .filter(|&t| !special.contains(&(t as u32)) && tok.id_to_token(t as u32).is_some())
-            .collect();
-        order.sort_by(|&p, &q| probs[q].total_cmp(&probs[p]));
-        ids[i] = order[0] as u32;
-        let top: Vec<String> = order
-            .iter()
-            .take(k)
-            .map(|&t| format!("{:?} {:.4}", tokenizer::decode(tok, &[t as u32]).unwrap_or_default(), probs[t]))
-            .collect();
-        lines.push(format!("{mask_name} {} (token {i}): {}", n + 1, top.join(", ")));
-    }
-    println!("{}", tok.decode(&ids, true).map_err(|e| anyhow::anyhow!("decode: {e}"))?);
-    for l in lines {
-        println!("{l}");
-    }
-    Ok(())
-}
-
 fn score_cmd(a: ScoreArgs) -> Result<()> {
-    use candle_core::{DType, Tensor};
-    let device = pretrain::select_device(&a.device)?;
+    let device = select_device(&a.device)?;
     let src = source::load(&a.model, &device)?;
-    let model = Decoder::load(&Weights::new(src.weights.clone()).detached(), &src.config)?;
-    // A reward model (a `score` head) also scores each whole text.
-    let reward_head = src.weights.get(taper_align::rm::SCORE).map(|s| s.detach());
-    let text = std::fs::read_to_string(&a.input).with_context(|| a.input.display().to_string())?;
+    let scored = taper_align::score::score_file(&src, &a.input)?;
     let mut out = String::new();
-    let mut n = 0;
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let at = format!("{}:{}", a.input.display(), i + 1);
-        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{at}: not valid JSON"))?;
-        let Some(t) = v.get("text").and_then(|t| t.as_str()) else { bail!("{at}: no string field `text`") };
-        let enc = src.tokenizer.encode(t, true).map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
-        let mut ids = enc.get_ids().to_vec();
-        let truncated = ids.len() > src.config.block_size;
-        ids.truncate(src.config.block_size);
-        let mut logprobs = Vec::new();
-        if ids.len() > 1 {
-            let x = Tensor::new(ids.as_slice(), &device)?.unsqueeze(0)?;
-            let logits = model.forward(&x, 0, None, None)?.squeeze(0)?.to_dtype(DType::F32)?; // (T, V)
-            let lp = taper_model::nn::log_softmax(&logits)?;
-            let next = Tensor::new(&ids[1..], &device)?.unsqueeze(1)?;
-            let picked = lp.narrow(0, 0, ids.len() - 1)?.gather(&next, 1)?.squeeze(1)?;
-            logprobs = picked.to_vec1::<f32>()?;
-        }
-        let sum: f64 = logprobs.iter().map(|&x| x as f64).sum();
-        let mut row = serde_json::json!({"text": t, "tokens": ids, "logprobs": logprobs, "sum_logprob": sum,
-            "n_scored": logprobs.len(), "truncated": truncated});
-        if let Some(head) = &reward_head {
-            let x = Tensor::new(ids.as_slice(), &device)?.unsqueeze(0)?;
-            let h = model.forward_hidden(&x, 0, None, None)?.squeeze(0)?; // (T, C)
-            let r = h.get(ids.len() - 1)?.unsqueeze(0)?.matmul(&head.t()?)?.flatten_all()?.to_vec1::<f32>()?;
-            row["reward"] = r[0].into();
-        }
-        out.push_str(&serde_json::to_string(&row)?);
+    for s in &scored {
+        out.push_str(&serde_json::to_string(s)?);
         out.push('\n');
-        n += 1;
     }
     std::fs::write(&a.out, out).with_context(|| a.out.display().to_string())?;
-    eprintln!("scored {n} texts into {}", a.out.display());
+    eprintln!("scored {} texts into {}", scored.len(), a.out.display());
     Ok(())
 }
 
 fn sample_cmd(a: SampleArgs) -> Result<()> {
-    use taper_data::preference::{read_prompts, Prompt};
-    let device = pretrain::select_device(&a.device)?;
+    let device = select_device(&a.device)?;
     let src = source::load(&a.model, &device)?;
-    let template = taper_train::sft::template_for(a.chat_template.as_deref(), &src)?;
-    let model = Decoder::load(&Weights::new(src.weights.clone()).detached(), &src.config)?;
-    let records = read_prompts(&a.prompts, taper_data::sft::OnBadRecord::Error)?;
-    let stop = taper_align::rl::stop_ids(&src);
-    let sampling = Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p };
+    let o = taper_align::sample::SampleOptions {
+        n: a.n,
+        max_new_tokens: a.max_new_tokens,
+        sampling: Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p },
+        seed: a.seed,
+        chat_template: a.chat_template.clone(),
+    };
+    let lines = taper_align::sample::sample_prompts(&src, &a.prompts, &o)?;
     let mut out = String::new();
-    for (i, rec) in records.examples.iter().enumerate() {
-        let text = rec.example.prompt.render(&template)?;
-        let ids = src
-            .tokenizer
-            .encode(text.as_str(), false)
-            .map_err(|e| anyhow::anyhow!("{}:{}: {e}", rec.path, rec.line))?;
-        let ids = ids.get_ids();
-        if ids.len() + a.max_new_tokens > src.config.block_size {
-            bail!(
-                "{}:{}: the prompt is {} tokens; with --max-new-tokens {} it passes the context of {}",
-                rec.path,
-                rec.line,
-                ids.len(),
-                a.max_new_tokens,
-                src.config.block_size
-            );
-        }
-        let samples: Vec<String> = (0..a.n)
-            .map(|k| {
-                let mut rng = Rng::derive(a.seed, &[i as u64, k as u64]);
-                let got = model.generate(ids, a.max_new_tokens, &sampling, &stop, &mut rng, |_| {})?;
-                let kept: Vec<u32> = got.into_iter().filter(|t| !stop.contains(t)).collect();
-                Ok(tokenizer::decode(&src.tokenizer, &kept)?)
-            })
-            .collect::<Result<_>>()?;
-        let prompt = match &rec.example.prompt {
-            Prompt::Text(t) => serde_json::json!(t),
-            Prompt::Chat(m) => serde_json::json!(m
-                .iter()
-                .map(|m| serde_json::json!({"role": m.role.as_str(), "content": m.content}))
-                .collect::<Vec<_>>()),
-        };
-        let line = serde_json::json!({"prompt": prompt, "answer": rec.example.answer, "samples": samples});
-        out.push_str(&line.to_string());
+    for l in &lines {
+        out.push_str(&l.to_string());
         out.push('\n');
     }
     std::fs::write(&a.out, out).with_context(|| a.out.display().to_string())?;
-    eprintln!("sampled {} x {} responses into {}", records.examples.len(), a.n, a.out.display());
+    eprintln!("sampled {} x {} responses into {}", lines.len(), a.n, a.out.display());
     Ok(())
 }
 

@@ -1,5 +1,6 @@
-//! Built-in datasets, resolved from `$TAPER_DATA_DIR`, then the user's cache, then downloaded
-//! from their canonical public URL with the checksum verified.
+//! Built-in datasets, resolved from `$TAPER_DATA_DIR`, then `data/` under the current
+//! directory (a checkout of the repository carries tinyshakespeare there), then the user's
+//! cache, then downloaded from their canonical public URL with the checksum verified.
 
 use crate::{io_err, DataError, Result};
 use std::io::{Read, Write};
@@ -61,8 +62,9 @@ fn verify(b: &Builtin, path: &Path) -> Result<()> {
 /// The local path of a built-in dataset, downloading it into the cache if needed.
 /// `progress` is told (bytes so far, total) during a download.
 pub fn resolve(b: &Builtin, mut progress: impl FnMut(u64, u64)) -> Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("TAPER_DATA_DIR") {
-        let p = PathBuf::from(dir).join(b.file);
+    let local = std::env::var_os("TAPER_DATA_DIR").map(PathBuf::from).into_iter().chain([PathBuf::from("data")]);
+    for dir in local {
+        let p = dir.join(b.file);
         if p.exists() {
             verify(b, &p)?;
             return Ok(p);

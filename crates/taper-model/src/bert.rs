@@ -10,8 +10,8 @@
 //! Tensor names are `BertForMaskedLM`'s, so HF checkpoints load and export as they are; one
 //! place ([`param_specs`]) lists them with their shapes.
 
-use crate::config::{Mlp, ModelConfig, ModelKind, Norm, PosEmb};
-use crate::decoder::Init;
+use crate::config::{Mlp, ModelConfig, ModelKind, PosEmb};
+use crate::init::{check, Init};
 use crate::nn;
 use crate::rng::Rng;
 use crate::weights::Weights;
@@ -20,30 +20,6 @@ use candle_core::{DType, Device, Tensor};
 
 /// The final LayerNorm of a pre-LN encoder (post-LN BERT has none).
 pub const FINAL_NORM: &str = "bert.encoder.LayerNorm";
-
-/// The encoder-specific rules of a config; [`ModelConfig::validate`] calls this.
-pub fn validate(cfg: &ModelConfig) -> Vec<String> {
-    let mut e = Vec::new();
-    if !matches!(cfg.pos_emb, PosEmb::Learned | PosEmb::Sinusoidal) {
-        e.push(format!("model.pos_emb = {:?}: an encoder takes \"learned\" or \"sinusoidal\" positions", cfg.pos_emb));
-    }
-    if cfg.norm != Norm::LayerNorm {
-        e.push("model.norm: an encoder uses \"layer_norm\"".into());
-    }
-    if cfg.mlp == Mlp::Swiglu {
-        e.push("model.mlp = \"swiglu\": an encoder takes \"gelu\", \"gelu_tanh\" or \"relu\"".into());
-    }
-    if !cfg.bias || cfg.qkv_bias == Some(false) || cfg.o_bias == Some(false) || cfg.mlp_bias == Some(false) {
-        e.push("model.bias: an encoder (BERT) has biases on every linear layer".into());
-    }
-    if cfg.kv_heads() != cfg.n_head || cfg.qk_norm || cfg.sliding_window > 0 || cfg.rope_scaling.is_some() {
-        e.push("an encoder has plain multi-head attention (no n_kv_head, qk_norm, sliding_window or rope)".into());
-    }
-    if cfg.n_head > 0 && cfg.head_dim() * cfg.n_head != cfg.n_embd {
-        e.push("an encoder's heads split model.n_embd evenly (leave model.head_dim at 0)".into());
-    }
-    e
-}
 
 /// Every parameter: (name, shape, init), in a fixed order.
 pub fn param_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
@@ -90,27 +66,6 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
     }
     s.push(("cls.predictions.bias".into(), vec![v], Init::Zeros));
     s
-}
-
-fn check(cfg: &ModelConfig) -> Result<()> {
-    if cfg.kind != ModelKind::Encoder {
-        return Err(ModelError::WrongKind { found: cfg.kind, needed: ModelKind::Encoder });
-    }
-    let mut errs = cfg.validate();
-    if cfg.vocab_size == 0 {
-        errs.push("model.vocab_size is 0 (it should have been taken from the tokenizer)".into());
-    }
-    if errs.is_empty() {
-        Ok(())
-    } else {
-        Err(ModelError::Config(errs.join("; ")))
-    }
-}
-
-/// Fresh weights drawn from our seeded RNG, in [`param_specs`] order.
-pub fn init_weights(cfg: &ModelConfig, seed: u64, dev: &Device) -> Result<Vec<(String, Tensor)>> {
-    check(cfg)?;
-    crate::decoder::draw(param_specs(cfg), seed, dev)
 }
 
 struct Linear {
@@ -198,7 +153,7 @@ impl Bert {
     /// Builds the model over `w`. Gradients flow to whichever tensors in `w` are variables;
     /// pass [`Weights::detached`] for inference without a graph.
     pub fn load(w: &Weights, cfg: &ModelConfig) -> Result<Self> {
-        check(cfg)?;
+        check(cfg, ModelKind::Encoder)?;
         let (c, v, h) = (cfg.n_embd, cfg.vocab_size, cfg.hidden());
         let word_embeddings = w.get("bert.embeddings.word_embeddings.weight", &[v, c])?;
         let position_embeddings = match cfg.pos_emb {
@@ -422,7 +377,7 @@ mod tests {
         ];
         let dev = Device::Cpu;
         for cfg in variants {
-            let vars: Vec<(String, Var)> = init_weights(&cfg, 1, &dev)?
+            let vars: Vec<(String, Var)> = crate::init_weights(&cfg, 1, &dev)?
                 .into_iter()
                 .map(|(n, t)| Ok((n, Var::from_tensor(&t)?)))
                 .collect::<Result<_>>()?;
@@ -452,7 +407,7 @@ mod tests {
     fn padding_is_invisible_to_real_tokens() -> Result<()> {
         let cfg = tiny();
         let dev = Device::Cpu;
-        let model = Bert::load(&Weights::from_pairs(init_weights(&cfg, 2, &dev)?), &cfg)?;
+        let model = Bert::load(&Weights::from_pairs(crate::init_weights(&cfg, 2, &dev)?), &cfg)?;
         let alone = model.forward(&Tensor::new(&[[4u32, 8, 15, 16]], &dev)?, None, None, None)?;
         let padded = Tensor::new(&[[4u32, 8, 15, 16, 0, 0, 0]], &dev)?;
         let mask = Tensor::new(&[[1u32, 1, 1, 1, 0, 0, 0]], &dev)?;
@@ -470,7 +425,7 @@ mod tests {
     fn a_decoder_config_is_refused_and_bad_types_are_named() -> Result<()> {
         let dev = Device::Cpu;
         let cfg = tiny();
-        let w = Weights::from_pairs(init_weights(&cfg, 3, &dev)?);
+        let w = Weights::from_pairs(crate::init_weights(&cfg, 3, &dev)?);
         let dec = ModelConfig { kind: ModelKind::Decoder, ..cfg.clone() };
         let err = Bert::load(&w, &dec).err().unwrap().to_string();
         assert!(err.contains("decoder") && err.contains("encoder"), "{err}");

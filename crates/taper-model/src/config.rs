@@ -246,11 +246,66 @@ impl ModelConfig {
         if self.norm_eps <= 0.0 {
             errs.push(format!("model.norm_eps = {} must be > 0", self.norm_eps));
         }
-        if self.kind == ModelKind::Encoder {
-            errs.extend(crate::bert::validate(self));
+        match self.kind {
+            ModelKind::Decoder => {}
+            ModelKind::Encoder => errs.extend(self.encoder_rules()),
+            ModelKind::EncoderDecoder => errs.extend(self.encoder_decoder_rules()),
         }
-        if self.kind == ModelKind::EncoderDecoder {
-            errs.extend(crate::marian::validate(self));
+        errs
+    }
+
+    /// What a BERT-style encoder can be.
+    fn encoder_rules(&self) -> Vec<String> {
+        let mut e = Vec::new();
+        if !matches!(self.pos_emb, PosEmb::Learned | PosEmb::Sinusoidal) {
+            e.push(format!(
+                "model.pos_emb = {:?}: an encoder takes \"learned\" or \"sinusoidal\" positions",
+                self.pos_emb
+            ));
+        }
+        if self.norm != Norm::LayerNorm {
+            e.push("model.norm: an encoder uses \"layer_norm\"".into());
+        }
+        if self.mlp == Mlp::Swiglu {
+            e.push("model.mlp = \"swiglu\": an encoder takes \"gelu\", \"gelu_tanh\" or \"relu\"".into());
+        }
+        if !self.bias || self.qkv_bias == Some(false) || self.o_bias == Some(false) || self.mlp_bias == Some(false) {
+            e.push("model.bias: an encoder (BERT) has biases on every linear layer".into());
+        }
+        if self.kv_heads() != self.n_head || self.qk_norm || self.sliding_window > 0 || self.rope_scaling.is_some() {
+            e.push("an encoder has plain multi-head attention (no n_kv_head, qk_norm, sliding_window or rope)".into());
+        }
+        if self.n_head > 0 && self.head_dim() * self.n_head != self.n_embd {
+            e.push("an encoder's heads split model.n_embd evenly (leave model.head_dim at 0)".into());
+        }
+        e
+    }
+
+    /// What a Marian-shaped encoder-decoder can be.
+    fn encoder_decoder_rules(&self) -> Vec<String> {
+        let mut errs = Vec::new();
+        if self.pos_emb == PosEmb::Rope {
+            errs.push(
+                "model.pos_emb = \"rope\" is not supported by the encoder-decoder (use sinusoidal or learned)".into(),
+            );
+        }
+        if self.norm != Norm::LayerNorm {
+            errs.push("the encoder-decoder uses model.norm = \"layer_norm\"".into());
+        }
+        if self.mlp == Mlp::Swiglu {
+            errs.push("the encoder-decoder's MLP is gelu, gelu_tanh or relu, not swiglu".into());
+        }
+        if self.kv_heads() != self.n_head || (self.head_dim != 0 && self.head_dim * self.n_head != self.n_embd) {
+            errs.push(
+                "the encoder-decoder has plain multi-head attention (n_kv_head = n_head, head_dim = n_embd / n_head)"
+                    .into(),
+            );
+        }
+        if self.qk_norm || self.sliding_window > 0 || self.rope_scaling.is_some() {
+            errs.push("model.qk_norm, sliding_window and rope_scaling do not apply to the encoder-decoder".into());
+        }
+        if self.qkv_bias.is_some() || self.o_bias.is_some() || self.mlp_bias.is_some() {
+            errs.push("the encoder-decoder takes model.bias alone (no qkv_bias, o_bias, mlp_bias)".into());
         }
         errs
     }

@@ -8,6 +8,7 @@
 //! place ([`param_specs`]) lists them all with their shapes.
 
 use crate::config::{Mlp, ModelConfig, ModelKind, Norm, PosEmb};
+use crate::init::{check, Init};
 use crate::nn;
 use crate::rng::Rng;
 use crate::weights::Weights;
@@ -15,19 +16,8 @@ use crate::{ModelError, Result};
 use candle_core::{DType, Device, Tensor, D};
 use taper_kernels::AttnOpts;
 
-/// How a parameter is initialised.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Init {
-    Normal(f64),
-    Zeros,
-    Ones,
-}
-
-/// Every parameter of the model: (name, shape, init), in a fixed order.
+/// Every parameter of a decoder: (name, shape, init), in a fixed order.
 pub fn param_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
-    if cfg.kind == crate::ModelKind::EncoderDecoder {
-        return crate::marian::param_specs(cfg);
-    }
     let (v, c, h, hd) = (cfg.vocab_size, cfg.n_embd, cfg.hidden(), cfg.head_dim());
     let (q, kv) = (cfg.n_head * hd, cfg.kv_heads() * hd);
     let std = cfg.init_std;
@@ -73,53 +63,6 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
         specs.push(("lm_head.weight".into(), vec![v, c], Init::Normal(std)));
     }
     specs
-}
-
-/// Fresh weights drawn from our seeded RNG, in [`param_specs`] order.
-pub fn init_weights(cfg: &ModelConfig, seed: u64, dev: &Device) -> Result<Vec<(String, Tensor)>> {
-    // The encoder-decoder draws its weights here too, from `marian::param_specs`.
-    if cfg.kind == ModelKind::EncoderDecoder {
-        validated(cfg)?;
-    } else {
-        check(cfg)?;
-    }
-    draw(param_specs(cfg), seed, dev)
-}
-
-/// Tensors for `specs`, drawn in order from one RNG stream seeded by `seed`.
-pub(crate) fn draw(specs: Vec<(String, Vec<usize>, Init)>, seed: u64, dev: &Device) -> Result<Vec<(String, Tensor)>> {
-    let mut rng = Rng::new(seed);
-    specs
-        .into_iter()
-        .map(|(name, shape, init)| {
-            let n: usize = shape.iter().product();
-            let data: Vec<f32> = match init {
-                Init::Normal(s) => (0..n).map(|_| (rng.normal() * s) as f32).collect(),
-                Init::Zeros => vec![0.0; n],
-                Init::Ones => vec![1.0; n],
-            };
-            Ok((name, Tensor::from_vec(data, shape, dev)?))
-        })
-        .collect()
-}
-
-fn check(cfg: &ModelConfig) -> Result<()> {
-    if cfg.kind != ModelKind::Decoder {
-        return Err(ModelError::WrongKind { found: cfg.kind, needed: ModelKind::Decoder });
-    }
-    validated(cfg)
-}
-
-fn validated(cfg: &ModelConfig) -> Result<()> {
-    let mut errs = cfg.validate();
-    if cfg.vocab_size == 0 {
-        errs.push("model.vocab_size is 0 (it should have been taken from the tokenizer)".into());
-    }
-    if errs.is_empty() {
-        Ok(())
-    } else {
-        Err(ModelError::Config(errs.join("; ")))
-    }
 }
 
 /// A low-rank adapter on a linear: A (r, in), B (out, r), alpha / r, dropout.
@@ -285,12 +228,7 @@ impl Decoder {
     /// Builds the model over `w`. Gradients flow to whichever tensors in `w` are variables;
     /// pass [`Weights::detached`] for inference without a graph.
     pub fn load(w: &Weights, cfg: &ModelConfig) -> Result<Self> {
-        check(cfg)?;
-        if cfg.kind == crate::ModelKind::EncoderDecoder {
-            return Err(ModelError::Config(
-                "an encoder-decoder model loads as taper_model::marian::Seq2Seq, not a decoder".into(),
-            ));
-        }
+        check(cfg, ModelKind::Decoder)?;
         let (c, v, kv) = (cfg.n_embd, cfg.vocab_size, cfg.kv_heads() * cfg.head_dim());
         let embed_tokens = w.get("model.embed_tokens.weight", &[v, c])?;
         let dev = embed_tokens.device().clone();
@@ -796,6 +734,7 @@ pub fn flatten_logits(logits: &Tensor) -> candle_core::Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::init_weights;
     use candle_core::Var;
 
     fn tiny(style: &str) -> ModelConfig {

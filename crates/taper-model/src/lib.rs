@@ -9,17 +9,21 @@ pub mod config;
 pub mod decoder;
 pub mod gguf;
 pub mod hf;
+mod init;
 pub mod lora;
 pub mod marian;
 pub mod nn;
 pub mod rng;
+mod specs;
 pub mod weights;
 
 pub use bert::Bert;
 pub use config::{Mlp, ModelConfig, ModelKind, Norm, PosEmb};
-pub use decoder::{flatten_logits, init_weights, param_specs, sample, Decoder, KvCache, Sampling};
+pub use decoder::{flatten_logits, sample, Decoder, KvCache, Sampling};
+pub use init::Init;
 pub use lora::LoraConfig;
 pub use rng::Rng;
+pub use specs::{init_weights, param_specs};
 pub use weights::{ParamKind, Weights};
 
 /// Errors from building, loading or running a model.

@@ -10,43 +10,14 @@
 //! Generation caches the decoder's self-attention keys/values and computes each layer's
 //! cross-attention keys/values once per source.
 
-use crate::config::{Mlp, ModelConfig, ModelKind, Norm, PosEmb};
-use crate::decoder::Init;
+use crate::config::{Mlp, ModelConfig, ModelKind, PosEmb};
+use crate::init::{check, Init};
 use crate::nn;
 use crate::rng::Rng;
 use crate::weights::Weights;
 use crate::{ModelError, Result};
 use candle_core::{DType, Device, Tensor};
 use taper_kernels::AttnOpts;
-
-/// The config rules of an encoder-decoder, beside the common ones.
-pub fn validate(cfg: &ModelConfig) -> Vec<String> {
-    let mut errs = Vec::new();
-    if cfg.pos_emb == PosEmb::Rope {
-        errs.push(
-            "model.pos_emb = \"rope\" is not supported by the encoder-decoder (use sinusoidal or learned)".into(),
-        );
-    }
-    if cfg.norm != Norm::LayerNorm {
-        errs.push("the encoder-decoder uses model.norm = \"layer_norm\"".into());
-    }
-    if cfg.mlp == Mlp::Swiglu {
-        errs.push("the encoder-decoder's MLP is gelu, gelu_tanh or relu, not swiglu".into());
-    }
-    if cfg.kv_heads() != cfg.n_head || (cfg.head_dim != 0 && cfg.head_dim * cfg.n_head != cfg.n_embd) {
-        errs.push(
-            "the encoder-decoder has plain multi-head attention (n_kv_head = n_head, head_dim = n_embd / n_head)"
-                .into(),
-        );
-    }
-    if cfg.qk_norm || cfg.sliding_window > 0 || cfg.rope_scaling.is_some() {
-        errs.push("model.qk_norm, sliding_window and rope_scaling do not apply to the encoder-decoder".into());
-    }
-    if cfg.qkv_bias.is_some() || cfg.o_bias.is_some() || cfg.mlp_bias.is_some() {
-        errs.push("the encoder-decoder takes model.bias alone (no qkv_bias, o_bias, mlp_bias)".into());
-    }
-    errs
-}
 
 /// Decoder layers of an encoder-decoder config.
 pub fn decoder_layers(cfg: &ModelConfig) -> usize {
@@ -328,16 +299,7 @@ pub fn padding_mask(keep: &Tensor) -> Result<Tensor> {
 impl Seq2Seq {
     /// Builds the model over `w`; gradients flow to whichever tensors in `w` are variables.
     pub fn load(w: &Weights, cfg: &ModelConfig) -> Result<Self> {
-        let mut errs = cfg.validate();
-        if cfg.kind != ModelKind::EncoderDecoder {
-            errs.push("model.kind must be \"encoder-decoder\" for this model".into());
-        }
-        if cfg.vocab_size == 0 {
-            errs.push("model.vocab_size is 0 (it should have been taken from the tokenizer)".into());
-        }
-        if !errs.is_empty() {
-            return Err(ModelError::Config(errs.join("; ")));
-        }
+        check(cfg, ModelKind::EncoderDecoder)?;
         let (v, c, h) = (cfg.vocab_size, cfg.n_embd, cfg.hidden());
         let (en, dn) = embed_names(cfg);
         let enc_embed = w.get(en, &[v, c])?;

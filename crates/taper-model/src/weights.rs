@@ -45,6 +45,11 @@ impl Weights {
         Self { map: pairs.into_iter().collect(), lora: None }
     }
 
+    /// The tensors of trainable variables: a model built over them records a graph to them.
+    pub fn from_vars(vars: &[(String, candle_core::Var)]) -> Self {
+        Self::from_pairs(vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())))
+    }
+
     /// Adds LoRA adapters (see [`crate::lora`]) to be applied on top of the base weights.
     pub fn with_lora(mut self, adapters: impl IntoIterator<Item = (String, Tensor)>, cfg: crate::LoraConfig) -> Self {
         self.map.extend(adapters);

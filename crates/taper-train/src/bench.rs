@@ -3,8 +3,8 @@
 //! model's own matmul shapes. `scripts/bench_torch.py` prints the same figures for PyTorch.
 
 use crate::config::RunConfig;
+use crate::device::select_device;
 use crate::optim::Optimizer;
-use crate::pretrain::select_device;
 use crate::{Result, TrainError};
 use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;

@@ -36,36 +36,71 @@ pub struct TrainerState {
     /// The model source a fine-tuning run started from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base: Option<String>,
+    /// The recipe that saved it (`pretrain`, `sft`, `dpo`, ...): only that recipe resumes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipe: Option<String>,
 }
 
-impl TrainerState {
-    /// The state of a from-scratch run (pretraining, seq2seq) after `step` steps: the data
-    /// cursor is the step, and the run config alone describes the model.
-    pub fn scratch(
-        step: u64,
-        tokens: u64,
-        seed: u64,
-        skipped: u64,
-        val: Option<f64>,
-        tok_sha: &str,
-        config: String,
-    ) -> Self {
-        TrainerState {
-            format_version: FORMAT_VERSION,
-            step,
-            tokens_seen: tokens,
-            data_cursor: step,
-            rng_seed: seed,
-            skipped_steps: skipped,
-            val_loss: val,
-            tokenizer_sha256: tok_sha.to_string(),
-            config,
-            files: Default::default(),
-            model: None,
-            lora: None,
-            base: None,
-        }
+/// What a checkpoint holds besides the trained tensors and the optimizer, so that it is a
+/// complete model source on its own.
+#[derive(Default)]
+pub struct Contents {
+    /// The tokenizer, copied in.
+    pub tokenizer: PathBuf,
+    /// The architecture, for runs whose config does not describe it (fine-tuning).
+    pub model: Option<taper_model::ModelConfig>,
+    /// Weights the run reads but does not train, saved beside the trained ones.
+    pub frozen: Vec<(String, Tensor)>,
+    /// LoRA runs: the adapters' config and the base model's source; the checkpoint also holds
+    /// the adapters in PEFT's layout.
+    pub lora: Option<(taper_model::LoraConfig, String)>,
+    /// Trained tensors that are not adapters (reward and value heads): kept out of the PEFT files.
+    pub heads: Vec<String>,
+    /// A model dir whose tokenizer companions (special tokens, chat template, generation
+    /// defaults) are copied in.
+    pub companions: Option<PathBuf>,
+}
+
+impl Contents {
+    /// A from-scratch run's: the tokenizer, with the run config describing the model.
+    pub fn scratch(tokenizer: &Path) -> Self {
+        Self { tokenizer: tokenizer.to_path_buf(), ..Default::default() }
     }
+
+    /// Writes the companions and the PEFT adapter files into `dir` (a checkpoint being
+    /// written); `trained` are the run's trained tensors.
+    pub fn write_extras(&self, dir: &Path, trained: &HashMap<String, Tensor>) -> Result<()> {
+        if let Some(from) = &self.companions {
+            for f in ["tokenizer_config.json", "chat_template.jinja", "generation_config.json"] {
+                let p = from.join(f);
+                if p.exists() {
+                    std::fs::copy(&p, dir.join(f)).map_err(io_err(&p))?;
+                }
+            }
+        }
+        if let Some((l, base)) = &self.lora {
+            let adapters: HashMap<String, Tensor> =
+                trained.iter().filter(|(k, _)| !self.heads.contains(k)).map(|(k, t)| (k.clone(), t.clone())).collect();
+            write_peft(dir, &adapters, l, base)?;
+        }
+        Ok(())
+    }
+}
+
+/// `adapter_model.safetensors` and `adapter_config.json` in PEFT's layout, so that
+/// `PeftModel.from_pretrained(base, dir)` loads them (scripts/check_peft.py).
+pub fn write_peft(
+    dir: &Path,
+    adapters: &HashMap<String, Tensor>,
+    l: &taper_model::LoraConfig,
+    base: &str,
+) -> Result<()> {
+    let peft: HashMap<String, Tensor> =
+        adapters.iter().map(|(k, t)| (taper_model::lora::peft_key(k), t.clone())).collect();
+    candle_core::safetensors::save(&peft, dir.join("adapter_model.safetensors"))?;
+    let cfg = taper_model::lora::adapter_config(l, base)?;
+    let p = dir.join("adapter_config.json");
+    std::fs::write(&p, serde_json::to_string_pretty(&cfg).expect("json")).map_err(io_err(&p))
 }
 
 pub struct Checkpoint {

@@ -2,6 +2,7 @@
 //! `--set a.b=v` overrides type-checked, and every problem reported at once.
 
 use crate::optim::OptimConfig;
+use crate::rules::Rules;
 use crate::schedule::ScheduleConfig;
 use crate::{Result, TrainError};
 use serde::{Deserialize, Serialize};
@@ -24,7 +25,7 @@ pub struct RunConfig {
     pub optim: OptimConfig,
     pub schedule: ScheduleConfig,
     /// Encoder-decoder data and evaluation (`model.kind = "encoder-decoder"`).
-    pub seq2seq: crate::seq2seq::Seq2SeqConfig,
+    pub seq2seq: Seq2SeqConfig,
 }
 
 impl Default for RunConfig {
@@ -104,8 +105,10 @@ pub struct TrainConfig {
     /// 0 disables clipping.
     pub grad_clip: f64,
     pub log_every: u64,
-    /// 0 evaluates only at the end.
+    /// Evaluate every this many steps; the last step always evaluates.
     pub eval_every: u64,
+    /// Held-out batches per evaluation: pretraining draws this many windows; the other
+    /// recipes evaluate at most this many batches of their held-out data (0 = all of it).
     pub eval_batches: usize,
     /// 0 checkpoints only at the end.
     pub checkpoint_every: u64,
@@ -135,83 +138,224 @@ impl Default for TrainConfig {
     }
 }
 
-impl RunConfig {
-    /// Semantic checks across sections; every problem, not the first.
-    pub fn validate(&self) -> Vec<String> {
-        let mut e = self.model.validate();
-        let t = &self.train;
-        for (k, v) in [
-            ("max_steps", t.max_steps as usize),
-            ("batch_size", t.batch_size),
-            ("grad_accum_steps", t.grad_accum_steps),
-            ("eval_batches", t.eval_batches),
-            ("keep_checkpoints", t.keep_checkpoints),
-            ("log_every", t.log_every as usize),
-        ] {
-            if v == 0 {
-                e.push(format!("train.{k} must be > 0"));
+impl TrainConfig {
+    /// The last step this invocation runs (`stop_at_step` cuts a run short, schedule unchanged).
+    pub fn end_step(&self) -> u64 {
+        if self.stop_at_step > 0 {
+            self.stop_at_step.min(self.max_steps)
+        } else {
+            self.max_steps
+        }
+    }
+
+    fn due(&self, step: u64, every: u64) -> bool {
+        (every > 0 && step.is_multiple_of(every)) || step == self.end_step()
+    }
+
+    pub fn eval_due(&self, step: u64) -> bool {
+        self.due(step, self.eval_every)
+    }
+
+    pub fn checkpoint_due(&self, step: u64) -> bool {
+        self.due(step, self.checkpoint_every)
+    }
+
+    pub fn log_due(&self, step: u64) -> bool {
+        self.due(step, self.log_every)
+    }
+}
+
+/// The settings the training loop reads, which every recipe's config has.
+pub struct Common<'a> {
+    pub seed: u64,
+    pub device: &'a str,
+    pub train: &'a TrainConfig,
+    pub optim: &'a OptimConfig,
+    pub schedule: &'a ScheduleConfig,
+}
+
+/// A recipe's config: every section has defaults (so each key can be checked alone), the
+/// loop's sections ([train], [optim], [schedule], `seed`, `device`) are checked the same way
+/// for every recipe, and the recipe adds its own rules.
+pub trait RecipeConfig: serde::de::DeserializeOwned + Serialize + Default {
+    /// The recipe this config runs, recorded in its checkpoints.
+    const RECIPE: &'static str;
+    fn common(&self) -> Common<'_>;
+    /// The recipe's own rules.
+    fn validate(&self) -> Vec<String>;
+    /// Keys (or key prefixes ending in `.`) besides the loop's that may change on `--resume`
+    /// without changing what is trained: evaluation settings.
+    fn free_on_resume(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// Takes the values this config leaves to be derived (`model.vocab_size = 0`) from the
+    /// config a checkpoint was saved with, so that the two compare equal when nothing changed.
+    fn adopt_derived(&mut self, _saved: &Self) {}
+    fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a config serialises to TOML")
+    }
+}
+
+/// [`RecipeConfig::common`] for a config with the loop's fields under the names it reads:
+/// `seed`, `device`, `train`, `optim`, `schedule`.
+#[macro_export]
+macro_rules! loop_fields {
+    () => {
+        fn common(&self) -> $crate::config::Common<'_> {
+            $crate::config::Common {
+                seed: self.seed,
+                device: &self.device,
+                train: &self.train,
+                optim: &self.optim,
+                schedule: &self.schedule,
             }
         }
-        if t.grad_clip < 0.0 {
-            e.push(format!("train.grad_clip = {} must be >= 0", t.grad_clip));
-        }
-        e.extend(self.optim.validate());
-        e.extend(self.schedule.validate(t.max_steps));
-        if self.schedule.min_lr > self.optim.lr {
-            e.push(format!("schedule.min_lr = {} exceeds optim.lr = {}", self.schedule.min_lr, self.optim.lr));
-        }
+    };
+}
+
+/// The rules of the loop's own sections, the same for every recipe.
+pub fn common_rules(c: &Common) -> Vec<String> {
+    let mut r = Rules::new();
+    let t = c.train;
+    for (k, v) in [
+        ("train.max_steps", t.max_steps),
+        ("train.batch_size", t.batch_size as u64),
+        ("train.grad_accum_steps", t.grad_accum_steps as u64),
+        ("train.log_every", t.log_every),
+        ("train.eval_every", t.eval_every),
+        ("train.keep_checkpoints", t.keep_checkpoints as u64),
+    ] {
+        r.at_least_one(k, v);
+    }
+    r.non_negative("train.grad_clip", t.grad_clip);
+    r.extend(c.optim.validate());
+    r.extend(c.schedule.validate(t.max_steps));
+    if c.schedule.min_lr > c.optim.lr {
+        r.push(format!("schedule.min_lr = {}: must not exceed optim.lr = {}", c.schedule.min_lr, c.optim.lr));
+    }
+    let d = c.device;
+    let cuda_ok = d
+        .strip_prefix("cuda")
+        .is_some_and(|n| n.is_empty() || n.strip_prefix(':').is_some_and(|n| n.parse::<usize>().is_ok()));
+    if !(d == "auto" || d == "cpu" || d == "metal" || cuda_ok) {
+        r.push(format!("device = {d:?}: expected \"auto\", \"cpu\", \"cuda:N\" or \"metal\""));
+    }
+    r.into_vec()
+}
+
+impl RecipeConfig for RunConfig {
+    const RECIPE: &'static str = "pretrain";
+
+    loop_fields!();
+
+    fn validate(&self) -> Vec<String> {
+        let mut e = Rules::new();
+        e.extend(self.model.validate());
+        e.at_least_one("train.eval_batches", self.train.eval_batches as u64);
         if self.model.kind == taper_model::ModelKind::EncoderDecoder {
             e.extend(self.seq2seq.validate(&self.model));
         }
         let d = &self.data;
         let encoder = self.model.kind == taper_model::ModelKind::Encoder;
         match (self.objective, encoder) {
-            (Objective::Mlm, false) => e.push("objective = \"mlm\" needs model.kind = \"encoder\"".into()),
-            (Objective::Clm, true) => e.push("model.kind = \"encoder\" trains with objective = \"mlm\"".into()),
+            (Objective::Mlm, false) => e.push("objective = \"mlm\" needs model.kind = \"encoder\""),
+            (Objective::Clm, true) => e.push("model.kind = \"encoder\" trains with objective = \"mlm\""),
             _ => {}
         }
         if self.objective == Objective::Mlm {
-            if !(self.mlm_probability > 0.0 && self.mlm_probability < 1.0) {
-                e.push(format!("mlm_probability = {} must be in (0, 1)", self.mlm_probability));
-            }
+            e.open_unit("mlm_probability", self.mlm_probability, false);
             let trained = matches!(d.tokenizer.as_str(), "char" | "bpe") && d.shards.is_none();
             if trained && !d.special_tokens.iter().any(|t| taper_data::tokenizer::MASK_TOKENS.contains(&t.as_str())) {
-                e.push("objective = \"mlm\" needs a mask token: add \"[MASK]\" to data.special_tokens".into());
+                e.push("data.special_tokens: objective = \"mlm\" needs a mask token; add \"[MASK]\"");
             }
         }
         if d.shards.is_none() && d.dataset.is_none() && d.files.is_empty() {
-            e.push("data: set one of `dataset`, `files` or `shards`".into());
+            e.push("data: set one of `dataset`, `files` or `shards`");
         }
         if let Some(name) = &d.dataset {
             if taper_data::datasets::find(name).is_none() {
                 let known: Vec<_> = taper_data::datasets::BUILTINS.iter().map(|b| b.name).collect();
-                e.push(format!("data.dataset = {name:?} is not a built-in dataset (known: {})", known.join(", ")));
+                e.push(format!("data.dataset = {name:?}: not a built-in dataset (known: {})", known.join(", ")));
             }
         }
-        if !(0.0..1.0).contains(&d.val_fraction) || d.val_fraction == 0.0 {
-            e.push(format!("data.val_fraction = {} must be in (0, 1)", d.val_fraction));
+        e.open_unit("data.val_fraction", d.val_fraction, false);
+        if d.tokenizer == "bpe" {
+            e.at_least_one("data.tokenizer_vocab_size", d.tokenizer_vocab_size as u64);
         }
-        if !(self.device == "auto" || self.device == "cpu" || self.device == "metal" || self.device.starts_with("cuda"))
-        {
-            e.push(format!("device = {:?}: expected \"auto\", \"cpu\", \"cuda:N\" or \"metal\"", self.device));
-        }
-        e
+        e.into_vec()
     }
 
+    fn free_on_resume(&self) -> &'static [&'static str] {
+        &["seq2seq.eval_examples", "seq2seq.beams", "seq2seq.length_penalty"]
+    }
+
+    fn adopt_derived(&mut self, saved: &Self) {
+        if self.model.vocab_size == 0 {
+            self.model.vocab_size = saved.model.vocab_size;
+        }
+    }
+}
+
+impl RunConfig {
     pub fn to_toml(&self) -> String {
-        toml::to_string(self).expect("RunConfig serialises to TOML")
+        RecipeConfig::to_toml(self)
     }
 }
 
-/// A run config: every section has defaults (so each key can be checked alone), and
-/// cross-field rules.
-pub trait Validate: serde::de::DeserializeOwned {
-    fn validate(&self) -> Vec<String>;
+/// `[seq2seq]`: the encoder-decoder's data and evaluation settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Seq2SeqConfig {
+    /// Held-out pairs (JSONL / Parquet); empty takes the last `data.val_fraction` of `data.files`.
+    pub val_files: Vec<String>,
+    /// Most source tokens, eos included (0 = model.block_size).
+    pub max_source_len: usize,
+    /// Most target tokens, eos included (0 = model.block_size).
+    pub max_target_len: usize,
+    /// "truncate" or "drop" a pair with a side over its limit.
+    pub overflow: String,
+    /// PyTorch's `CrossEntropyLoss(label_smoothing)`.
+    pub label_smoothing: f64,
+    /// Held-out pairs decoded greedily for exact match at each eval (0 = all).
+    pub eval_examples: usize,
+    /// Beam size for a beam-search exact match at the end of the run (0 or 1 = none).
+    pub beams: usize,
+    /// HF's `length_penalty` for that beam search.
+    pub length_penalty: f64,
+    /// The padding token, also the decoder's start token (Marian's convention).
+    pub pad_token: String,
 }
 
-impl Validate for RunConfig {
-    fn validate(&self) -> Vec<String> {
-        RunConfig::validate(self)
+impl Default for Seq2SeqConfig {
+    fn default() -> Self {
+        Self {
+            val_files: Vec::new(),
+            max_source_len: 0,
+            max_target_len: 0,
+            overflow: "truncate".into(),
+            label_smoothing: 0.0,
+            eval_examples: 0,
+            beams: 0,
+            length_penalty: 1.0,
+            pad_token: "<pad>".into(),
+        }
+    }
+}
+
+impl Seq2SeqConfig {
+    pub fn validate(&self, model: &ModelConfig) -> Vec<String> {
+        let mut e = Rules::new();
+        e.one_of("seq2seq.overflow", &self.overflow, &["truncate", "drop"]);
+        e.unit("seq2seq.label_smoothing", self.label_smoothing, false);
+        if !self.length_penalty.is_finite() {
+            e.push(format!("seq2seq.length_penalty = {}: must be a finite number", self.length_penalty));
+        }
+        for (k, v) in [("max_source_len", self.max_source_len), ("max_target_len", self.max_target_len)] {
+            if v > model.block_size {
+                e.push(format!("seq2seq.{k} = {v}: exceeds model.block_size = {}", model.block_size));
+            }
+        }
+        e.into_vec()
     }
 }
 
@@ -223,7 +367,7 @@ pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<RunConfig
 /// Parses TOML text, applies `key=value` overrides, and checks everything: unknown keys and
 /// wrong types (each key on its own, so all are found), then cross-field rules.
 /// `origin` names the file in messages.
-pub fn parse_as<T: Validate>(text: &str, origin: &str, overrides: &[String]) -> Result<T> {
+pub fn parse_as<T: RecipeConfig>(text: &str, origin: &str, overrides: &[String]) -> Result<T> {
     let mut root: toml::Table = text.parse().map_err(|e: toml::de::Error| {
         let msg = e.message().to_string();
         let line = e.span().map(|s| text[..s.start].lines().count().max(1));
@@ -282,10 +426,37 @@ pub fn parse_as<T: Validate>(text: &str, origin: &str, overrides: &[String]) -> 
     if !errs.is_empty() {
         return Err(TrainError::Config(errs));
     }
-    let cfg: T = toml::Value::Table(root)
+    // A section given in part takes its other keys from the recipe's defaults (an RM's
+    // learning rate), not from the section type's own, which serde would otherwise use.
+    let defaults: toml::Table = T::default().to_toml().parse().expect("a default config reads back");
+    for section in ["train", "optim", "schedule"] {
+        if let (Some(toml::Value::Table(d)), Some(toml::Value::Table(given))) =
+            (defaults.get(section), root.get_mut(section))
+        {
+            for (k, v) in d {
+                given.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+    }
+    let cfg: T = toml::Value::Table(root.clone())
         .try_into()
         .map_err(|e: toml::de::Error| TrainError::Config(vec![format!("{origin}: {}", first_line(&e.to_string()))]))?;
-    let errs: Vec<String> = cfg.validate().into_iter().map(|e| format!("{origin}: {e}")).collect();
+    let mut broken = common_rules(&cfg.common());
+    broken.extend(cfg.validate());
+    // Each rule's message starts with its key: point at the line or --set that gave the value.
+    let errs: Vec<String> = broken
+        .into_iter()
+        .map(|e| {
+            let key = e.split([' ', ':']).next().unwrap_or_default();
+            match key.split_once('.') {
+                Some((section, k)) if !k.contains('.') => format!("{}: {e}", place(key, section, k)),
+                _ if !key.is_empty() && !key.contains('.') && root.contains_key(key) => {
+                    format!("{}: {e}", place(key, "", key))
+                }
+                _ => format!("{origin}: {e}"),
+            }
+        })
+        .collect();
     if errs.is_empty() {
         Ok(cfg)
     } else {

@@ -1,16 +1,11 @@
-//! What every fine-tuning recipe (SFT, reward model, DPO, PPO, GRPO) sets up and saves the
-//! same way: the trainable parameters (full or LoRA, plus new heads), resuming them, and
-//! checkpoints that are complete model sources (tokenizer files, PEFT adapter files).
+//! What every fine-tuning recipe (SFT, reward model, DPO, PPO, GRPO) sets up the same way:
+//! the trainable parameters (full or LoRA, plus new heads), fresh or from the checkpoint being
+//! resumed, and what its checkpoints hold to be complete model sources.
 
-use crate::checkpoint::{self, Checkpoint, TrainerState, FORMAT_VERSION};
-use crate::optim::Optimizer;
-use crate::pretrain::{Observer, Resume};
+use crate::checkpoint::{Checkpoint, Contents};
 use crate::source::Source;
-use crate::steps::save_checkpoint;
-use crate::{io_err, Result, TrainError};
+use crate::{Result, TrainError};
 use candle_core::{Device, Tensor, Var};
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use taper_model::lora::{self, LoraConfig};
 use taper_model::Weights;
 
@@ -79,123 +74,25 @@ pub fn trainable_except(
     Ok((vars, weights))
 }
 
-/// The checkpoint to resume from (loaded), if `resume` asks for one.
-pub fn load_resume(resume: &Resume, ck_root: &Path, device: &Device) -> Result<Option<Checkpoint>> {
-    Ok(match resume.dir(ck_root)? {
-        Some(d) => Some(checkpoint::load(&d, device)?),
-        None => None,
-    })
-}
-
-/// Loads the optimizer state of a resumed run; returns (step, tokens seen, skipped steps).
-pub fn resume_optimizer(
-    opt: &mut Optimizer,
-    ck: Option<Checkpoint>,
-    obs: &mut dyn Observer,
-) -> Result<(u64, u64, u64)> {
-    let Some(ck) = ck else { return Ok((0, 0, 0)) };
-    opt.load_state(ck.optimizer, ck.state.step - ck.state.skipped_steps, &ck.dir.display().to_string())?;
-    obs.message(&format!("resumed from {} at step {}", ck.dir.display(), ck.state.step));
-    Ok((ck.state.step, ck.state.tokens_seen, ck.state.skipped_steps))
-}
-
-/// Where a fine-tuning run stands, for its checkpoint.
-pub struct Progress {
-    pub step: u64,
-    pub tokens: u64,
-    pub skipped: u64,
-    pub val_loss: Option<f64>,
-}
-
-/// How a fine-tuning recipe writes its checkpoints: complete model sources (the source's
-/// tokenizer files beside the weights), with LoRA adapters also in PEFT's layout.
-pub struct Saver<'a> {
-    pub ck_root: &'a Path,
-    pub src: &'a Source,
-    /// The starting model's spec, a LoRA checkpoint's base.
-    pub init: &'a str,
-    pub lora: Option<&'a LoraConfig>,
-    pub seed: u64,
-    pub keep: usize,
-    /// Trained tensors that are not adapters (a reward or value head): kept out of the PEFT files.
-    pub heads: &'a [&'a str],
-    /// Source weights held fixed in full fine-tuning, saved beside the trained ones.
-    pub frozen: &'a [&'a str],
-}
-
-impl Saver<'_> {
-    /// Writes the checkpoint of step `at`, with a recipe's own state (PPO's adaptive KL
-    /// coefficient, say) as `recipe_state.json` for an exact resume.
-    pub fn save(
-        &self,
-        opt: &Optimizer,
-        config_toml: String,
-        at: Progress,
-        recipe_state: Option<&serde_json::Value>,
-        obs: &mut dyn Observer,
-    ) -> Result<PathBuf> {
-        let src = self.src;
-        let state = TrainerState {
-            format_version: FORMAT_VERSION,
-            step: at.step,
-            tokens_seen: at.tokens,
-            data_cursor: at.step,
-            rng_seed: self.seed,
-            skipped_steps: at.skipped,
-            val_loss: at.val_loss,
-            tokenizer_sha256: taper_data::tokenizer::sha256_file(&src.tokenizer_path)?,
-            config: config_toml,
-            files: Default::default(),
-            model: Some(src.config.clone()),
-            lora: self.lora.cloned(),
-            base: self.lora.map(|_| self.init.to_string()),
-        };
-        let frozen: Vec<(String, Tensor)> = match self.lora {
-            Some(_) => Vec::new(),
-            None => {
-                self.frozen.iter().filter_map(|&k| src.weights.get(k).map(|t| (k.to_string(), t.clone()))).collect()
-            }
-        };
-        let extra = |tmp: &Path, tensors: &HashMap<String, Tensor>| {
-            copy_model_files(src, tmp)?;
-            if let Some(v) = recipe_state {
-                let p = tmp.join("recipe_state.json");
-                std::fs::write(&p, v.to_string()).map_err(io_err(&p))?;
-            }
-            match self.lora {
-                Some(l) => {
-                    let adapters: HashMap<String, Tensor> = tensors
-                        .iter()
-                        .filter(|(k, _)| !self.heads.contains(&k.as_str()))
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect();
-                    write_peft(tmp, &adapters, l, self.init)
-                }
-                None => Ok(()),
-            }
-        };
-        save_checkpoint(self.ck_root, opt, frozen, state, &src.tokenizer_path, self.keep, extra, obs)
+/// What a fine-tuning run's checkpoints hold besides the trained tensors: the source's
+/// tokenizer and its companions, the architecture, the weights held fixed in full
+/// fine-tuning (`frozen`), and for LoRA the adapters' PEFT files over the base `init`.
+pub fn contents(src: &Source, lora: Option<&LoraConfig>, init: &str, heads: &[&str], frozen: &[&str]) -> Contents {
+    let frozen = match lora {
+        Some(_) => Vec::new(),
+        None => frozen.iter().filter_map(|&k| src.weights.get(k).map(|t| (k.to_string(), t.clone()))).collect(),
+    };
+    Contents {
+        tokenizer: src.tokenizer_path.clone(),
+        model: Some(src.config.clone()),
+        frozen,
+        lora: lora.map(|l| (l.clone(), init.to_string())),
+        heads: heads.iter().map(|h| h.to_string()).collect(),
+        companions: Some(src.dir.clone()),
     }
 }
 
-/// The tokenizer's companions (special tokens, chat template, generation defaults), so the
-/// checkpoint is a complete model source.
-pub fn copy_model_files(src: &Source, dir: &Path) -> Result<()> {
-    for f in ["tokenizer_config.json", "chat_template.jinja", "generation_config.json"] {
-        let p = src.dir.join(f);
-        if p.exists() {
-            std::fs::copy(&p, dir.join(f)).map_err(io_err(&p))?;
-        }
-    }
-    Ok(())
-}
-
-/// `adapter_model.safetensors` and `adapter_config.json` in PEFT's layout, so that
-/// `PeftModel.from_pretrained(base, dir)` loads them (scripts/check_peft.py).
-pub fn write_peft(dir: &Path, adapters: &HashMap<String, Tensor>, l: &LoraConfig, base: &str) -> Result<()> {
-    let peft: HashMap<String, Tensor> = adapters.iter().map(|(k, t)| (lora::peft_key(k), t.clone())).collect();
-    candle_core::safetensors::save(&peft, dir.join("adapter_model.safetensors"))?;
-    let cfg = lora::adapter_config(l, base)?;
-    let p = dir.join("adapter_config.json");
-    std::fs::write(&p, serde_json::to_string_pretty(&cfg).expect("json")).map_err(io_err(&p))
+/// Whether the model or its adapters draw dropout masks.
+pub fn uses_dropout(src: &Source, lora: Option<&LoraConfig>) -> bool {
+    src.config.dropout > 0.0 || lora.is_some_and(|l| l.dropout > 0.0)
 }

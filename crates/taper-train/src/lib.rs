@@ -1,17 +1,27 @@
-//! Optimizers, LR schedules, the training loop (the pretrain recipe) and checkpoints.
+//! The training loop ([`trainer`]), written once, and the from-scratch and SFT recipes on it;
+//! optimizers, LR schedules, checkpoints and model sources.
 
 pub mod bench;
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
+pub mod device;
+pub mod fill_mask;
 pub mod finetune;
 pub mod mlm;
+pub mod observe;
 pub mod optim;
+pub mod order;
 pub mod pretrain;
+pub mod rules;
 pub mod schedule;
+pub mod scratch;
 pub mod seq2seq;
 pub mod sft;
+pub mod sinks;
 pub mod source;
 pub mod steps;
+pub mod trainer;
 
 pub use config::RunConfig;
 

@@ -4,8 +4,10 @@
 //! selected positions. Masks are drawn from taper's [`Rng`] keyed by (seed, step, micro-batch),
 //! so a run's masks are a pure function of its seed and a resumed run is bit-exact.
 
-use crate::optim::Param;
-use crate::steps::accumulate;
+use crate::config::RunConfig;
+use crate::observe::{Observer, Summary};
+use crate::scratch::{self, WindowObjective};
+use crate::trainer::{Evaluation, Micro, RunSpec};
 use crate::{Result, TrainError};
 use candle_core::{DType, Device, Tensor};
 use taper_data::{tokenizer, Batch, Shard, WindowSampler};
@@ -108,21 +110,58 @@ impl Masker {
     }
 }
 
-/// Mean MLM loss over micro-batches (ids (B, T), labels (B*T,)) and each parameter's
-/// gradient of it; `rngs` turns dropout on.
-pub fn loss_and_grads(
-    model: &Bert,
-    params: &[Param],
-    micro: &[(Tensor, Tensor)],
-    mut rngs: Option<Vec<Rng>>,
-) -> Result<(f64, Vec<Tensor>)> {
-    accumulate(params, micro.len(), |i| {
-        let (x, y) = &micro[i];
-        let rng = rngs.as_mut().map(|r| &mut r[i]);
-        let logits = model.forward(x, None, None, rng)?; // (B, T, V)
-        let v = logits.dim(2)?;
-        Ok::<_, TrainError>(cross_entropy(&logits.reshape(((), v))?, y, -100)?.0)
+/// Trains a BERT-style encoder from scratch on the config's data with the masked-LM objective.
+pub fn pretrain(cfg: RunConfig, run: RunSpec, obs: &mut dyn Observer) -> Result<Summary> {
+    scratch::train_on_windows(cfg, run, obs, |cfg, windows, w| {
+        let masker = Masker::from_tokenizer(&windows.tokenizer, &windows.data.tokenizer, cfg.mlm_probability)?;
+        Ok(Mlm {
+            model: Bert::load(w, &cfg.model)?,
+            eval_model: Bert::load(&w.detached(), &cfg.model)?,
+            unigram: masker.most_frequent(windows.train.shard()),
+            masker,
+            seed: cfg.seed,
+        })
     })
+}
+
+struct Mlm {
+    model: Bert,
+    eval_model: Bert,
+    masker: Masker,
+    /// The most frequent training token: the accuracy baseline.
+    unigram: u32,
+    seed: u64,
+}
+
+/// The mean MLM loss of masked ids (B, T) against labels (B*T,): the selected positions only.
+pub fn mlm_loss(model: &Bert, x: &Tensor, y: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
+    let logits = model.forward(x, None, None, rng)?; // (B, T, V)
+    let v = logits.dim(2)?;
+    Ok(cross_entropy(&logits.reshape(((), v))?, y, -100)?.0)
+}
+
+impl WindowObjective for Mlm {
+    fn loss(&mut self, batch: &Batch, at: Micro, rng: Option<&mut Rng>) -> Result<Tensor> {
+        let mut masks = Masker::rng(self.seed, at.step, at.index as u64);
+        let (x, y) = self.masker.batch_tensors(batch, &mut masks, self.model.device())?;
+        mlm_loss(&self.model, &x, &y, rng)
+    }
+
+    fn evaluate(&mut self, val: &WindowSampler, n: usize, step: u64, obs: &mut dyn Observer) -> Result<Evaluation> {
+        let e = evaluate(&self.eval_model, val, n, &self.masker, self.seed, self.unigram)?;
+        obs.message(&format!(
+            "step {step}: masked-token accuracy {:.2}% on {} val tokens (unigram baseline, always the most \
+             frequent training token: {:.2}%)",
+            100.0 * e.accuracy,
+            e.masked,
+            100.0 * e.unigram_accuracy
+        ));
+        let mut out = Evaluation::of_loss(e.loss);
+        out.metrics.insert("val_mlm_accuracy".into(), e.accuracy.into());
+        out.metrics.insert("val_unigram_accuracy".into(), e.unigram_accuracy.into());
+        out.metrics.insert("val_masked_tokens".into(), e.masked.into());
+        Ok(out)
+    }
 }
 
 /// Masked-token prediction on validation windows.

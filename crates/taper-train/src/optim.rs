@@ -56,19 +56,15 @@ impl Default for OptimConfig {
 
 impl OptimConfig {
     pub fn validate(&self) -> Vec<String> {
-        let mut e = Vec::new();
-        if self.lr <= 0.0 {
-            e.push(format!("optim.lr = {} must be > 0", self.lr));
-        }
-        for (k, v) in [("beta1", self.beta1), ("beta2", self.beta2), ("momentum", self.momentum)] {
-            if !(0.0..1.0).contains(&v) {
-                e.push(format!("optim.{k} = {v} must be in [0, 1)"));
-            }
-        }
-        if self.weight_decay < 0.0 {
-            e.push(format!("optim.weight_decay = {} must be >= 0", self.weight_decay));
-        }
-        e
+        let mut r = crate::rules::Rules::new();
+        r.positive("optim.lr", self.lr);
+        r.unit("optim.beta1", self.beta1, false);
+        r.unit("optim.beta2", self.beta2, false);
+        r.unit("optim.momentum", self.momentum, false);
+        // AdamW divides by sqrt(v) + eps: at 0 a parameter with no gradient yet divides by 0.
+        r.positive("optim.eps", self.eps);
+        r.non_negative("optim.weight_decay", self.weight_decay);
+        r.into_vec()
     }
 
     fn decays(&self, name: &str) -> bool {

@@ -66,17 +66,22 @@ impl ScheduleConfig {
     }
 
     pub fn validate(&self, max_steps: u64) -> Vec<String> {
-        let mut e = Vec::new();
-        if self.min_lr < 0.0 {
-            e.push(format!("schedule.min_lr = {} must be >= 0", self.min_lr));
-        }
-        if !(0.0..=1.0).contains(&self.wsd_decay_fraction) {
-            e.push(format!("schedule.wsd_decay_fraction = {} must be in [0, 1]", self.wsd_decay_fraction));
-        }
+        let mut r = crate::rules::Rules::new();
+        r.non_negative("schedule.min_lr", self.min_lr);
+        r.unit("schedule.wsd_decay_fraction", self.wsd_decay_fraction, true);
         if self.warmup_steps > max_steps {
-            e.push(format!("schedule.warmup_steps = {} exceeds train.max_steps = {max_steps}", self.warmup_steps));
+            r.push(format!(
+                "schedule.warmup_steps = {}: must be within the run (train.max_steps = {max_steps})",
+                self.warmup_steps
+            ));
         }
-        e
+        if self.decay_steps > 0 && self.decay_steps < self.warmup_steps {
+            r.push(format!(
+                "schedule.decay_steps = {}: must be 0 (= train.max_steps) or at least schedule.warmup_steps = {}",
+                self.decay_steps, self.warmup_steps
+            ));
+        }
+        r.into_vec()
     }
 }
 

@@ -1,85 +1,27 @@
 //! The sequence-to-sequence recipe: `taper pretrain` with `model.kind = "encoder-decoder"`.
 //! Pairs of `source` / `target` text, teacher forcing (decoder input = start token + target,
-//! shifted; labels = target + eos), label smoothing, and the pretrain loop's optimizer,
-//! schedule, metrics, checkpoints and bit-exact resume; evaluation reports held-out loss and
+//! shifted; labels = target + eos) and label smoothing; evaluation reports held-out loss and
 //! greedy exact match (and beam-search exact match at the end, if configured).
 
-use crate::checkpoint::{self, TrainerState};
-use crate::config::RunConfig;
-use crate::optim::Optimizer;
-use crate::pretrain::{resolve_vocab, select_device, Observer, Resume, RunInfo, StepLog, Summary};
-use crate::sft::epoch_pick;
-use crate::steps::{accumulate, guarded_update, save_checkpoint, Metrics};
+use crate::checkpoint::Contents;
+use crate::config::{RunConfig, Seq2SeqConfig};
+use crate::observe::{Observer, Summary};
+use crate::order::epoch_pick;
+use crate::scratch::{self, resolve_vocab};
+use crate::source::Source;
+use crate::trainer::{self, Built, Evaluation, Micro, Recipe, RunSpec, StepReport};
 use crate::{io_err, Result, TrainError};
-use candle_core::{DType, Device, Tensor, Var};
-use serde::{Deserialize, Serialize};
+use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 use taper_data::seq2seq::{encode_pairs, make_batch, read_pairs, Batch, Encoded, Limits, Pair};
 use taper_data::sft::{Located, OnBadRecord, Overflow};
 use taper_data::tokenizer;
 use taper_model::marian::{DecodeOptions, Seq2Seq};
 use taper_model::nn::label_smoothed_cross_entropy;
-use taper_model::{flatten_logits, init_weights, ModelConfig, Rng, Weights};
+use taper_model::{flatten_logits, ModelConfig, Rng, Weights};
 use tokenizers::Tokenizer;
 
-/// `[seq2seq]`: the encoder-decoder's data and evaluation settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Seq2SeqConfig {
-    /// Held-out pairs (JSONL / Parquet); empty takes the last `data.val_fraction` of `data.files`.
-    pub val_files: Vec<String>,
-    /// Most source tokens, eos included (0 = model.block_size).
-    pub max_source_len: usize,
-    /// Most target tokens, eos included (0 = model.block_size).
-    pub max_target_len: usize,
-    /// "truncate" or "drop" a pair with a side over its limit.
-    pub overflow: String,
-    /// PyTorch's `CrossEntropyLoss(label_smoothing)`.
-    pub label_smoothing: f64,
-    /// Held-out pairs decoded greedily for exact match at each eval (0 = all).
-    pub eval_examples: usize,
-    /// Beam size for a beam-search exact match at the end of the run (0 or 1 = none).
-    pub beams: usize,
-    /// HF's `length_penalty` for that beam search.
-    pub length_penalty: f64,
-    /// The padding token, also the decoder's start token (Marian's convention).
-    pub pad_token: String,
-}
-
-impl Default for Seq2SeqConfig {
-    fn default() -> Self {
-        Self {
-            val_files: Vec::new(),
-            max_source_len: 0,
-            max_target_len: 0,
-            overflow: "truncate".into(),
-            label_smoothing: 0.0,
-            eval_examples: 0,
-            beams: 0,
-            length_penalty: 1.0,
-            pad_token: "<pad>".into(),
-        }
-    }
-}
-
 impl Seq2SeqConfig {
-    pub fn validate(&self, model: &ModelConfig) -> Vec<String> {
-        let mut e = Vec::new();
-        if !matches!(self.overflow.as_str(), "truncate" | "drop") {
-            e.push(format!("seq2seq.overflow = {:?}: expected \"truncate\" or \"drop\"", self.overflow));
-        }
-        if !(0.0..1.0).contains(&self.label_smoothing) {
-            e.push(format!("seq2seq.label_smoothing = {} must be in [0, 1)", self.label_smoothing));
-        }
-        for (k, v) in [("max_source_len", self.max_source_len), ("max_target_len", self.max_target_len)] {
-            if v > model.block_size {
-                e.push(format!("seq2seq.{k} = {v} exceeds model.block_size = {}", model.block_size));
-            }
-        }
-        e
-    }
-
     fn limits(&self, model: &ModelConfig) -> Limits {
         let or_block = |v: usize| if v == 0 { model.block_size } else { v };
         Limits {
@@ -127,7 +69,7 @@ pub fn special_ids(
 }
 
 /// The special ids of a loaded model source.
-pub fn source_ids(src: &crate::source::Source) -> Result<SpecialIds> {
+pub fn source_ids(src: &Source) -> Result<SpecialIds> {
     let pad = src.run_config.as_ref().map_or("<pad>", |r| r.seq2seq.pad_token.as_str());
     special_ids(&src.tokenizer, &src.tokenizer_path, src.hf_config.as_ref(), pad)
 }
@@ -212,151 +154,136 @@ pub fn exact_match(model: &Seq2Seq, examples: &[Encoded], batch: usize, o: &Deco
     Ok(hits)
 }
 
-pub fn train(mut cfg: RunConfig, run_dir: &Path, resume: Resume, obs: &mut dyn Observer) -> Result<Summary> {
-    let started = Instant::now();
-    let device = select_device(&cfg.device)?;
-    std::fs::create_dir_all(run_dir).map_err(io_err(run_dir))?;
-    let ck_root = run_dir.join("checkpoints");
-    let resume_dir = resume.dir(&ck_root)?;
-    let s = cfg.seq2seq.clone();
-    if cfg.data.files.is_empty() {
-        return Err(TrainError::Invalid("an encoder-decoder trains on data.files (JSONL or Parquet pairs)".into()));
-    }
-
-    // Data and tokenizer.
-    let mut train_pairs = read_pairs(&paths(&cfg.data.files), OnBadRecord::Error)?.examples;
-    let val_pairs = if s.val_files.is_empty() {
-        let n_val = ((train_pairs.len() as f64 * cfg.data.val_fraction).round() as usize).max(1);
-        train_pairs.split_off(train_pairs.len().saturating_sub(n_val))
-    } else {
-        read_pairs(&paths(&s.val_files), OnBadRecord::Error)?.examples
-    };
-    let tok_path = prepare_tokenizer(&cfg, &train_pairs, run_dir, obs)?;
-    let tok = tokenizer::load(&tok_path)?;
-    let tok_sha = tokenizer::sha256_file(&tok_path)?;
-    resolve_vocab(&mut cfg, &tok_path, tokenizer::vocab_size(&tok))?;
-    let ids = special_ids(&tok, &tok_path, None, &s.pad_token)?;
-    let limits = s.limits(&cfg.model);
-    let (train, train_stats) = encode_pairs(&tok, &train_pairs, ids.eos, &limits)?;
-    let (val, val_stats) = encode_pairs(&tok, &val_pairs, ids.eos, &limits)?;
-    obs.message(&format!("training data: {train_stats}"));
-    obs.message(&format!("held-out data: {val_stats}"));
-    if train.is_empty() || val.is_empty() {
-        return Err(TrainError::Invalid("no training or held-out pairs left after the length limits".into()));
-    }
-
-    // Model and optimizer: fresh, or from the checkpoint.
-    let ck = match &resume_dir {
-        Some(d) => Some(checkpoint::load(d, &device)?),
-        None => None,
-    };
-    let named: Vec<(String, Tensor)> = match &ck {
-        None => init_weights(&cfg.model, cfg.seed, &device)?,
-        Some(ck) => {
-            let bad = |reason: String| TrainError::Checkpoint { path: ck.dir.display().to_string(), reason };
-            let saved: RunConfig = toml::from_str(&ck.state.config).map_err(|e| bad(format!("saved config: {e}")))?;
-            if saved.model != cfg.model {
-                return Err(bad("its [model] config differs from this run's".into()));
-            }
-            if ck.state.tokenizer_sha256 != tok_sha {
-                return Err(bad(format!("trained with another tokenizer than {}", tok_path.display())));
-            }
-            taper_model::param_specs(&cfg.model)
-                .into_iter()
-                .map(|(name, _, _)| {
-                    let t = ck.model.get(&name).ok_or_else(|| bad(format!("tensor `{name}` is missing")))?;
-                    Ok((name, t.clone()))
-                })
-                .collect::<Result<_>>()?
+/// Trains an encoder-decoder from scratch on the config's `source` / `target` pairs.
+pub fn pretrain(cfg: RunConfig, run: RunSpec, obs: &mut dyn Observer) -> Result<Summary> {
+    trainer::train(cfg, run, obs, |cfg, env| {
+        let s = cfg.seq2seq.clone();
+        if cfg.data.files.is_empty() {
+            return Err(TrainError::Invalid("an encoder-decoder trains on data.files (JSONL or Parquet pairs)".into()));
         }
-    };
-    let vars: Vec<(String, Var)> =
-        named.into_iter().map(|(n, t)| Ok((n, Var::from_tensor(&t)?))).collect::<Result<_>>()?;
-    let weights = Weights::from_pairs(vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())));
-    let model = Seq2Seq::load(&weights, &cfg.model)?;
-    let eval_model = Seq2Seq::load(&weights.detached(), &cfg.model)?;
-    let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-    let mut opt = Optimizer::new(cfg.optim.clone(), vars)?;
-    // From-scratch checkpoints keep the data cursor at the step, so the step is where to go on.
-    let (mut step, mut tokens, mut skipped) = crate::finetune::resume_optimizer(&mut opt, ck, obs)?;
-
-    let cfg_path = run_dir.join("config.toml");
-    std::fs::write(&cfg_path, cfg.to_toml()).map_err(io_err(&cfg_path))?;
-    let mut metrics = Metrics::open(run_dir, step, started)?;
-    let tc = cfg.train.clone();
-    let end = tc.end_step();
-    let count = |v: &[Encoded]| v.iter().map(|e| e.target.len()).sum::<usize>();
-    obs.started(&RunInfo {
-        start_step: step,
-        end_step: end,
-        params: n_params,
-        vocab_size: cfg.model.vocab_size,
-        train_tokens: count(&train),
-        val_tokens: count(&val),
-        device: format!("{device:?}"),
-    });
-
-    let held_out: &[Encoded] = if s.eval_examples == 0 { &val } else { &val[..s.eval_examples.min(val.len())] };
-    let decode = DecodeOptions {
-        beams: 1,
-        length_penalty: s.length_penalty,
-        max_new_tokens: limits.max_target_len,
-        start: ids.start,
-        eos: ids.eos,
-    };
-    let eval_batch = 64;
-    let micros = tc.grad_accum_steps as u64;
-    let (mut last_loss, mut last_val, mut last_ck) = (f64::NAN, None, None);
-    while step < end {
-        let lr = cfg.schedule.lr(step, cfg.optim.lr, tc.max_steps);
-        let batches: Vec<Batch> = (0..micros)
-            .map(|m| {
-                let idx = epoch_pick(cfg.seed, train.len(), tc.batch_size, step * micros + m);
-                let refs: Vec<&Encoded> = idx.iter().map(|&i| &train[i]).collect();
-                make_batch(&refs, ids.pad, ids.start)
-            })
-            .collect();
-        let mut rngs: Vec<Rng> = (0..micros).map(|m| Rng::derive(cfg.seed, &[step, m])).collect();
-        let dropout = cfg.model.dropout > 0.0;
-        let (loss, grads) = accumulate(opt.params(), batches.len(), |i| {
-            let rng = if dropout { Some(&mut rngs[i]) } else { None };
-            batch_loss(&model, &batches[i], s.label_smoothing, rng)
-        })?;
-        let norm = guarded_update(&mut opt, grads, loss, lr, &tc, step, &mut skipped, obs)?;
-        step += 1;
-        let step_tokens: u64 = batches.iter().map(|b| b.target_tokens as u64).sum();
-        tokens += step_tokens;
-        metrics.add_tokens(step_tokens);
-        last_loss = loss;
-
-        let (val_loss, extra) = if tc.eval_due(step) {
-            let v = eval_loss(&eval_model, &val, tc.batch_size, ids, s.label_smoothing)?;
-            let hits = exact_match(&eval_model, held_out, eval_batch, &decode, ids.pad)?;
-            let em = hits as f64 / held_out.len() as f64;
-            obs.eval(step, v);
-            obs.message(&format!(
-                "step {step}: held-out loss {v:.4}, greedy exact match {hits}/{} = {:.1}%",
-                held_out.len(),
-                100.0 * em
-            ));
-            last_val = Some(v);
-            (Some(v), Some(serde_json::json!({"val_exact_match": em, "val_exact_match_n": held_out.len()})))
+        let mut train_pairs = read_pairs(&paths(&cfg.data.files), OnBadRecord::Error)?.examples;
+        let val_pairs = if s.val_files.is_empty() {
+            let n_val = ((train_pairs.len() as f64 * cfg.data.val_fraction).round() as usize).max(1);
+            train_pairs.split_off(train_pairs.len().saturating_sub(n_val))
         } else {
-            (None, None)
+            read_pairs(&paths(&s.val_files), OnBadRecord::Error)?.examples
         };
-        if step % tc.log_every == 0 || val_loss.is_some() || step == end {
-            let log = StepLog::new(step, loss, lr, norm, tokens, skipped, val_loss);
-            metrics.step(log, extra, obs)?;
+        let tok_path = prepare_tokenizer(cfg, &train_pairs, env.run_dir, env.obs)?;
+        let tok = tokenizer::load(&tok_path)?;
+        resolve_vocab(cfg, &tok_path, tokenizer::vocab_size(&tok))?;
+        let ids = special_ids(&tok, &tok_path, None, &s.pad_token)?;
+        let limits = s.limits(&cfg.model);
+        let (train, train_stats) = encode_pairs(&tok, &train_pairs, ids.eos, &limits)?;
+        let (val, val_stats) = encode_pairs(&tok, &val_pairs, ids.eos, &limits)?;
+        env.obs.message(&format!("training data: {train_stats}"));
+        env.obs.message(&format!("held-out data: {val_stats}"));
+        if train.is_empty() || val.is_empty() {
+            return Err(TrainError::Invalid("no training or held-out pairs left after the length limits".into()));
         }
-        if tc.checkpoint_due(step) {
-            let state = TrainerState::scratch(step, tokens, cfg.seed, skipped, last_val, &tok_sha, cfg.to_toml());
-            let keep = tc.keep_checkpoints;
-            last_ck = Some(save_checkpoint(&ck_root, &opt, Vec::new(), state, &tok_path, keep, |_, _| Ok(()), obs)?);
-        }
+        let params = scratch::weights(&cfg.model, cfg.seed, env.checkpoint, &env.device)?;
+        let w = Weights::from_vars(&params);
+        let count = |v: &[Encoded]| v.iter().map(|e| e.target.len()).sum::<usize>();
+        let (train_tokens, val_tokens) = (count(&train), count(&val));
+        let held_out = if s.eval_examples == 0 { val.len() } else { s.eval_examples.min(val.len()) };
+        let decode = DecodeOptions {
+            beams: 1,
+            length_penalty: s.length_penalty,
+            max_new_tokens: limits.max_target_len,
+            start: ids.start,
+            eos: ids.eos,
+        };
+        let recipe = Seq2SeqRecipe {
+            model: Seq2Seq::load(&w, &cfg.model)?,
+            eval_model: Seq2Seq::load(&w.detached(), &cfg.model)?,
+            train,
+            val,
+            held_out,
+            ids,
+            decode,
+            settings: s,
+            seed: cfg.seed,
+            batch_size: cfg.train.batch_size,
+            eval_batches: cfg.train.eval_batches,
+            dropout: cfg.model.dropout > 0.0,
+            tokens: 0,
+        };
+        Ok(Built {
+            recipe,
+            params,
+            contents: Contents::scratch(&tok_path),
+            vocab_size: cfg.model.vocab_size,
+            train_tokens,
+            val_tokens,
+        })
+    })
+}
+
+struct Seq2SeqRecipe {
+    model: Seq2Seq,
+    eval_model: Seq2Seq,
+    train: Vec<Encoded>,
+    val: Vec<Encoded>,
+    /// How many of the held-out pairs are decoded for exact match.
+    held_out: usize,
+    ids: SpecialIds,
+    decode: DecodeOptions,
+    settings: Seq2SeqConfig,
+    seed: u64,
+    batch_size: usize,
+    eval_batches: usize,
+    dropout: bool,
+    tokens: u64,
+}
+
+/// Pairs decoded at once for exact match.
+const DECODE_BATCH: usize = 64;
+
+impl Recipe for Seq2SeqRecipe {
+    type Error = TrainError;
+
+    fn loss(&mut self, at: Micro) -> Result<Tensor> {
+        let idx = epoch_pick(self.seed, self.train.len(), self.batch_size, at.global());
+        let refs: Vec<&Encoded> = idx.iter().map(|&i| &self.train[i]).collect();
+        let b = make_batch(&refs, self.ids.pad, self.ids.start);
+        self.tokens += b.target_tokens as u64;
+        let mut rng = at.dropout_rng(self.seed);
+        batch_loss(&self.model, &b, self.settings.label_smoothing, self.dropout.then_some(&mut rng))
     }
-    if s.beams > 1 && step == tc.max_steps {
-        let o = DecodeOptions { beams: s.beams, ..decode };
-        let hits = exact_match(&eval_model, held_out, eval_batch, &o, ids.pad)?;
+
+    fn end_step(&mut self, _step: u64) -> Result<StepReport> {
+        Ok(StepReport { tokens: std::mem::take(&mut self.tokens), ..Default::default() })
+    }
+
+    fn evaluate(&mut self, step: u64, obs: &mut dyn Observer) -> Result<Evaluation> {
+        let n_val = self.val.len().min(self.eval_batches * self.batch_size);
+        let v =
+            eval_loss(&self.eval_model, &self.val[..n_val], self.batch_size, self.ids, self.settings.label_smoothing)?;
+        let held_out = &self.val[..self.held_out];
+        let hits = exact_match(&self.eval_model, held_out, DECODE_BATCH, &self.decode, self.ids.pad)?;
+        let em = hits as f64 / held_out.len() as f64;
+        obs.message(&format!(
+            "step {step}: held-out loss {v:.4}, greedy exact match {hits}/{} = {:.1}%",
+            held_out.len(),
+            100.0 * em
+        ));
+        let mut out = Evaluation::of_loss(v);
+        out.metrics.insert("val_exact_match".into(), em.into());
+        out.metrics.insert("val_exact_match_n".into(), held_out.len().into());
+        Ok(out)
+    }
+
+    fn finish(
+        &mut self,
+        _step: u64,
+        obs: &mut dyn Observer,
+    ) -> Result<Option<serde_json::Map<String, serde_json::Value>>> {
+        let s = &self.settings;
+        if s.beams <= 1 {
+            return Ok(None);
+        }
+        let o = DecodeOptions { beams: s.beams, ..self.decode };
+        let held_out = &self.val[..self.held_out];
+        let hits = exact_match(&self.eval_model, held_out, DECODE_BATCH, &o, self.ids.pad)?;
         let em = hits as f64 / held_out.len() as f64;
         obs.message(&format!(
             "beam search ({} beams, length_penalty {}): held-out exact match {hits}/{} = {:.1}%",
@@ -365,13 +292,43 @@ pub fn train(mut cfg: RunConfig, run_dir: &Path, resume: Resume, obs: &mut dyn O
             held_out.len(),
             100.0 * em
         ));
-        metrics.write(&serde_json::json!({"step": step, "beam_exact_match": em, "beams": s.beams}))?;
+        let mut line = serde_json::Map::new();
+        line.insert("beam_exact_match".into(), em.into());
+        line.insert("beams".into(), s.beams.into());
+        Ok(Some(line))
     }
-    Ok(Summary {
-        step,
-        train_loss: last_loss,
-        val_loss: last_val,
-        elapsed_s: started.elapsed().as_secs_f64(),
-        checkpoint: last_ck,
-    })
+}
+
+/// Encodes `text` (plus eos) and decodes it greedily (`beams` 1) or with beam search: what
+/// `taper generate` prints for an encoder-decoder.
+pub fn translate(src: &Source, text: &str, beams: usize, length_penalty: f64, max_new: usize) -> Result<String> {
+    let model = Seq2Seq::load(&Weights::new(src.weights.clone()).detached(), &src.config)?;
+    let ids = source_ids(src)?;
+    let mut s: Vec<u32> = src
+        .tokenizer
+        .encode(text, false)
+        .map_err(|e| TrainError::Invalid(format!("source text: {e}")))?
+        .get_ids()
+        .to_vec();
+    s.push(ids.eos);
+    if s.len() > src.config.block_size {
+        return Err(TrainError::Invalid(format!(
+            "the source is {} tokens long; the model reads at most {}",
+            s.len(),
+            src.config.block_size
+        )));
+    }
+    let n = s.len();
+    let input = Tensor::from_vec(s, (1, n), model.device())?;
+    let keep = Tensor::ones((1, n), DType::U32, model.device())?;
+    let o = DecodeOptions { beams, length_penalty, max_new_tokens: max_new, start: ids.start, eos: ids.eos };
+    let mut out = if beams > 1 {
+        model.beam_search(&input, &keep, &o)?
+    } else {
+        model.greedy(&input, &keep, &o)?.pop().unwrap_or_default()
+    };
+    if out.last() == Some(&ids.eos) {
+        out.pop();
+    }
+    Ok(tokenizer::decode(&src.tokenizer, &out)?)
 }

@@ -1,23 +1,27 @@
 //! The SFT recipe, top to bottom: a model source, chat data rendered with its template and
 //! masked to the responses, packed rows, full or LoRA fine-tuning, exact-match evaluation.
 
-use crate::config::{TrainConfig, Validate};
-use crate::finetune::{load_resume, resume_optimizer, trainable, Progress, Saver};
-use crate::optim::{OptimConfig, Optimizer};
-use crate::pretrain::{select_device, Observer, RunInfo, StepLog, Summary};
+use crate::chat::{exact_match, template_for};
+use crate::config::{RecipeConfig, TrainConfig};
+use crate::finetune::{self, trainable};
+use crate::loop_fields;
+use crate::observe::{Observer, Summary};
+use crate::optim::OptimConfig;
+use crate::order::epoch_pick;
+use crate::rules::Rules;
 use crate::schedule::ScheduleConfig;
 use crate::source::{self, Source};
-use crate::steps::{accumulate, guarded_update, Metrics};
-use crate::{io_err, Result, TrainError};
+use crate::trainer::{self, Built, Evaluation, Micro, Recipe, RunSpec, StepReport};
+use crate::{Result, TrainError};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
-use std::time::Instant;
+use serde_json::{Map, Value};
+use std::path::PathBuf;
 use taper_data::chat::ChatTemplate;
 use taper_data::packing::{collate, pack, padded_batches, Row};
 use taper_data::sft::{read_sft, EncodeOptions, Example, OnBadRecord, Overflow, SftEncoder, Tokenized};
 use taper_model::lora::LoraConfig;
-use taper_model::{Decoder, Rng, Sampling, Weights};
+use taper_model::{Decoder, Rng, Weights};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -95,7 +99,7 @@ impl Default for SftConfig {
             init: String::new(),
             data: SftDataConfig::default(),
             lora: None,
-            train: TrainConfig::default(),
+            train: TrainConfig { eval_batches: 0, ..TrainConfig::default() },
             optim: OptimConfig::default(),
             schedule: ScheduleConfig::default(),
             eval: EvalConfig::default(),
@@ -103,55 +107,33 @@ impl Default for SftConfig {
     }
 }
 
-impl Validate for SftConfig {
+impl RecipeConfig for SftConfig {
+    const RECIPE: &'static str = "sft";
+
+    loop_fields!();
+
     fn validate(&self) -> Vec<String> {
-        let mut e = Vec::new();
-        if self.init.is_empty() {
-            e.push("init: name the model to fine-tune (a checkpoint, run dir, HF dir or hf://Org/Name)".into());
-        }
+        let mut e = Rules::new();
+        e.required("init", &self.init, "the model to fine-tune (a checkpoint, run dir, HF dir or hf://Org/Name)");
         if self.data.train.is_empty() {
-            e.push("data.train: give one or more JSONL files".into());
+            e.push("data.train: give one or more JSONL files");
         }
-        if !matches!(self.data.on_bad_record.as_str(), "stop" | "skip") {
-            e.push(format!("data.on_bad_record = {:?}: expected \"stop\" or \"skip\"", self.data.on_bad_record));
-        }
-        if !matches!(self.data.overflow.as_str(), "truncate" | "drop") {
-            e.push(format!("data.overflow = {:?}: expected \"truncate\" or \"drop\"", self.data.overflow));
-        }
+        e.one_of("data.on_bad_record", &self.data.on_bad_record, &["stop", "skip"]);
+        e.one_of("data.overflow", &self.data.overflow, &["truncate", "drop"]);
         if let Some(l) = &self.lora {
             e.extend(l.validate());
         }
-        e.extend(self.optim.validate());
-        e.extend(self.schedule.validate(self.train.max_steps));
-        e
+        e.into_vec()
     }
-}
 
-impl SftConfig {
-    pub fn to_toml(&self) -> String {
-        toml::to_string(self).expect("SftConfig serialises to TOML")
+    fn free_on_resume(&self) -> &'static [&'static str] {
+        &["eval.", "data.eval"]
     }
 }
 
 /// Local files for data specs: paths, or hub datasets (`hf://datasets/Org/Name[/prefix]`) fetched.
 fn files(specs: &[String]) -> Result<Vec<PathBuf>> {
     Ok(taper_data::hub::resolve_data(specs)?)
-}
-
-/// The chat template the config asks for.
-pub fn template_for(spec: Option<&str>, src: &Source) -> Result<ChatTemplate> {
-    Ok(match spec {
-        Some("chatml") => ChatTemplate::chatml(),
-        Some(p) if p.ends_with(".json") => ChatTemplate::from_tokenizer_config(Path::new(p))?,
-        Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(io_err(p))?;
-            let specials =
-                src.tokenizer_config.as_ref().map(taper_data::chat::special_tokens_from_config).unwrap_or_default();
-            ChatTemplate::new(&text, specials)?
-        }
-        None if src.chat_template.is_some() => ChatTemplate::from_model_dir(&src.dir)?,
-        None => ChatTemplate::chatml(),
-    })
 }
 
 /// Next-token targets for packed rows: position i predicts labels[i + 1] of the same segment.
@@ -188,17 +170,6 @@ fn make_rows(examples: &[Tokenized], seq_len: usize, packing: bool, batch: usize
     }
 }
 
-/// The units (packed rows or padded batches) of global micro-batch `g`: each epoch is a fresh
-/// seeded permutation, so every example is seen once per epoch and a batch mixes lengths and
-/// tasks. It depends on (seed, g) alone, so a resumed run draws the same batches.
-pub fn epoch_pick(seed: u64, units: usize, per_batch: usize, g: u64) -> Vec<usize> {
-    let per_epoch = (units / per_batch).max(1) as u64;
-    let (epoch, k) = (g / per_epoch, (g % per_epoch) as usize);
-    let mut perm: Vec<usize> = (0..units).collect();
-    Rng::derive(seed, &[epoch, 0x5348_5546]).shuffle(&mut perm);
-    perm[k * per_batch..((k + 1) * per_batch).min(units)].to_vec()
-}
-
 /// Reads and tokenises `paths` as the config says; logs what was skipped, truncated, dropped.
 fn load_examples(
     paths: &[String],
@@ -225,40 +196,6 @@ fn load_examples(
     Ok((data.examples.into_iter().map(|e| e.example).collect(), tok))
 }
 
-/// Exact match: greedy continuations of each held-out prompt against its reference answer.
-pub fn exact_match(
-    model: &Decoder,
-    src: &Source,
-    template: &ChatTemplate,
-    examples: &[Example],
-    max_new: usize,
-    limit: usize,
-) -> Result<(usize, usize)> {
-    let (mut hits, mut total) = (0, 0);
-    let greedy = Sampling { temperature: 0.0, ..Default::default() };
-    let mut stop = src.eos_ids.clone();
-    for t in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>"] {
-        stop.extend(src.tokenizer.token_to_id(t));
-    }
-    for ex in examples {
-        if limit > 0 && total >= limit {
-            break;
-        }
-        let Some((prompt, answer)) = ex.split_prompt() else { continue };
-        let prompt = prompt.render(template)?;
-        let enc =
-            src.tokenizer.encode(prompt.as_str(), false).map_err(|e| TrainError::Invalid(format!("prompt: {e}")))?;
-        let out = model.generate(enc.get_ids(), max_new, &greedy, &stop, &mut Rng::new(0), |_| {})?;
-        let ids: Vec<u32> = out.into_iter().filter(|t| !stop.contains(t)).collect();
-        let text = taper_data::tokenizer::decode(&src.tokenizer, &ids)?;
-        total += 1;
-        if text.trim() == answer.trim() {
-            hits += 1;
-        }
-    }
-    Ok((hits, total))
-}
-
 /// Mean masked loss over eval batches, without a graph.
 fn eval_loss(model: &Decoder, batches: &[Vec<Row>], dev: &Device) -> Result<f64> {
     let (mut sum, mut n) = (0.0, 0usize);
@@ -270,125 +207,129 @@ fn eval_loss(model: &Decoder, batches: &[Vec<Row>], dev: &Device) -> Result<f64>
     Ok(sum / n.max(1) as f64)
 }
 
-pub fn sft(cfg: SftConfig, run_dir: &Path, resume: crate::pretrain::Resume, obs: &mut dyn Observer) -> Result<Summary> {
-    let started = Instant::now();
-    let device = select_device(&cfg.device)?;
-    std::fs::create_dir_all(run_dir).map_err(io_err(run_dir))?;
-    let ck_root = run_dir.join("checkpoints");
-    let src = source::load(&cfg.init, &device)?;
-    src.expect_kind(taper_model::ModelKind::Decoder)?;
-    let template = template_for(cfg.data.chat_template.as_deref(), &src)?;
-    let seq_len =
-        if cfg.data.max_length == 0 { src.config.block_size } else { cfg.data.max_length.min(src.config.block_size) };
-    let on_bad = if cfg.data.on_bad_record == "skip" { OnBadRecord::Skip } else { OnBadRecord::Error };
-    let opts = EncodeOptions {
-        max_len: Some(seq_len),
-        overflow: if cfg.data.overflow == "drop" { Overflow::Drop } else { Overflow::Truncate },
-        train_on_all: cfg.data.train_on_all,
-        on_bad,
-    };
-    let enc = SftEncoder::new(&src.tokenizer, &template, opts)?;
-    let pad = enc.eos_id().or(src.eos_ids.first().copied()).unwrap_or(0);
-    let (_, train_tok) = load_examples(&cfg.data.train, &enc, on_bad, obs)?;
-    if train_tok.is_empty() {
-        return Err(TrainError::Invalid("no training examples left after reading and tokenising".into()));
-    }
-    let tc = cfg.train.clone();
-    // Packed rows are shuffled one by one; padded batches (rows of similar length) as wholes.
-    let per_batch = if cfg.data.packing { tc.batch_size } else { 1 };
-    let train_units =
-        make_rows(&train_tok, seq_len, cfg.data.packing, if cfg.data.packing { 1 } else { tc.batch_size }, pad)?;
-    let (eval_examples, eval_batches) = if cfg.data.eval.is_empty() {
-        (Vec::new(), Vec::new())
-    } else {
-        let (ex, tok) = load_examples(&cfg.data.eval, &enc, on_bad, obs)?;
-        (ex, make_rows(&tok, seq_len, cfg.data.packing, tc.batch_size, pad)?)
-    };
-
-    let ck = load_resume(&resume, &ck_root, &device)?;
-    let (vars, weights) = trainable(&src, cfg.lora.as_ref(), cfg.seed, Vec::new(), ck.as_ref())?;
-    let model = Decoder::load(&weights, &src.config)?;
-    let eval_model = Decoder::load(&weights.detached(), &src.config)?;
-    let n_trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-    let mut opt = Optimizer::new(cfg.optim.clone(), vars)?;
-    let (mut step, mut tokens, mut skipped) = resume_optimizer(&mut opt, ck, obs)?;
-    let cfg_path = run_dir.join("config.toml");
-    std::fs::write(&cfg_path, cfg.to_toml()).map_err(io_err(&cfg_path))?;
-    let mut metrics = Metrics::open(run_dir, step, started)?;
-    let end = tc.end_step();
-    obs.started(&RunInfo {
-        start_step: step,
-        end_step: end,
-        params: n_trainable,
-        vocab_size: src.config.vocab_size,
-        train_tokens: train_tok.iter().map(|t| t.len()).sum(),
-        val_tokens: 0,
-        device: format!("{device:?}"),
-    });
-    let dropout = src.config.dropout > 0.0 || cfg.lora.as_ref().is_some_and(|l| l.dropout > 0.0);
-    let (mut last_loss, mut last_val, mut last_ck) = (f64::NAN, None, None);
-    let saver = Saver {
-        ck_root: &ck_root,
-        src: &src,
-        init: &cfg.init,
-        lora: cfg.lora.as_ref(),
-        seed: cfg.seed,
-        keep: tc.keep_checkpoints,
-        heads: &[],
-        frozen: &[],
-    };
-    while step < end {
-        let lr = cfg.schedule.lr(step, cfg.optim.lr, tc.max_steps);
-        let mut step_tokens = 0u64;
-        let (loss, grads) = accumulate(opt.params(), tc.grad_accum_steps, |micro| {
-            let g = step * tc.grad_accum_steps as u64 + micro as u64;
-            let rows: Vec<Row> = epoch_pick(cfg.seed, train_units.len(), per_batch, g)
-                .into_iter()
-                .flat_map(|u| train_units[u].clone())
-                .collect();
-            step_tokens += rows.iter().map(|r| r.len() as u64).sum::<u64>();
-            let mut rng = Rng::derive(cfg.seed, &[step, micro as u64]);
-            Ok::<_, TrainError>(batch_loss(&model, &rows, &device, dropout.then_some(&mut rng))?.0)
-        })?;
-        let norm = guarded_update(&mut opt, grads, loss, lr, &tc, step, &mut skipped, obs)?;
-        step += 1;
-        tokens += step_tokens;
-        metrics.add_tokens(step_tokens);
-        last_loss = loss;
-        let val_loss = if !eval_batches.is_empty() && tc.eval_due(step) {
-            let v = eval_loss(&eval_model, &eval_batches, &device)?;
-            obs.eval(step, v);
-            last_val = Some(v);
-            Some(v)
-        } else {
-            None
+/// Fine-tunes `cfg.init` on chat data, fully or with LoRA adapters.
+pub fn sft(cfg: SftConfig, run: RunSpec, obs: &mut dyn Observer) -> Result<Summary> {
+    trainer::train(cfg, run, obs, |cfg, env| {
+        let src = source::load(&cfg.init, &env.device)?;
+        src.expect_kind(taper_model::ModelKind::Decoder)?;
+        let template = template_for(cfg.data.chat_template.as_deref(), &src)?;
+        let d = &cfg.data;
+        let seq_len = if d.max_length == 0 { src.config.block_size } else { d.max_length.min(src.config.block_size) };
+        let on_bad = if d.on_bad_record == "skip" { OnBadRecord::Skip } else { OnBadRecord::Error };
+        let opts = EncodeOptions {
+            max_len: Some(seq_len),
+            overflow: if d.overflow == "drop" { Overflow::Drop } else { Overflow::Truncate },
+            train_on_all: d.train_on_all,
+            on_bad,
         };
-        if step % tc.log_every == 0 || val_loss.is_some() || step == end {
-            metrics.step(StepLog::new(step, loss, lr, norm, tokens, skipped, val_loss), None, obs)?;
+        let enc = SftEncoder::new(&src.tokenizer, &template, opts)?;
+        let pad = enc.eos_id().or(src.eos_ids.first().copied()).unwrap_or(0);
+        let (_, train_tok) = load_examples(&d.train, &enc, on_bad, env.obs)?;
+        if train_tok.is_empty() {
+            return Err(TrainError::Invalid("no training examples left after reading and tokenising".into()));
         }
-        if tc.checkpoint_due(step) {
-            let at = Progress { step, tokens, skipped, val_loss: last_val };
-            last_ck = Some(saver.save(&opt, cfg.to_toml(), at, None, obs)?);
+        let b = cfg.train.batch_size;
+        // Packed rows are shuffled one by one; padded batches (rows of similar length) as wholes.
+        let (units, per_batch) = match d.packing {
+            true => (make_rows(&train_tok, seq_len, true, 1, pad)?, b),
+            false => (make_rows(&train_tok, seq_len, false, b, pad)?, 1),
+        };
+        let (eval_examples, mut eval_batches) = match d.eval.is_empty() {
+            true => (Vec::new(), Vec::new()),
+            false => {
+                let (ex, tok) = load_examples(&d.eval, &enc, on_bad, env.obs)?;
+                (ex, make_rows(&tok, seq_len, d.packing, b, pad)?)
+            }
+        };
+        if cfg.train.eval_batches > 0 {
+            eval_batches.truncate(cfg.train.eval_batches);
         }
-    }
-    if !eval_examples.is_empty() {
-        let (hits, total) =
-            exact_match(&eval_model, &src, &template, &eval_examples, cfg.eval.max_new_tokens, cfg.eval.max_examples)?;
-        obs.message(&format!(
-            "exact match on held-out prompts: {hits}/{total} = {:.1}%",
-            100.0 * hits as f64 / total.max(1) as f64
-        ));
-        metrics.write(
-            &serde_json::json!({"step": step, "exact_match": hits as f64 / total.max(1) as f64, "exact_match_n": total}),
-        )?;
-    }
-    Ok(Summary {
-        step,
-        train_loss: last_loss,
-        val_loss: last_val,
-        elapsed_s: started.elapsed().as_secs_f64(),
-        checkpoint: last_ck,
+        let (params, weights) = trainable(&src, cfg.lora.as_ref(), cfg.seed, Vec::new(), env.checkpoint)?;
+        let contents = finetune::contents(&src, cfg.lora.as_ref(), &cfg.init, &[], &[]);
+        let recipe = Sft {
+            model: Decoder::load(&weights, &src.config)?,
+            eval_model: Decoder::load(&weights.detached(), &src.config)?,
+            dropout: finetune::uses_dropout(&src, cfg.lora.as_ref()),
+            train_tokens: train_tok.iter().map(|t| t.len()).sum(),
+            vocab_size: src.config.vocab_size,
+            units,
+            per_batch,
+            eval_batches,
+            eval_examples,
+            template,
+            seed: cfg.seed,
+            eval: cfg.eval.clone(),
+            tokens: 0,
+            src,
+        };
+        let (vocab_size, train_tokens) = (recipe.vocab_size, recipe.train_tokens);
+        Ok(Built { recipe, params, contents, vocab_size, train_tokens, val_tokens: 0 })
     })
+}
+
+struct Sft {
+    model: Decoder,
+    eval_model: Decoder,
+    src: Source,
+    template: ChatTemplate,
+    dropout: bool,
+    train_tokens: usize,
+    vocab_size: usize,
+    /// Packed rows, or padded batches of rows: what the batch order shuffles.
+    units: Vec<Vec<Row>>,
+    per_batch: usize,
+    eval_batches: Vec<Vec<Row>>,
+    /// Held-out records, for exact match after the last step.
+    eval_examples: Vec<Example>,
+    seed: u64,
+    eval: EvalConfig,
+    tokens: u64,
+}
+
+impl Recipe for Sft {
+    type Error = TrainError;
+    const SCORE_NAME: &'static str = "eval loss";
+
+    fn loss(&mut self, at: Micro) -> Result<Tensor> {
+        let rows: Vec<Row> = epoch_pick(self.seed, self.units.len(), self.per_batch, at.global())
+            .into_iter()
+            .flat_map(|u| self.units[u].clone())
+            .collect();
+        self.tokens += rows.iter().map(|r| r.len() as u64).sum::<u64>();
+        let mut rng = at.dropout_rng(self.seed);
+        Ok(batch_loss(&self.model, &rows, self.model.device(), self.dropout.then_some(&mut rng))?.0)
+    }
+
+    fn end_step(&mut self, _step: u64) -> Result<StepReport> {
+        Ok(StepReport { tokens: std::mem::take(&mut self.tokens), ..Default::default() })
+    }
+
+    fn evaluate(&mut self, _step: u64, _obs: &mut dyn Observer) -> Result<Evaluation> {
+        if self.eval_batches.is_empty() {
+            return Ok(Evaluation::default());
+        }
+        Ok(Evaluation::of_loss(eval_loss(&self.eval_model, &self.eval_batches, self.eval_model.device())?))
+    }
+
+    fn finish(&mut self, _step: u64, obs: &mut dyn Observer) -> Result<Option<Map<String, Value>>> {
+        if self.eval_examples.is_empty() {
+            return Ok(None);
+        }
+        let (m, e) = (&self.eval_model, &self.eval);
+        let (hits, total) =
+            exact_match(m, &self.src, &self.template, &self.eval_examples, e.max_new_tokens, e.max_examples)?;
+        Ok(Some(exact_match_line(hits, total, obs)))
+    }
+}
+
+/// The end-of-run line of a held-out exact match, also shown as a message.
+pub fn exact_match_line(hits: usize, total: usize, obs: &mut dyn Observer) -> Map<String, Value> {
+    let share = hits as f64 / total.max(1) as f64;
+    obs.message(&format!("exact match on held-out prompts: {hits}/{total} = {:.1}%", 100.0 * share));
+    let mut line = Map::new();
+    line.insert("exact_match".into(), share.into());
+    line.insert("exact_match_n".into(), total.into());
+    line
 }
 
 /// What `taper eval` reports.
@@ -436,25 +377,4 @@ pub fn evaluate_source(
         perplexity: loss.exp(),
         exact_match,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn each_epoch_sees_every_unit_once_in_a_fresh_order() {
-        let (units, per_batch) = (10, 3);
-        let epoch =
-            |e: u64| -> Vec<usize> { (3 * e..3 * e + 3).flat_map(|g| epoch_pick(5, units, per_batch, g)).collect() };
-        let (a, b) = (epoch(0), epoch(1));
-        assert_eq!(a.len(), 9);
-        let mut sorted = a.clone();
-        sorted.sort();
-        sorted.dedup();
-        assert_eq!(sorted.len(), 9, "no unit twice in an epoch: {a:?}");
-        assert_ne!(a, b);
-        assert_eq!(epoch_pick(5, units, per_batch, 4), epoch_pick(5, units, per_batch, 4));
-        assert_eq!(epoch_pick(5, 2, 3, 0).len(), 2, "fewer units than a batch");
-    }
 }

@@ -1,0 +1,540 @@
+//! The training loop, written once for every recipe.
+//!
+//! A recipe says what it trains and how: its data and model ([`Built`]), the loss of one
+//! micro-batch, its held-out evaluation, and any state of its own a checkpoint must carry
+//! ([`Recipe`]). The loop owns everything else, in this order:
+//!
+//! 1. the device, the run dir, and the checkpoint to resume from (its recipe and config
+//!    checked against this run's);
+//! 2. the recipe built (its data, and its model fresh or from the checkpoint), the optimizer
+//!    and the recipe's own state restored, the resolved `config.toml` written;
+//! 3. each step: the recipe's plan (RL recipes sample their rollouts here), then for each
+//!    optimizer update the micro-batches' gradients accumulated, the gradient seam (where
+//!    data parallelism reduces them), the non-finite guard, clipping and the update;
+//! 4. the cadence: evaluate, log to every sink, checkpoint (keeping the newest
+//!    `keep_checkpoints`), stop at `stop_at_step`;
+//! 5. the recipe's end-of-run evaluation and the summary.
+
+use crate::checkpoint::{self, Checkpoint, Contents, TrainerState, FORMAT_VERSION};
+use crate::config::RecipeConfig;
+use crate::device::select_device;
+use crate::observe::{Observer, RunInfo, StepLog, Summary};
+use crate::optim::Optimizer;
+use crate::sinks::{Jsonl, Sink};
+use crate::steps::{accumulate, guarded_update};
+use crate::{io_err, Result, TrainError};
+use candle_core::{Device, Tensor, Var};
+use serde_json::{Map, Value};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use taper_model::Rng;
+
+/// Where a run lives, where it starts from, and the seams its loop runs with.
+pub struct RunSpec {
+    pub dir: PathBuf,
+    pub resume: Resume,
+    pub seams: Seams,
+}
+
+impl RunSpec {
+    pub fn new(dir: impl Into<PathBuf>, resume: Resume) -> Self {
+        Self { dir: dir.into(), resume, seams: Seams::default() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resume {
+    No,
+    /// The newest checkpoint in the run dir.
+    Latest,
+    Dir(PathBuf),
+}
+
+impl Resume {
+    /// The checkpoint to resume from, if any.
+    pub fn dir(&self, ck_root: &Path) -> Result<Option<PathBuf>> {
+        Ok(match self {
+            Resume::No => None,
+            Resume::Latest => Some(checkpoint::latest(ck_root).ok_or_else(|| {
+                TrainError::Invalid(format!("--resume: no complete checkpoint in {}", ck_root.display()))
+            })?),
+            Resume::Dir(d) => Some(d.clone()),
+        })
+    }
+}
+
+/// The seam where an update's gradients are complete, before the guard and the optimizer
+/// see them: data parallelism reduces the gradients and the loss across replicas here.
+pub trait GradientSync {
+    fn reduce(&mut self, loss: &mut f64, grads: &mut [Tensor]) -> Result<()>;
+}
+
+/// One process: the gradients are already complete.
+pub struct Local;
+
+impl GradientSync for Local {
+    fn reduce(&mut self, _loss: &mut f64, _grads: &mut [Tensor]) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The precision a recipe's forward and backward run under.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Precision {
+    #[default]
+    F32,
+}
+
+/// The loop's seams, each a no-op by default, filled by the features that need them.
+pub struct Seams {
+    pub gradients: Box<dyn GradientSync>,
+    pub precision: Precision,
+    /// Sinks besides `metrics.jsonl`, which every run writes.
+    pub sinks: Vec<Box<dyn Sink>>,
+}
+
+impl Default for Seams {
+    fn default() -> Self {
+        Self { gradients: Box::new(Local), precision: Precision::F32, sinks: Vec::new() }
+    }
+}
+
+/// What a recipe's builder is given.
+pub struct Env<'a> {
+    pub device: Device,
+    pub run_dir: &'a Path,
+    /// The checkpoint being resumed, already checked against this run's config: the recipe
+    /// takes its trainable tensors from it.
+    pub checkpoint: Option<&'a Checkpoint>,
+    pub precision: Precision,
+    pub obs: &'a mut dyn Observer,
+}
+
+/// Trainable parameters by name, in a fixed order.
+pub type Params = Vec<(String, Var)>;
+
+/// A built recipe: the object the loop drives and what the loop needs to know of it.
+pub struct Built<R> {
+    pub recipe: R,
+    pub params: Params,
+    /// What its checkpoints hold besides the trained tensors.
+    pub contents: Contents,
+    pub vocab_size: usize,
+    pub train_tokens: usize,
+    pub val_tokens: usize,
+}
+
+/// How a step updates: `updates` optimizer updates of `micro_batches` micro-batches each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    pub updates: usize,
+    pub micro_batches: usize,
+}
+
+/// Which micro-batch a loss is asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Micro {
+    /// The 0-based step being trained.
+    pub step: u64,
+    /// The update within the step (0 unless the recipe plans several).
+    pub update: usize,
+    pub index: usize,
+    /// Micro-batches in this update.
+    pub count: usize,
+}
+
+impl Micro {
+    /// The index of this micro-batch in the run's sequence of micro-batches, for recipes that
+    /// make one update per step: what their batch order is keyed by.
+    pub fn global(&self) -> u64 {
+        self.step * self.count as u64 + self.index as u64
+    }
+
+    /// The dropout stream of this micro-batch: a pure function of (seed, step, micro-batch),
+    /// so a resumed run draws the same masks.
+    pub fn dropout_rng(&self, seed: u64) -> Rng {
+        Rng::derive(seed, &[self.step, self.index as u64])
+    }
+}
+
+/// What a step trained on and the recipe's own metrics of it.
+#[derive(Debug, Default)]
+pub struct StepReport {
+    pub tokens: u64,
+    pub metrics: Map<String, Value>,
+}
+
+/// A held-out evaluation.
+#[derive(Debug, Default)]
+pub struct Evaluation {
+    /// The held-out loss: the step line's `val_loss`.
+    pub loss: Option<f64>,
+    /// What the summary and the checkpoint report: the loss, or an RL recipe's held-out reward.
+    pub score: Option<f64>,
+    pub metrics: Map<String, Value>,
+    /// Text samples (tag, text) for the sinks.
+    pub samples: Vec<(String, String)>,
+}
+
+impl Evaluation {
+    /// An evaluation whose score is its loss.
+    pub fn of_loss(loss: f64) -> Self {
+        Self { loss: Some(loss), score: Some(loss), ..Default::default() }
+    }
+}
+
+/// What a recipe does; the loop does the rest.
+pub trait Recipe {
+    type Error: From<TrainError> + From<candle_core::Error>;
+
+    /// What the summary calls the evaluation's score.
+    const SCORE_NAME: &'static str = "val loss";
+
+    /// At the start of each step: how many updates it makes and of how many micro-batches.
+    /// Most recipes make one update of `train.grad_accum_steps` micro-batches (`accum`); RL
+    /// recipes sample their rollouts here and plan several.
+    fn plan(&mut self, _step: u64, accum: usize) -> std::result::Result<Plan, Self::Error> {
+        Ok(Plan { updates: 1, micro_batches: accum })
+    }
+
+    /// The loss of one micro-batch; the loop backpropagates it divided by `at.count`.
+    fn loss(&mut self, at: Micro) -> std::result::Result<Tensor, Self::Error>;
+
+    /// After the step's updates: what it trained on and the recipe's metrics of it.
+    fn end_step(&mut self, step: u64) -> std::result::Result<StepReport, Self::Error>;
+
+    /// The held-out evaluation after `step` steps.
+    fn evaluate(&mut self, step: u64, obs: &mut dyn Observer) -> std::result::Result<Evaluation, Self::Error>;
+
+    /// Whether a fresh run evaluates before its first step too (RL: the starting policy's reward).
+    fn evaluates_at_start(&self) -> bool {
+        false
+    }
+
+    /// State of the recipe's own that a checkpoint must carry for an exact resume.
+    fn state(&self) -> Option<Value> {
+        None
+    }
+
+    fn restore(&mut self, _state: &Value) -> std::result::Result<(), Self::Error> {
+        Ok(())
+    }
+
+    /// After the last step of a run: an evaluation written as a line of its own.
+    fn finish(
+        &mut self,
+        _step: u64,
+        _obs: &mut dyn Observer,
+    ) -> std::result::Result<Option<Map<String, Value>>, Self::Error> {
+        Ok(None)
+    }
+}
+
+/// The loop's own keys that may change on `--resume`: how often it logs, evaluates and
+/// saves, where it stops and runs. Everything else changes what is trained.
+const FREE_ON_RESUME: &[&str] = &[
+    "device",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.stop_at_step",
+    "train.on_nonfinite",
+];
+
+/// Runs the recipe `build` makes under the config `cfg` in `run`, from the checkpoint it
+/// names or from scratch, to `train.max_steps` (or `train.stop_at_step`).
+pub fn train<C, R>(
+    mut cfg: C,
+    run: RunSpec,
+    obs: &mut dyn Observer,
+    build: impl FnOnce(&mut C, &mut Env) -> std::result::Result<Built<R>, R::Error>,
+) -> std::result::Result<Summary, R::Error>
+where
+    C: RecipeConfig,
+    R: Recipe,
+{
+    let started = Instant::now();
+    let RunSpec { dir: run_dir, resume, seams } = run;
+    let Seams { gradients: mut sync, precision, sinks: extra_sinks } = seams;
+    let device = select_device(cfg.common().device)?;
+    std::fs::create_dir_all(&run_dir).map_err(io_err(&run_dir))?;
+    let ck_root = run_dir.join("checkpoints");
+    let ck = match resume.dir(&ck_root)? {
+        Some(d) => {
+            let ck = checkpoint::load(&d, &device)?;
+            check_resume(&mut cfg, &ck)?;
+            Some(ck)
+        }
+        None => None,
+    };
+
+    let built = {
+        let mut env = Env { device: device.clone(), run_dir: &run_dir, checkpoint: ck.as_ref(), precision, obs };
+        build(&mut cfg, &mut env)?
+    };
+    let Built { mut recipe, params, contents, vocab_size, train_tokens, val_tokens } = built;
+    let tok_sha = taper_data::tokenizer::sha256_file(&contents.tokenizer).map_err(TrainError::from)?;
+    let n_params: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
+    let c = cfg.common();
+    let (seed, tc, schedule, peak_lr) = (c.seed, c.train.clone(), c.schedule.clone(), c.optim.lr);
+    let mut opt = Optimizer::new(c.optim.clone(), params)?;
+    let (mut step, mut tokens, mut skipped) = (0u64, 0u64, 0u64);
+    let mut last_score = None;
+    if let Some(ck) = ck {
+        if ck.state.tokenizer_sha256 != tok_sha {
+            return Err(TrainError::Checkpoint {
+                path: ck.dir.display().to_string(),
+                reason: format!("trained with another tokenizer than {}", contents.tokenizer.display()),
+            }
+            .into());
+        }
+        let st = &ck.state;
+        (step, tokens, skipped, last_score) = (st.step, st.tokens_seen, st.skipped_steps, st.val_loss);
+        let origin = ck.dir.display().to_string();
+        let state_file = ck.dir.join("recipe_state.json");
+        if state_file.exists() {
+            let text = std::fs::read_to_string(&state_file).map_err(io_err(&state_file))?;
+            let v: Value = serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+                path: origin.clone(),
+                reason: format!("recipe_state.json is corrupt: {e}"),
+            })?;
+            recipe.restore(&v)?;
+        }
+        opt.load_state(ck.optimizer, step - skipped, &origin)?;
+        obs.message(&format!("resumed from {origin} at step {step}"));
+    }
+
+    // The run dir: the resolved config, and the sinks (metrics cut back to the resumed step).
+    let cfg_toml = cfg.to_toml();
+    let cfg_path = run_dir.join("config.toml");
+    std::fs::write(&cfg_path, &cfg_toml).map_err(io_err(&cfg_path))?;
+    let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(Jsonl::open(&run_dir, step)?)];
+    sinks.extend(extra_sinks);
+
+    let end = tc.end_step();
+    obs.started(&RunInfo {
+        start_step: step,
+        end_step: end,
+        params: n_params,
+        vocab_size,
+        train_tokens,
+        val_tokens,
+        device: format!("{device:?}"),
+    });
+    let saver =
+        Saver { ck_root: &ck_root, contents: &contents, seed, tok_sha: &tok_sha, config: &cfg_toml, recipe: C::RECIPE };
+    if step == 0 && recipe.evaluates_at_start() {
+        let e = recipe.evaluate(0, obs)?;
+        for s in &mut sinks {
+            s.record(0, &e.metrics)?;
+            for (tag, text) in &e.samples {
+                s.text(0, tag, text)?;
+            }
+        }
+    }
+
+    let (mut window, mut window_tokens) = (Instant::now(), 0u64);
+    let (mut last_loss, mut last_ck) = (f64::NAN, None);
+    while step < end {
+        let lr = schedule.lr(step, peak_lr, tc.max_steps);
+        let plan = recipe.plan(step, tc.grad_accum_steps)?;
+        let (mut loss_sum, mut norm_sum) = (0.0, 0.0);
+        for update in 0..plan.updates {
+            let n = plan.micro_batches;
+            let (mut loss, mut grads) =
+                accumulate(opt.params(), n, |index| recipe.loss(Micro { step, update, index, count: n }))?;
+            sync.reduce(&mut loss, &mut grads)?;
+            norm_sum += guarded_update(&mut opt, grads, loss, lr, &tc, step, &mut skipped, obs)?;
+            loss_sum += loss;
+        }
+        let report = recipe.end_step(step)?;
+        step += 1;
+        tokens += report.tokens;
+        window_tokens += report.tokens;
+        last_loss = loss_sum / plan.updates.max(1) as f64;
+
+        let eval = if tc.eval_due(step) { Some(recipe.evaluate(step, obs)?) } else { None };
+        let mut metrics = report.metrics;
+        if let Some(e) = &eval {
+            if let Some(v) = e.loss {
+                obs.eval(step, v);
+            }
+            last_score = e.score.or(last_score);
+            metrics.extend(e.metrics.clone());
+        }
+        if tc.log_due(step) || eval.is_some() {
+            let log = StepLog {
+                step,
+                loss: last_loss,
+                lr,
+                grad_norm: norm_sum / plan.updates.max(1) as f64,
+                tokens_per_sec: window_tokens as f64 / window.elapsed().as_secs_f64().max(1e-9),
+                tokens,
+                elapsed_s: started.elapsed().as_secs_f64(),
+                skipped_steps: skipped,
+                val_loss: eval.as_ref().and_then(|e| e.loss),
+            };
+            for s in &mut sinks {
+                s.step(&log, &metrics)?;
+                for (tag, text) in eval.iter().flat_map(|e| &e.samples) {
+                    s.text(step, tag, text)?;
+                }
+            }
+            obs.step(&log);
+            (window, window_tokens) = (Instant::now(), 0);
+        }
+        if tc.checkpoint_due(step) {
+            let at = Progress { step, tokens, skipped, score: last_score };
+            let dir = saver.save(&opt, at, recipe.state(), tc.keep_checkpoints)?;
+            obs.checkpoint(&dir);
+            last_ck = Some(dir);
+        }
+    }
+    if step == tc.max_steps {
+        if let Some(line) = recipe.finish(step, obs)? {
+            for s in &mut sinks {
+                s.record(step, &line)?;
+            }
+        }
+    }
+    Ok(Summary {
+        step,
+        train_loss: last_loss,
+        eval_name: R::SCORE_NAME,
+        eval: last_score,
+        elapsed_s: started.elapsed().as_secs_f64(),
+        checkpoint: last_ck,
+    })
+}
+
+/// Refuses a checkpoint of another recipe, or one whose config differs from this run's in
+/// anything but the loop's cadence and the recipe's evaluation settings.
+fn check_resume<C: RecipeConfig>(cfg: &mut C, ck: &Checkpoint) -> Result<()> {
+    let bad = |reason: String| TrainError::Checkpoint { path: ck.dir.display().to_string(), reason };
+    let this = C::RECIPE;
+    if let Some(r) = ck.state.recipe.as_deref().filter(|&r| r != this) {
+        return Err(bad(format!(
+            "it was saved by `taper {r}`, and this is `taper {this}`: resume it with `taper {r}`, or start a new \
+             run with it as `init`"
+        )));
+    }
+    let saved: C = toml::from_str(&ck.state.config)
+        .map_err(|e| bad(format!("its config is not a `taper {this}` config ({}): use it as `init`", e.message())))?;
+    cfg.adopt_derived(&saved);
+    let free: Vec<&str> = FREE_ON_RESUME.iter().chain(cfg.free_on_resume()).copied().collect();
+    let changed = config_changes(&saved.to_toml(), &cfg.to_toml(), &free);
+    if !changed.is_empty() {
+        return Err(bad(format!(
+            "this run's config differs from the checkpoint's in what it trains: {}",
+            changed.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// The dotted keys whose values differ between two TOML configs, as `key: old -> new`,
+/// leaving out the `free` keys (or prefixes ending in `.`).
+pub fn config_changes(old: &str, new: &str, free: &[&str]) -> Vec<String> {
+    fn flatten(prefix: &str, v: &toml::Value, out: &mut std::collections::BTreeMap<String, String>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    flatten(&key, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other.to_string());
+            }
+        }
+    }
+    let read = |text: &str| {
+        let mut out = std::collections::BTreeMap::new();
+        if let Ok(t) = text.parse::<toml::Table>() {
+            flatten("", &toml::Value::Table(t), &mut out);
+        }
+        out
+    };
+    let (old, new) = (read(old), read(new));
+    let is_free = |k: &str| free.iter().any(|f| k == *f || (f.ends_with('.') && k.starts_with(f)));
+    let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    keys.into_iter()
+        .filter(|k| !is_free(k) && old.get(*k) != new.get(*k))
+        .map(|k| {
+            let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(unset)".into());
+            format!("{k}: {} -> {}", show(old.get(k)), show(new.get(k)))
+        })
+        .collect()
+}
+
+/// Where a run stands, for its checkpoint.
+struct Progress {
+    step: u64,
+    tokens: u64,
+    skipped: u64,
+    score: Option<f64>,
+}
+
+/// Writes a run's checkpoints: the trained tensors and the frozen ones beside them, the
+/// optimizer, the state, and what [`Contents`] adds.
+struct Saver<'a> {
+    ck_root: &'a Path,
+    contents: &'a Contents,
+    seed: u64,
+    tok_sha: &'a str,
+    config: &'a str,
+    recipe: &'static str,
+}
+
+impl Saver<'_> {
+    fn save(&self, opt: &Optimizer, at: Progress, recipe_state: Option<Value>, keep: usize) -> Result<PathBuf> {
+        let c = self.contents;
+        let state = TrainerState {
+            format_version: FORMAT_VERSION,
+            step: at.step,
+            tokens_seen: at.tokens,
+            data_cursor: at.step,
+            rng_seed: self.seed,
+            skipped_steps: at.skipped,
+            val_loss: at.score,
+            tokenizer_sha256: self.tok_sha.to_string(),
+            config: self.config.to_string(),
+            files: Default::default(),
+            model: c.model.clone(),
+            lora: c.lora.as_ref().map(|(l, _)| l.clone()),
+            base: c.lora.as_ref().map(|(_, b)| b.clone()),
+            recipe: Some(self.recipe.to_string()),
+        };
+        let trained: std::collections::HashMap<String, Tensor> =
+            opt.params().iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect();
+        let mut model = trained.clone();
+        model.extend(c.frozen.iter().cloned());
+        let dir = checkpoint::save(self.ck_root, &model, &opt.state_tensors(), &c.tokenizer, state, |tmp| {
+            c.write_extras(tmp, &trained)?;
+            if let Some(v) = &recipe_state {
+                let p = tmp.join("recipe_state.json");
+                std::fs::write(&p, v.to_string()).map_err(io_err(&p))?;
+            }
+            Ok(())
+        })?;
+        checkpoint::prune(self.ck_root, keep)?;
+        Ok(dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_changes_name_each_key_with_old_and_new_values() {
+        let old = "seed = 1\n[train]\nbatch_size = 4\nlog_every = 1\n[data]\nfiles = [\"a\"]\n";
+        let new = "seed = 2\n[train]\nbatch_size = 4\nlog_every = 5\n[data]\nfiles = [\"b\"]\nnew_key = 1\n";
+        let got = config_changes(old, new, &["train.log_every"]);
+        assert_eq!(got, ["data.files: [\"a\"] -> [\"b\"]", "data.new_key: (unset) -> 1", "seed: 1 -> 2"]);
+        assert!(config_changes(old, old, &[]).is_empty());
+        assert_eq!(config_changes(old, new, &["data.", "seed", "train.log_every"]), Vec::<String>::new());
+    }
+}
