@@ -1,35 +1,12 @@
 //! End-to-end tests through the real `taper` binary: a tiny pretraining run, bit-exact resume
 //! (clean stop, SIGKILL mid-run, SIGKILL mid-checkpoint), generation, and bad input.
 
+mod common;
+
+use common::*;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
-
-fn taper() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_taper"));
-    c.env("TAPER_DATA_DIR", data_dir()).env_remove("TAPER_FAULT_KILL_IN_CHECKPOINT");
-    c
-}
-
-/// `$TAPER_DATA_DIR` (relative paths are taken from the workspace root), else the repository's `data/`.
-fn data_dir() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let d = std::env::var("TAPER_DATA_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("data"));
-    let d = if d.is_absolute() { d } else { root.join(d) };
-    assert!(
-        d.join("tinyshakespeare.txt").exists(),
-        "set TAPER_DATA_DIR to the folder holding tinyshakespeare.txt (tried {})",
-        d.display()
-    );
-    d.canonicalize().unwrap()
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("taper-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 const TINY: &str = r#"
 seed = 7
@@ -66,30 +43,8 @@ fn write_config(dir: &Path, text: &str) -> PathBuf {
     p
 }
 
-fn ok(out: Output) -> Output {
-    assert!(
-        out.status.success(),
-        "taper failed:\nstdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 fn pretrain(cfg: &Path, run: &Path, extra: &[&str]) -> Output {
     taper().arg("pretrain").arg("--config").arg(cfg).arg("--run-dir").arg(run).args(extra).output().unwrap()
-}
-
-/// (step, loss bits) of every step line of the metrics (end-of-run evaluations left out).
-fn losses(run: &Path) -> Vec<(u64, u64)> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            Some((v["step"].as_u64().unwrap(), v.get("loss")?.as_f64().unwrap().to_bits()))
-        })
-        .collect()
 }
 
 fn final_weights(run: &Path, step: u64) -> Vec<u8> {
@@ -208,20 +163,6 @@ fn resume_after_sigkill_mid_run_and_mid_checkpoint() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("step_00000008"));
     assert_eq!(losses(&straight), losses(&torn));
     assert_eq!(final_weights(&straight, 40), final_weights(&torn, 40));
-}
-
-/// One error line (or one per config problem), naming the problem; exit 1; no panic.
-fn fails_with(out: Output, needles: &[&str]) -> String {
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(!err.contains("panicked") && !err.contains("backtrace") && !err.contains("internal error"), "{err}");
-    for n in needles {
-        assert!(err.contains(n), "expected {n:?} in: {err}");
-    }
-    // Progress lines may come first; the error lines close the output.
-    let errors: Vec<&str> = err.lines().skip_while(|l| !l.starts_with("error: ")).collect();
-    assert!(!errors.is_empty() && errors.iter().all(|l| l.starts_with("error: ")), "{err}");
-    errors.join("\n")
 }
 
 #[test]
@@ -794,4 +735,47 @@ fn alignment_recipes_train_lora_adapters() {
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert!(cfg["architectures"][0].as_str().unwrap().ends_with("ForSequenceClassification"), "{cfg}");
+}
+
+/// PPO and GRPO train on their rollouts in optimizer updates of `train.batch_size` rollouts per
+/// forward and `train.grad_accum_steps` forwards: the number of updates a step makes follows
+/// them, and a minibatch that does not divide the step's rollouts is refused.
+#[test]
+fn rl_recipes_honour_batch_size_and_accumulation() {
+    let d = scratch("rl-batch");
+    let (base, _, test) = sft_fixture(&d);
+    let updates = |run: &Path| {
+        let bytes = std::fs::read(run.join("checkpoints/step_00000001/optimizer.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        i64::from_le_bytes(st.tensor("updates").unwrap().data().try_into().unwrap())
+    };
+    let weights = |run: &Path| std::fs::read(run.join("checkpoints/step_00000001/model.safetensors")).unwrap();
+    for (cmd, section) in [
+        ("grpo", "[grpo]\ngroup_size = 2\nprompts_per_step = 2\n"),
+        ("ppo", "[ppo]\nrollouts_per_step = 4\nepochs = 1\n"),
+    ] {
+        let cfg = d.join(format!("{cmd}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "seed = 9\ndevice = \"cpu\"\ninit = {base:?}\n[data]\ntrain = [{test:?}]\nchat_template = \"chatml\"\n\
+                 [rollout]\nmax_new_tokens = 6\n{section}[train]\nmax_steps = 1\n[optim]\nlr = 1e-3\n"
+            ),
+        )
+        .unwrap();
+        let run = |batch: usize, accum: usize| {
+            let dir = d.join(format!("{cmd}-{batch}x{accum}"));
+            let (b, a) = (format!("train.batch_size={batch}"), format!("train.grad_accum_steps={accum}"));
+            ok(train(cmd, &cfg, &dir, &["--set", &b, "--set", &a]));
+            dir
+        };
+        let (whole, halves, accumulated) = (run(4, 1), run(2, 1), run(2, 2));
+        assert_eq!((updates(&whole), updates(&halves), updates(&accumulated)), (1, 2, 1), "{cmd}");
+        assert!(weights(&whole) != weights(&halves), "{cmd}: two updates trained like one");
+        assert!(weights(&halves) != weights(&accumulated), "{cmd}: accumulation made no difference");
+        fails_once(
+            train(cmd, &cfg, &d.join(format!("{cmd}-bad")), &["--set", "train.batch_size=3"]),
+            &["train.batch_size = 3", "4 rollouts per step", "whole optimizer updates"],
+        );
+    }
 }

@@ -3,50 +3,16 @@
 //! read back, and bad input: a BERT checkpoint where a decoder is expected, an MLM config
 //! without a mask token.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn taper() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_taper"));
-    c.env("TAPER_DATA_DIR", data_dir()).env_remove("TAPER_FAULT_KILL_IN_CHECKPOINT");
-    c
-}
+use common::*;
+use std::path::Path;
+use std::process::Output;
 
-/// `$TAPER_DATA_DIR` (relative paths are taken from the workspace root), else the repository's `data/`.
-fn data_dir() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let d = std::env::var("TAPER_DATA_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("data"));
-    let d = if d.is_absolute() { d } else { root.join(d) };
-    assert!(d.join("tinyshakespeare.txt").exists(), "set TAPER_DATA_DIR (tried {})", d.display());
-    d.canonicalize().unwrap()
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("taper-enc-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "taper failed:\nstdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// stdout and stderr of a command that succeeded.
+fn ok_text(out: Output) -> String {
+    let out = ok(out);
     String::from_utf8(out.stdout).unwrap() + &String::from_utf8_lossy(&out.stderr)
-}
-
-fn fails_with(out: Output, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(!err.contains("panicked") && !err.contains("internal error"), "{err}");
-    let errors: Vec<&str> = err.lines().skip_while(|l| !l.starts_with("error: ")).collect();
-    assert!(!errors.is_empty() && errors.iter().all(|l| l.starts_with("error: ")), "{err}");
-    for n in needles {
-        assert!(err.contains(n), "expected {n:?} in: {err}");
-    }
 }
 
 const TINY_MLM: &str = r#"
@@ -85,18 +51,13 @@ fn pretrain(cfg: &Path, run: &Path, extra: &[&str]) -> Output {
     taper().arg("pretrain").arg("--config").arg(cfg).arg("--run-dir").arg(run).args(extra).output().unwrap()
 }
 
-fn metrics(run: &Path) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
-
 #[test]
 fn tiny_mlm_run_resume_info_fill_mask_and_export() {
     let d = scratch("mlm");
     let cfg = d.join("mlm.toml");
     std::fs::write(&cfg, TINY_MLM).unwrap();
     let run = d.join("run");
-    let out = ok(pretrain(&cfg, &run, &[]));
+    let out = ok_text(pretrain(&cfg, &run, &[]));
     assert!(out.contains("done: step 30"), "{out}");
     assert!(out.contains("masked-token accuracy") && out.contains("unigram baseline"), "{out}");
     let m = metrics(&run);
@@ -114,19 +75,16 @@ fn tiny_mlm_run_resume_info_fill_mask_and_export() {
     let resumed = d.join("resumed");
     copy_dir(&run, &resumed);
     std::fs::remove_dir_all(resumed.join("checkpoints/step_00000030")).unwrap();
-    ok(pretrain(&cfg, &resumed, &["--resume"]));
+    ok_text(pretrain(&cfg, &resumed, &["--resume"]));
     let weights = |r: &Path| std::fs::read(r.join("checkpoints/step_00000030/model.safetensors")).unwrap();
     assert!(weights(&run) == weights(&resumed), "resumed run differs");
 
-    let info = ok(taper().arg("info").arg(&run).output().unwrap());
+    let info = ok_text(taper().arg("info").arg(&run).output().unwrap());
     assert!(info.contains("encoder (BERT-style masked LM)") && info.contains("post-LN"), "{info}");
 
-    let fill = ok(taper()
-        .args(["generate", "--model"])
-        .arg(&run)
-        .args(["--prompt", "ROMEO: Go[MASK] night"])
-        .output()
-        .unwrap());
+    let fill = ok_text(
+        taper().args(["generate", "--model"]).arg(&run).args(["--prompt", "ROMEO: Go[MASK] night"]).output().unwrap(),
+    );
     // The filled text (the predicted character may be a newline), then one line per mask.
     let (filled, tops) = fill.split_once("\n[MASK] 1 (token 9): ").unwrap_or_else(|| panic!("{fill}"));
     assert!(filled.starts_with("ROMEO: Go") && filled.ends_with(" night"), "{fill}");
@@ -139,19 +97,16 @@ fn tiny_mlm_run_resume_info_fill_mask_and_export() {
 
     // HF export: a bert model that taper reads back with the same predictions.
     let hf = d.join("hf");
-    let out = ok(taper().arg("export").arg(&run).args(["--format", "hf", "--out"]).arg(&hf).output().unwrap());
+    let out = ok_text(taper().arg("export").arg(&run).args(["--format", "hf", "--out"]).arg(&hf).output().unwrap());
     assert!(out.contains("bert model"), "{out}");
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["architectures"][0], "BertForMaskedLM");
     let tok_cfg = std::fs::read_to_string(hf.join("tokenizer_config.json")).unwrap();
     assert!(tok_cfg.contains("\"mask_token\": \"[MASK]\""), "{tok_cfg}");
-    let fill_hf = ok(taper()
-        .args(["generate", "--model"])
-        .arg(&hf)
-        .args(["--prompt", "ROMEO: Go[MASK] night"])
-        .output()
-        .unwrap());
+    let fill_hf = ok_text(
+        taper().args(["generate", "--model"]).arg(&hf).args(["--prompt", "ROMEO: Go[MASK] night"]).output().unwrap(),
+    );
     assert_eq!(fill, fill_hf);
     fails_with(
         taper().arg("export").arg(&run).args(["--format", "gguf", "--out"]).arg(d.join("g")).output().unwrap(),
@@ -202,11 +157,13 @@ fn bad_encoder_input_gets_one_clear_line() {
     fails_with(pretrain(&cfg, &d.join("r1"), &[]), &["needs a mask token", "[MASK]"]);
     // A tokenizer file without one.
     let tok = d.join("tok.json");
-    ok(taper()
-        .args(["tokenizer", "train", "--kind", "char", "--dataset", "tinyshakespeare", "--out"])
-        .arg(&tok)
-        .output()
-        .unwrap());
+    ok_text(
+        taper()
+            .args(["tokenizer", "train", "--kind", "char", "--dataset", "tinyshakespeare", "--out"])
+            .arg(&tok)
+            .output()
+            .unwrap(),
+    );
     let cfg = write(&TINY_MLM.replace("tokenizer = \"char\"", &format!("tokenizer = {:?}", tok.display().to_string())));
     fails_with(pretrain(&cfg, &d.join("r2"), &[]), &["needs a mask token", "tokenizer.json"]);
     // Objective and kind that do not go together.

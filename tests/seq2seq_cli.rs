@@ -2,33 +2,11 @@
 //! task, bit-exact resume, generation (greedy and beam search), info, export to Marian, and
 //! bad data that stops with one line naming file, line and field.
 
+mod common;
+
+use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn taper() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_taper"))
-}
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("taper-s2s-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn ok(out: Output) -> Output {
-    assert!(
-        out.status.success(),
-        "taper failed:\nstdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
+use std::process::Output;
 
 /// A small slice of the dates task keeps the run to seconds.
 fn fixture(d: &Path) -> (PathBuf, PathBuf) {
@@ -86,14 +64,6 @@ min_lr = 3e-4
 
 fn pretrain(cfg: &Path, run: &Path, extra: &[&str]) -> Output {
     taper().arg("pretrain").arg("--config").arg(cfg).arg("--run-dir").arg(run).args(extra).output().unwrap()
-}
-
-fn metrics(run: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 #[test]

@@ -13,7 +13,6 @@ use crate::Result;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use taper_model::lora::LoraConfig;
-use taper_model::Rng;
 use taper_train::config::{RecipeConfig, TrainConfig};
 use taper_train::loop_fields;
 use taper_train::observe::{Observer, Summary};
@@ -217,12 +216,12 @@ impl RlAlgorithm for Grpo {
         let d = self.step.as_ref().expect("plan() prepared the step");
         let g = &self.settings;
         let dev = rl.policy.device();
-        let (epoch, idx, rows) = d.minibatches.micro(at.update, at.index, &d.sampled.rows, dev)?;
-        let mut rng = Rng::derive(rl.seed, &[at.step, epoch as u64]);
-        let out = token_forward(&rl.policy, &rows, dev, rl.dropout.then_some(&mut rng))?;
+        let m = d.minibatches.micro(at.update, at.index, &d.sampled.rows, dev)?;
+        let mut rng = m.dropout_rng(rl.seed, at.step);
+        let out = token_forward(&rl.policy, &m.rows, dev, rl.dropout.then_some(&mut rng))?;
         // One update over every rollout reads the step's tensors as they are; a minibatch its rows.
-        let whole = rows.len() == d.sampled.rows.len();
-        let part = |t: &Tensor| if whole { Ok(t.clone()) } else { t.index_select(&idx, 0) };
+        let whole = m.rows.len() == d.sampled.rows.len();
+        let part = |t: &Tensor| if whole { Ok(t.clone()) } else { t.index_select(&m.idx, 0) };
         let weights = d.weights.as_ref().map(part).transpose()?;
         let mask = weights.as_ref().unwrap_or(&out.mask);
         let ref_logp = d.ref_logp.as_ref().map(part).transpose()?;

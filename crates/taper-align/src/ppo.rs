@@ -329,10 +329,10 @@ impl RlAlgorithm for Ppo {
         let d = self.step.as_ref().expect("plan() prepared the step");
         let pp = &self.settings;
         let dev = rl.policy.device();
-        let (_, idx, rows) = d.minibatches.micro(at.update, at.index, &d.batch.rows, dev)?;
-        let pick = |t: &Tensor| t.index_select(&idx, 0);
-        let mut rng = Rng::derive(rl.seed, &[at.step, at.update as u64, at.index as u64]);
-        let out = token_forward(&rl.policy, &rows, dev, rl.dropout.then_some(&mut rng))?;
+        let m = d.minibatches.micro(at.update, at.index, &d.batch.rows, dev)?;
+        let pick = |t: &Tensor| t.index_select(&m.idx, 0);
+        let mut rng = m.dropout_rng(rl.seed, at.step);
+        let out = token_forward(&rl.policy, &m.rows, dev, rl.dropout.then_some(&mut rng))?;
         // The value head reads the policy's features but does not train them: with one
         // shared trunk the value loss's gradient would pull the LM off course.
         let v = values(&out.hidden.detach(), &self.vw, &self.vb)?;

@@ -629,14 +629,32 @@ impl Minibatches {
         self.per_epoch() * self.orders.len()
     }
 
-    /// Micro-batch `micro` of update `update`: its epoch, the indices of its rollouts as a
-    /// tensor (to pick their rows of per-rollout tensors), and their rows.
-    pub fn micro(&self, update: usize, micro: usize, rows: &[Row], dev: &Device) -> Result<(usize, Tensor, Vec<Row>)> {
+    /// Micro-batch `micro` of update `update`: its (epoch, forward within the epoch), the
+    /// indices of its rollouts as a tensor (to pick their rows of per-rollout tensors), and
+    /// their rows.
+    pub fn micro(&self, update: usize, micro: usize, rows: &[Row], dev: &Device) -> Result<MicroRows> {
         let (epoch, u) = (update / self.per_epoch(), update % self.per_epoch());
-        let start = (u * self.accum + micro) * self.batch;
-        let chunk = &self.orders[epoch][start..start + self.batch];
+        let slot = u * self.accum + micro;
+        let chunk = &self.orders[epoch][slot * self.batch..(slot + 1) * self.batch];
         let idx = Tensor::from_vec(chunk.iter().map(|&i| i as u32).collect::<Vec<u32>>(), chunk.len(), dev)?;
-        Ok((epoch, idx, chunk.iter().map(|&i| rows[i].clone()).collect()))
+        Ok(MicroRows { epoch, slot, idx, rows: chunk.iter().map(|&i| rows[i].clone()).collect() })
+    }
+}
+
+/// One micro-batch of an RL step's rollouts.
+pub struct MicroRows {
+    pub epoch: usize,
+    /// The forward's place within its epoch.
+    pub slot: usize,
+    /// The rollouts' indices, (N,).
+    pub idx: Tensor,
+    pub rows: Vec<Row>,
+}
+
+impl MicroRows {
+    /// Its dropout stream: (seed, step, epoch, slot).
+    pub fn dropout_rng(&self, seed: u64, step: u64) -> Rng {
+        Rng::derive(seed, &[step, self.epoch as u64, self.slot as u64])
     }
 }
 

@@ -230,7 +230,8 @@ pub fn common_rules(c: &Common) -> Vec<String> {
     r.non_negative("train.grad_clip", t.grad_clip);
     r.extend(c.optim.validate());
     r.extend(c.schedule.validate(t.max_steps));
-    if c.schedule.min_lr > c.optim.lr {
+    // Compared only when the learning rate itself is legal (its own message says what is wrong).
+    if c.optim.lr.is_finite() && c.optim.lr > 0.0 && c.schedule.min_lr > c.optim.lr {
         r.push(format!("schedule.min_lr = {}: must not exceed optim.lr = {}", c.schedule.min_lr, c.optim.lr));
     }
     let d = c.device;
