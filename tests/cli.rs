@@ -256,7 +256,13 @@ fn nonfinite_loss_stops_or_is_skipped() {
     let text = TINY.replace("lr = 3e-3", "lr = 1e30").replace("max_steps = 8", "max_steps = 4");
     let cfg = write_config(&d, &text);
     fails_with(pretrain(&cfg, &d.join("stop"), &[]), &["step 2: loss is not finite", "on_nonfinite"]);
-    let out = ok(pretrain(&cfg, &d.join("skip"), &["--set", "train.on_nonfinite=\"skip\""]));
+    // Skipping 3 of 4 updates is more than the default share: the run fails, saying so.
+    fails_with(
+        pretrain(&cfg, &d.join("too-many"), &["--set", "train.on_nonfinite=\"skip\""]),
+        &["3 of 4 updates were skipped", "train.max_skipped_fraction = 0.1"],
+    );
+    let skip = ["--set", "train.on_nonfinite=\"skip\"", "--set", "train.max_skipped_fraction=1"];
+    let out = ok(pretrain(&cfg, &d.join("skip"), &skip));
     assert!(String::from_utf8_lossy(&out.stderr).contains("skipped"));
     let last = std::fs::read_to_string(d.join("skip/metrics.jsonl")).unwrap().lines().last().unwrap().to_string();
     let v: serde_json::Value = serde_json::from_str(&last).unwrap();

@@ -17,6 +17,7 @@ use taper_model::{Decoder, Rng, Weights};
 use taper_train::chat::exact_match;
 use taper_train::config::{RecipeConfig, TrainConfig};
 use taper_train::finetune::{self, trainable};
+use taper_train::fingerprint::Fingerprint;
 use taper_train::loop_fields;
 use taper_train::observe::{Observer, Summary};
 use taper_train::optim::OptimConfig;
@@ -139,28 +140,43 @@ fn pair_logps(
     Ok((lp.narrow(0, 0, b)?, lp.narrow(0, b, b)?, nll))
 }
 
-/// Reference log-probs (chosen, rejected) of every pair, computed once, or read back from the
-/// run dir when the same pairs were precomputed before (a resumed run).
+/// Reference log-probs (chosen, rejected) of every pair, computed once into `path`, or read
+/// back when that file was computed from the same reference weights, the same pairs (their
+/// token ids, so the files, template and tokenizer) and the same averaging; else recomputed.
 fn precompute(
-    reference: &Decoder,
+    reference: &Source,
+    model: &Decoder,
     pairs: &[EncodedPair],
     pad: u32,
     average: bool,
     path: &Path,
-    dev: &Device,
+    obs: &mut dyn Observer,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
+    let dev = model.device();
+    let mut f = Fingerprint::new();
+    f.tensors("reference", &reference.weights)?.text("average", &average.to_string());
+    for p in pairs {
+        f.ids("chosen", p.chosen.input_ids.iter().map(|&t| i64::from(t)).chain(p.chosen.labels.iter().copied()));
+        f.ids("rejected", p.rejected.input_ids.iter().map(|&t| i64::from(t)).chain(p.rejected.labels.iter().copied()));
+    }
+    let key = f.hex();
+    let key_path = path.with_extension("key");
     if path.exists() {
-        let t = candle_core::safetensors::load(path, dev)?;
-        if let (Some(c), Some(r)) = (t.get("chosen"), t.get("rejected")) {
-            if c.dims1()? == pairs.len() {
+        if std::fs::read_to_string(&key_path).is_ok_and(|k| k.trim() == key) {
+            let t = candle_core::safetensors::load(path, dev)?;
+            if let (Some(c), Some(r)) = (t.get("chosen"), t.get("rejected")) {
                 return Ok((c.to_vec1()?, r.to_vec1()?));
             }
         }
+        obs.message(&format!(
+            "{}: computed from other pairs, another reference or another loss; computing it again",
+            path.display()
+        ));
     }
     let (mut c, mut r) = (Vec::new(), Vec::new());
     for chunk in pairs.chunks(16) {
         let batch: Vec<&EncodedPair> = chunk.iter().collect();
-        let (lc, lr, _) = pair_logps(reference, &batch, pad, average, dev, None)?;
+        let (lc, lr, _) = pair_logps(model, &batch, pad, average, dev, None)?;
         c.extend(lc.to_vec1::<f32>()?);
         r.extend(lr.to_vec1::<f32>()?);
     }
@@ -168,9 +184,16 @@ fn precompute(
         ("chosen".to_string(), Tensor::new(c.as_slice(), dev)?),
         ("rejected".to_string(), Tensor::new(r.as_slice(), dev)?),
     ]);
+    let io = |p: &Path| {
+        let at = p.display().to_string();
+        move |e: std::io::Error| AlignError::Invalid(format!("{at}: {e}"))
+    };
+    // The key goes last: a crash in between leaves a cache that is computed again.
+    let _ = std::fs::remove_file(&key_path);
     let tmp = path.with_extension("tmp");
     candle_core::safetensors::save(&map, &tmp)?;
-    std::fs::rename(&tmp, path).map_err(|e| AlignError::Invalid(format!("{}: {e}", path.display())))?;
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    std::fs::write(&key_path, &key).map_err(io(&key_path))?;
     Ok((c, r))
 }
 
@@ -236,7 +259,8 @@ pub fn dpo(cfg: DpoConfig, run: RunSpec, obs: &mut dyn Observer) -> Result<Summa
         let s = cfg.dpo.clone();
         let precomputed = if s.precompute_ref {
             let path = env.run_dir.join("ref_logps.safetensors");
-            let p = precompute(&reference, &train, pad, s.loss.length_normalised(), &path, &env.device)?;
+            let average = s.loss.length_normalised();
+            let p = precompute(&src, &reference, &train, pad, average, &path, env.obs)?;
             env.obs.message(&format!("reference log-probs of {} pairs precomputed", train.len()));
             Some(p)
         } else {
@@ -263,7 +287,7 @@ pub fn dpo(cfg: DpoConfig, run: RunSpec, obs: &mut dyn Observer) -> Result<Summa
         };
         let (vocab_size, train_tokens) =
             (recipe.contents_src.config.vocab_size, recipe.train.iter().map(EncodedPair::tokens).sum());
-        let contents = finetune::contents(&recipe.contents_src, lora, &cfg.init, &[], &[]);
+        let contents = finetune::contents(&recipe.contents_src, &recipe.template, lora, &cfg.init, &[], &[]);
         Ok(Built { recipe, params, contents, vocab_size, train_tokens, val_tokens: 0 })
     })
 }

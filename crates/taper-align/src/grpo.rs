@@ -102,6 +102,7 @@ impl RecipeConfig for GrpoConfig {
         e.required("init", &self.init, "the policy to start from");
         e.extend(self.data.validate());
         e.extend(self.rollout.validate());
+        e.extend(self.reward.validate());
         let g = &self.grpo;
         if g.group_size < 2 {
             e.push(format!(

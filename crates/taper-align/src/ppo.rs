@@ -131,6 +131,7 @@ impl RecipeConfig for PpoConfig {
         e.required("init", &self.init, "the policy to start from");
         e.extend(self.data.validate());
         e.extend(self.rollout.validate());
+        e.extend(self.reward.validate());
         let p = &self.ppo;
         e.at_least_one("ppo.rollouts_per_step", p.rollouts_per_step as u64);
         e.at_least_one("ppo.epochs", p.epochs as u64);

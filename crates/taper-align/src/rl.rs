@@ -106,6 +106,23 @@ pub enum RewardSpec {
     Model { path: String },
 }
 
+impl RewardSpec {
+    pub fn validate(&self) -> Vec<String> {
+        let mut e = Rules::new();
+        match self {
+            RewardSpec::Regex { pattern } => {
+                if let Err(err) = regex::Regex::new(pattern) {
+                    e.push(format!("reward.pattern = {pattern:?}: not a regular expression ({err})"));
+                }
+            }
+            RewardSpec::Length { target } => e.at_least_one("reward.target", *target as u64),
+            RewardSpec::Model { path } => e.required("reward.path", path, "the reward model (a `taper rm` run)"),
+            RewardSpec::ExactMatch => {}
+        }
+        e.into_vec()
+    }
+}
+
 /// A loaded reward: the spec's parts made ready.
 pub enum Reward {
     ExactMatch,
@@ -196,9 +213,7 @@ pub fn load_prompts(
     let (mut out, mut truncated, mut dropped) = (Vec::new(), 0, 0);
     for rec in &data.examples {
         let text = rec.example.prompt.render(template)?;
-        let enc = src
-            .tokenizer
-            .encode(text.as_str(), false)
+        let enc = taper_data::tokenizer::encode(&src.tokenizer, text.as_str(), false)
             .map_err(|e| AlignError::Invalid(format!("{}:{}: {e}", rec.path, rec.line)))?;
         let mut ids = enc.get_ids().to_vec();
         if ids.is_empty() {
@@ -519,12 +534,12 @@ impl RlCore {
             true => Vec::new(),
             false => load_prompts(&s.data.eval, &src, &template, s.data, max_new, env.obs)?,
         };
-        let reward = Reward::load(s.reward, &src, template, &env.device)?;
         let heads = make_heads(&src, &env.device)?;
         let head_names: Vec<String> = heads.iter().map(|(n, _)| n.clone()).collect();
         let (params, weights) = trainable(&src, s.lora, s.seed, heads, env.checkpoint)?;
         let names: Vec<&str> = head_names.iter().map(String::as_str).collect();
-        let contents = finetune::contents(&src, s.lora, s.init, &names, &[]);
+        let contents = finetune::contents(&src, &template, s.lora, s.init, &names, &[]);
+        let reward = Reward::load(s.reward, &src, template, &env.device)?;
         let core = Self {
             policy: Decoder::load(&weights, &src.config)?,
             frozen: Decoder::load(&weights.detached(), &src.config)?,

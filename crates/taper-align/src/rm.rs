@@ -218,7 +218,8 @@ fn eval_pairs(
 pub fn rm(cfg: RmConfig, run: RunSpec, obs: &mut dyn Observer) -> Result<Summary> {
     trainer::train(cfg, run, obs, |cfg, env| {
         let (eval_batches, batch) = (cfg.train.eval_batches, cfg.train.batch_size);
-        let PairRun { src, pad, train, eval, .. } = PairRun::setup(&cfg.init, &cfg.data, eval_batches, batch, env)?;
+        let PairRun { src, template, pad, train, eval } =
+            PairRun::setup(&cfg.init, &cfg.data, eval_batches, batch, env)?;
         // A reward model as `init` goes on with its own head (another round of training on new
         // pairs); otherwise a fresh head as HF initialises one: normal(0, 0.02), from our seeded RNG.
         let c = src.config.n_embd;
@@ -259,7 +260,7 @@ pub fn rm(cfg: RmConfig, run: RunSpec, obs: &mut dyn Observer) -> Result<Summary
             tokens: 0,
         };
         let (vocab_size, train_tokens) = (src.config.vocab_size, recipe.train.iter().map(EncodedPair::tokens).sum());
-        let contents = finetune::contents(&src, lora, &cfg.init, &[SCORE], &frozen);
+        let contents = finetune::contents(&src, &template, lora, &cfg.init, &[SCORE], &frozen);
         Ok(Built { recipe, params, contents, vocab_size, train_tokens, val_tokens: 0 })
     })
 }

@@ -31,7 +31,8 @@ pub fn sample_prompts(src: &Source, prompts: &[PathBuf], o: &SampleOptions) -> R
     for (i, rec) in records.examples.iter().enumerate() {
         let at = format!("{}:{}", rec.path, rec.line);
         let text = rec.example.prompt.render(&template)?;
-        let enc = src.tokenizer.encode(text.as_str(), false).map_err(|e| AlignError::Invalid(format!("{at}: {e}")))?;
+        let enc = taper_data::tokenizer::encode(&src.tokenizer, text.as_str(), false)
+            .map_err(|e| AlignError::Invalid(format!("{at}: {e}")))?;
         let ids = enc.get_ids();
         if ids.len() + o.max_new_tokens > src.config.block_size {
             return Err(AlignError::Invalid(format!(

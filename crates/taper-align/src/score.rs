@@ -42,7 +42,7 @@ impl<'a> Scorer<'a> {
 
     pub fn score(&self, text: &str) -> Result<Scored> {
         let (src, dev) = (self.src, self.model.device());
-        let enc = src.tokenizer.encode(text, true).map_err(|e| AlignError::Invalid(e.to_string()))?;
+        let enc = taper_data::tokenizer::encode(&src.tokenizer, text, true)?;
         let mut ids = enc.get_ids().to_vec();
         if ids.is_empty() {
             return Err(AlignError::Invalid("the text is empty after tokenization".into()));

@@ -3,6 +3,7 @@
 mod export;
 
 use anyhow::{bail, Context, Result};
+use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::{IsTerminal, Write};
@@ -69,7 +70,7 @@ struct BenchArgs {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
     /// Timed steps.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = at_least_one)]
     steps: usize,
     /// Untimed steps first.
     #[arg(long, default_value_t = 2)]
@@ -90,7 +91,7 @@ struct EvalArgs {
     /// "chatml" or a template file; default: the model's own.
     #[arg(long)]
     chat_template: Option<String>,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = at_least_one)]
     max_new_tokens: usize,
     /// Score at most this many examples for exact match (0 = all).
     #[arg(long, default_value_t = 0)]
@@ -110,15 +111,17 @@ struct SampleArgs {
     #[arg(long)]
     out: PathBuf,
     /// Samples per prompt.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = at_least_one)]
     n: usize,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = at_least_one)]
     max_new_tokens: usize,
-    #[arg(long, default_value_t = 1.0)]
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 1.0, value_parser = temperature)]
     temperature: f64,
+    /// 0 keeps every token.
     #[arg(long, default_value_t = 0)]
     top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = top_p)]
     top_p: f64,
     #[arg(long, default_value_t = 1337)]
     seed: u64,
@@ -168,7 +171,7 @@ enum TokCmd {
     Train {
         #[arg(long, value_parser = ["bpe", "char"], default_value = "bpe")]
         kind: String,
-        #[arg(long, default_value_t = 4096)]
+        #[arg(long, default_value_t = 4096, value_parser = at_least_one)]
         vocab_size: usize,
         /// Special tokens (repeatable); default <|endoftext|>.
         #[arg(long = "special")]
@@ -188,7 +191,8 @@ struct PrepareArgs {
     tokenizer: PathBuf,
     #[arg(long)]
     out: PathBuf,
-    #[arg(long, default_value_t = 0.1)]
+    /// The share of each file's tokens held out, in (0, 1).
+    #[arg(long, default_value_t = 0.1, value_parser = fraction)]
     val_fraction: f64,
     #[arg(long)]
     dataset: Option<String>,
@@ -210,6 +214,13 @@ struct TrainArgs {
     /// Resume from the run dir's newest checkpoint, or from the given checkpoint dir.
     #[arg(long, num_args = 0..=1, default_missing_value = "")]
     resume: Option<String>,
+    /// Start afresh in a run dir that holds a run: the old run is moved aside, not deleted.
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
+    /// With --resume: continue although the config changes what is trained (the change is
+    /// recorded in metrics.jsonl and the checkpoints); the model's shape can never change.
+    #[arg(long, requires = "resume")]
+    allow_config_change: bool,
 }
 
 #[derive(Args)]
@@ -220,26 +231,26 @@ struct GenerateArgs {
     #[arg(long, default_value = "\n")]
     prompt: String,
     /// Default: the model's generation_config, else 200.
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     max_tokens: Option<usize>,
     /// 0 is greedy. Default: the model's generation_config, else 0.8.
-    #[arg(long)]
+    #[arg(long, value_parser = temperature)]
     temperature: Option<f64>,
     /// Default: the model's generation_config, else 200.
     #[arg(long)]
     top_k: Option<usize>,
     /// Default: the model's generation_config, else 1.0.
-    #[arg(long)]
+    #[arg(long, value_parser = top_p)]
     top_p: Option<f64>,
     #[arg(long, default_value_t = 1337)]
     seed: u64,
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Encoder-decoder models: beam size (1 is greedy).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     beams: usize,
     /// Encoder-decoder beam search: HF's length_penalty (score / length^penalty).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = finite)]
     length_penalty: f64,
 }
 
@@ -248,8 +259,25 @@ fn main() {
     std::panic::set_hook(Box::new(|info| {
         eprintln!("error: internal error: {info}");
     }));
+    // Output into a pipe closed early (`taper info RUN | head -1`) ends the process quietly,
+    // as other command-line tools do, rather than as a failed write.
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of one signal, before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     taper_train::bench::keep_freed_memory();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => e.exit(),
+        Err(e) => {
+            // clap's own first line names the flag and the value; its usage lines follow.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("bad arguments").trim_start_matches("error: ");
+            eprintln!("error: {first}");
+            std::process::exit(1);
+        }
+    };
     if let Err(e) = run(cli) {
         let mut msg = format!("{e:#}");
         // Config errors list every problem, one per line; keep that layout.
@@ -348,7 +376,9 @@ fn run_setup<C: RecipeConfig>(a: &TrainArgs) -> Result<(C, RunSpec)> {
         Some("") => Resume::Latest,
         Some(d) => Resume::Dir(PathBuf::from(d)),
     };
-    Ok((cfg, RunSpec::new(run_dir, resume)))
+    let mut run = RunSpec::new(run_dir, resume);
+    (run.overwrite, run.allow_config_change) = (a.overwrite, a.allow_config_change);
+    Ok((cfg, run))
 }
 
 /// Runs one recipe under the progress bar and prints its summary.
@@ -527,7 +557,7 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
     }
     let model = Decoder::load(&Weights::new(src.weights.clone()).detached(), &src.config)?;
     let tok = &src.tokenizer;
-    let enc = tok.encode(a.prompt.as_str(), true).map_err(|e| anyhow::anyhow!("prompt: {e}"))?;
+    let enc = tokenizer::encode(tok, a.prompt.as_str(), true).context("--prompt")?;
     let prompt = enc.get_ids().to_vec();
     if prompt.is_empty() {
         bail!("the prompt is empty after tokenization");
@@ -541,7 +571,8 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
         top_p: a.top_p.or(gen.top_p).unwrap_or(1.0),
     };
     let max_tokens = a.max_tokens.or(gen.max_new_tokens).unwrap_or(200);
-    let stop = src.eos_ids.clone();
+    // The model's end of sequence, and a chat model's end of turn.
+    let stop = taper_train::chat::stop_ids(&src);
     let mut rng = Rng::new(a.seed);
     let mut out = std::io::stdout();
     write!(out, "{}", a.prompt)?;
@@ -706,4 +737,36 @@ fn info_cmd(spec: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A count of at least 1.
+fn at_least_one(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn finite(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        Ok(_) => Err("must be a finite number".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A sampling temperature: 0 (greedy) or more.
+fn temperature(s: &str) -> std::result::Result<f64, String> {
+    finite(s).and_then(|v| if v >= 0.0 { Ok(v) } else { Err("must be >= 0 (0 is greedy)".into()) })
+}
+
+/// A nucleus: in (0, 1].
+fn top_p(s: &str) -> std::result::Result<f64, String> {
+    finite(s).and_then(|v| if v > 0.0 && v <= 1.0 { Ok(v) } else { Err("must be in (0, 1]".into()) })
+}
+
+/// A share strictly between 0 and 1.
+fn fraction(s: &str) -> std::result::Result<f64, String> {
+    finite(s).and_then(|v| if v > 0.0 && v < 1.0 { Ok(v) } else { Err("must be in (0, 1)".into()) })
 }

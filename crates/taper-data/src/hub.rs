@@ -25,7 +25,7 @@ impl HubRef {
 }
 
 fn err(r: &HubRef, reason: impl Into<String>) -> DataError {
-    DataError::Dataset { name: format!("hf://{}@{}", r.repo, r.revision), reason: reason.into() }
+    DataError::HubModel { name: format!("hf://{}@{}", r.repo, r.revision), reason: reason.into() }
 }
 
 pub fn offline() -> bool {

@@ -31,6 +31,8 @@ pub enum DataError {
     TooShort { path: String, tokens: usize, needed: usize },
     #[error("dataset {name}: {reason}")]
     Dataset { name: String, reason: String },
+    #[error("model {name}: {reason}")]
+    HubModel { name: String, reason: String },
     /// A chat template that does not compile or render.
     #[error("chat template: {reason}")]
     Template { reason: String },

@@ -59,6 +59,19 @@ pub fn prepare(tok: &Tokenizer, docs: &[String], sources: &[String], out: &Path,
         }
     }
     let n_val = ((ids.len() as f64) * val_fraction).round() as usize;
+    let from = if sources.is_empty() { "the input".to_string() } else { sources.join(", ") };
+    if ids.is_empty() {
+        return Err(DataError::Config(format!("{from}: no text to prepare")));
+    }
+    if n_val == 0 || n_val == ids.len() {
+        return Err(DataError::Config(format!(
+            "{from}: {} tokens split at val_fraction {val_fraction} leave {} for validation and {} for training; \
+             both need some",
+            ids.len(),
+            n_val,
+            ids.len() - n_val
+        )));
+    }
     let (train, val) = ids.split_at(ids.len() - n_val);
     let vocab = vocab_size(tok);
     let dtype = TokenDtype::for_vocab(vocab);

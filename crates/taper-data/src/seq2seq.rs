@@ -69,8 +69,7 @@ impl std::fmt::Display for EncodeStats {
 }
 
 fn ids(tok: &Tokenizer, text: &str, what: &str) -> Result<Vec<u32>> {
-    let enc =
-        tok.encode(text, false).map_err(|e| DataError::Config(format!("cannot tokenise a {what} ({text:?}): {e}")))?;
+    let enc = crate::tokenizer::encode(tok, text, false).map_err(|e| DataError::Config(format!("a {what}: {e}")))?;
     Ok(enc.get_ids().to_vec())
 }
 

@@ -351,15 +351,11 @@ impl<'a> SftEncoder<'a> {
         self.eos
     }
 
-    fn tok_err(&self, e: impl std::fmt::Display) -> DataError {
-        DataError::Tokenizer { path: "<sft>".into(), reason: e.to_string() }
-    }
-
     /// Tokenises one example at full length, with its loss mask.
     pub fn encode(&self, ex: &Example) -> Result<Tokenized> {
         let (mut input_ids, mut labels) = match ex {
             Example::Text(text) => {
-                let enc = self.tok.encode(text.as_str(), true).map_err(|e| self.tok_err(e))?;
+                let enc = crate::tokenizer::encode(self.tok, text.as_str(), true)?;
                 let ids = enc.get_ids().to_vec();
                 let labels = ids.iter().map(|&i| i64::from(i)).collect();
                 self.append_eos(ids, labels)
@@ -368,7 +364,7 @@ impl<'a> SftEncoder<'a> {
                 // One encoding of the joined string, masked by the completion's byte range: a
                 // token straddling the join counts, as it is part of what the model must write.
                 let text = format!("{prompt}{completion}");
-                let enc = self.tok.encode(text.as_str(), true).map_err(|e| self.tok_err(e))?;
+                let enc = crate::tokenizer::encode(self.tok, text.as_str(), true)?;
                 let ids = enc.get_ids().to_vec();
                 let completion_span = prompt.len()..text.len();
                 let labels = mask(&ids, enc.get_offsets(), std::slice::from_ref(&completion_span));
@@ -377,7 +373,7 @@ impl<'a> SftEncoder<'a> {
             Example::Conversation { messages, train_from } => {
                 let r = self.template.render_with_spans(messages, false)?;
                 // As apply_chat_template: the template writes any bos itself.
-                let enc = self.tok.encode(r.text.as_str(), false).map_err(|e| self.tok_err(e))?;
+                let enc = crate::tokenizer::encode(self.tok, r.text.as_str(), false)?;
                 let spans: Vec<Range<usize>> = r
                     .content_spans
                     .iter()

@@ -32,6 +32,10 @@ pub fn train(kind: TokenizerKind, files: &[PathBuf], vocab_size: usize, specials
     if files.is_empty() {
         return Err(tok_err("<none>", "no training files given"));
     }
+    if files.iter().all(|f| std::fs::metadata(f).is_ok_and(|m| m.len() == 0)) {
+        let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        return Err(DataError::Config(format!("{}: empty, nothing to train a tokenizer on", names.join(", "))));
+    }
     match kind {
         TokenizerKind::Char => {
             let texts = read_texts(files)?;
@@ -154,6 +158,25 @@ pub fn encode_text(tok: &Tokenizer, text: &str, label: &str) -> Result<Vec<u32>>
     }
     let encs = tok.encode_batch(chunks, false).map_err(|e| tok_err(label, e))?;
     Ok(encs.iter().flat_map(|e| e.get_ids().iter().copied()).collect())
+}
+
+/// The token ids of `text`. A character the vocabulary lacks (a char-level tokenizer has no
+/// unknown token) is named, with where to look, instead of the library's bare message.
+pub fn encode(tok: &Tokenizer, text: &str, add_special: bool) -> Result<tokenizers::Encoding> {
+    match tok.encode(text, add_special) {
+        Ok(e) => Ok(e),
+        Err(e) => {
+            let unknown = text.chars().find(|c| tok.encode(c.to_string().as_str(), false).is_err());
+            Err(DataError::Config(match unknown {
+                Some(c) => format!(
+                    "the text has a character the tokenizer does not know: {c:?} (U+{:04X}); a char-level \
+                     tokenizer knows only the characters of the text it was trained on",
+                    c as u32
+                ),
+                None => format!("the text cannot be tokenised: {e}"),
+            }))
+        }
+    }
 }
 
 pub fn decode(tok: &Tokenizer, ids: &[u32]) -> Result<String> {

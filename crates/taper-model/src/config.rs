@@ -240,11 +240,10 @@ impl ModelConfig {
         if !(0.0..1.0).contains(&self.dropout) {
             errs.push(format!("model.dropout = {} must be in [0, 1)", self.dropout));
         }
-        if self.init_std <= 0.0 {
-            errs.push(format!("model.init_std = {} must be > 0", self.init_std));
-        }
-        if self.norm_eps <= 0.0 {
-            errs.push(format!("model.norm_eps = {} must be > 0", self.norm_eps));
+        for (k, v) in [("init_std", self.init_std), ("norm_eps", self.norm_eps), ("rope_theta", self.rope_theta)] {
+            if !(v.is_finite() && v > 0.0) {
+                errs.push(format!("model.{k} = {v}: must be a finite number > 0"));
+            }
         }
         match self.kind {
             ModelKind::Decoder => {}

@@ -68,6 +68,9 @@ impl LoraConfig {
         if !(0.0..1.0).contains(&self.dropout) {
             e.push(format!("lora.dropout = {} must be in [0, 1)", self.dropout));
         }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            e.push(format!("lora.alpha = {}: must be a finite number > 0", self.alpha));
+        }
         if let Err(err) = self.modules() {
             e.push(err.to_string());
         }

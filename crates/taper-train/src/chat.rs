@@ -3,9 +3,9 @@
 //! held-out prompts.
 
 use crate::source::Source;
-use crate::{io_err, Result, TrainError};
+use crate::{io_err, Result};
 use std::path::Path;
-use taper_data::chat::ChatTemplate;
+use taper_data::chat::{ChatTemplate, Message, Role};
 use taper_data::sft::Example;
 use taper_model::{Decoder, Rng, Sampling};
 
@@ -24,6 +24,19 @@ pub fn template_for(spec: Option<&str>, src: &Source) -> Result<ChatTemplate> {
         None if src.chat_template.is_some() => ChatTemplate::from_model_dir(&src.dir)?,
         None => ChatTemplate::chatml(),
     })
+}
+
+/// The token a template closes an assistant turn with (ChatML's `<|im_end|>`, Llama 3's
+/// `<|eot_id|>`), found by rendering a short conversation: the special token right after the
+/// assistant's words. `None` when the template ends turns with plain text.
+pub fn end_of_turn(template: &ChatTemplate, tok: &tokenizers::Tokenizer) -> Option<(String, u32)> {
+    let reply = "ok";
+    let chat = [Message::new(Role::User, "hi"), Message::new(Role::Assistant, reply)];
+    let text = template.render(&chat, false).ok()?;
+    let after = &text[text.rfind(reply)? + reply.len()..];
+    let id = *tok.encode(after, false).ok()?.get_ids().first()?;
+    let special = tok.get_added_tokens_decoder();
+    special.get(&id).filter(|t| t.special || after.starts_with(t.content.as_str())).map(|t| (t.content.clone(), id))
 }
 
 /// Tokens that end a response: the model's eos ids and the chat end-of-turn markers.
@@ -56,8 +69,7 @@ pub fn exact_match(
         }
         let Some((prompt, answer)) = ex.split_prompt() else { continue };
         let prompt = prompt.render(template)?;
-        let enc =
-            src.tokenizer.encode(prompt.as_str(), false).map_err(|e| TrainError::Invalid(format!("prompt: {e}")))?;
+        let enc = taper_data::tokenizer::encode(&src.tokenizer, prompt.as_str(), false)?;
         let out = model.generate(enc.get_ids(), max_new, &greedy, &stop, &mut Rng::new(0), |_| {})?;
         let ids: Vec<u32> = out.into_iter().filter(|t| !stop.contains(t)).collect();
         let text = taper_data::tokenizer::decode(&src.tokenizer, &ids)?;
@@ -67,4 +79,19 @@ pub fn exact_match(
         }
     }
     Ok((hits, total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_end_of_turn_token_is_what_closes_the_assistant_turn() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../taper-model/tests/fixtures/hf/llama");
+        let src = crate::source::load(dir, &candle_core::Device::Cpu).unwrap();
+        let got = end_of_turn(&ChatTemplate::chatml(), &src.tokenizer);
+        assert_eq!(got, Some(("<|im_end|>".to_string(), src.tokenizer.token_to_id("<|im_end|>").unwrap())));
+        let plain = ChatTemplate::new("{% for m in messages %}{{ m.content }}\n{% endfor %}", [("eos_token", "</s>")]);
+        assert_eq!(end_of_turn(&plain.unwrap(), &src.tokenizer), None);
+    }
 }

@@ -39,6 +39,17 @@ pub struct TrainerState {
     /// The recipe that saved it (`pretrain`, `sft`, `dpo`, ...): only that recipe resumes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recipe: Option<String>,
+    /// Config changes let through on resume (`--allow-config-change`), at the step each took effect.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub config_changes: Vec<ConfigChange>,
+}
+
+/// A config change a resumed run was allowed to make.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ConfigChange {
+    pub step: u64,
+    /// `key: old -> new`
+    pub changes: Vec<String>,
 }
 
 /// What a checkpoint holds besides the trained tensors and the optimizer, so that it is a
@@ -59,6 +70,18 @@ pub struct Contents {
     /// A model dir whose tokenizer companions (special tokens, chat template, generation
     /// defaults) are copied in.
     pub companions: Option<PathBuf>,
+    /// A chat-tuned run's template, recorded so that the checkpoint renders and stops as trained.
+    pub chat: Option<ChatTuned>,
+}
+
+/// What makes a checkpoint a chat model: the template it was trained with, and the token that
+/// ends its turns, which becomes its end of sequence (`eos_token` in `tokenizer_config.json`,
+/// first of `eos_token_id` in `generation_config.json`) so that taper, transformers and
+/// llama.cpp (through the exports) stop where its turn ends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatTuned {
+    pub template: String,
+    pub end_of_turn: Option<(String, u32)>,
 }
 
 impl Contents {
@@ -78,12 +101,51 @@ impl Contents {
                 }
             }
         }
+        if let Some(chat) = &self.chat {
+            chat.write(dir)?;
+        }
         if let Some((l, base)) = &self.lora {
             let adapters: HashMap<String, Tensor> =
                 trained.iter().filter(|(k, _)| !self.heads.contains(k)).map(|(k, t)| (k.clone(), t.clone())).collect();
             write_peft(dir, &adapters, l, base)?;
         }
         Ok(())
+    }
+}
+
+impl ChatTuned {
+    /// Sets the template and the end of turn in the (copied or new) tokenizer config and
+    /// generation config of `dir`.
+    fn write(&self, dir: &Path) -> Result<()> {
+        let read = |p: &Path| -> Result<serde_json::Value> {
+            match std::fs::read_to_string(p) {
+                Ok(t) => serde_json::from_str(&t).map_err(|e| ck_err(p, format!("not valid JSON: {e}"))),
+                Err(_) => Ok(serde_json::json!({})),
+            }
+        };
+        let write = |p: &Path, v: &serde_json::Value| {
+            std::fs::write(p, serde_json::to_string_pretty(v).expect("json")).map_err(io_err(p))
+        };
+        // The template lives in one place, the tokenizer config, as transformers writes it.
+        let _ = std::fs::remove_file(dir.join("chat_template.jinja"));
+        let tc_path = dir.join("tokenizer_config.json");
+        let mut tc = read(&tc_path)?;
+        tc["chat_template"] = self.template.clone().into();
+        let gen_path = dir.join("generation_config.json");
+        let mut gen = read(&gen_path)?;
+        if let Some((token, id)) = &self.end_of_turn {
+            tc["eos_token"] = token.clone().into();
+            let mut ids: Vec<u64> = vec![u64::from(*id)];
+            match &gen["eos_token_id"] {
+                serde_json::Value::Number(n) => ids.extend(n.as_u64()),
+                serde_json::Value::Array(a) => ids.extend(a.iter().filter_map(serde_json::Value::as_u64)),
+                _ => {}
+            }
+            ids.dedup();
+            gen["eos_token_id"] = ids.into();
+        }
+        write(&tc_path, &tc)?;
+        write(&gen_path, &gen)
     }
 }
 
@@ -194,24 +256,44 @@ pub fn save(
     Ok(dest)
 }
 
-/// Complete checkpoints under `root`, oldest first. Half-written temp dirs are not listed.
-pub fn list(root: &Path) -> Vec<(u64, PathBuf)> {
+/// Every `step_*` dir under `root`, complete or not, oldest first.
+pub fn step_dirs(root: &Path) -> Vec<(u64, PathBuf)> {
     let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(root)
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().to_string();
-            let step = name.strip_prefix("step_")?.parse().ok()?;
-            e.path().join("trainer_state.json").exists().then(|| (step, e.path()))
-        })
+        .filter_map(|e| Some((e.file_name().to_string_lossy().strip_prefix("step_")?.parse().ok()?, e.path())))
         .collect();
     out.sort();
     out
 }
 
-pub fn latest(root: &Path) -> Option<PathBuf> {
-    list(root).pop().map(|(_, p)| p)
+/// Complete checkpoints under `root`, oldest first. Half-written temp dirs are not listed.
+pub fn list(root: &Path) -> Vec<(u64, PathBuf)> {
+    step_dirs(root).into_iter().filter(|(_, p)| p.join("trainer_state.json").exists()).collect()
+}
+
+/// The newest complete checkpoint under `root`. A step dir newer than it without a
+/// `trainer_state.json` (the atomic write never leaves one: it was cut short by hand or copied
+/// in part) is an error naming it, not passed over in silence.
+pub fn latest(root: &Path) -> Result<Option<PathBuf>> {
+    let newest = list(root).pop();
+    let newest_step = newest.as_ref().map(|(s, _)| *s);
+    let broken = step_dirs(root)
+        .into_iter()
+        .find(|(step, p)| newest_step.is_none_or(|n| *step > n) && !p.join("trainer_state.json").exists())
+        .map(|(_, p)| p);
+    if let Some(b) = broken {
+        let instead = match &newest {
+            Some((_, p)) => format!("; to go on from the last complete one, pass --resume {}", p.display()),
+            None => String::new(),
+        };
+        return Err(ck_err(
+            &b,
+            format!("has no trainer_state.json, so it is not a complete checkpoint (move it away{instead})"),
+        ));
+    }
+    Ok(newest.map(|(_, p)| p))
 }
 
 /// Deletes all but the newest `keep` checkpoints, and temp dirs left by a crash.
@@ -274,7 +356,7 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
     if !path.exists() {
         return Err(ck_err(path, "does not exist"));
     }
-    latest(&path.join("checkpoints")).ok_or_else(|| {
+    latest(&path.join("checkpoints"))?.ok_or_else(|| {
         ck_err(path, "neither a checkpoint (no trainer_state.json) nor a run dir with complete checkpoints")
     })
 }

@@ -115,6 +115,9 @@ pub struct TrainConfig {
     /// How many checkpoints to keep (the newest).
     pub keep_checkpoints: usize,
     pub on_nonfinite: OnNonFinite,
+    /// With `on_nonfinite = "skip"`: the largest share of a run's updates that may be skipped;
+    /// a run that skips more ends with an error (its checkpoints kept).
+    pub max_skipped_fraction: f64,
     /// Stop (with a checkpoint) after this step without changing the schedule, for runs split
     /// across jobs; 0 runs to max_steps.
     pub stop_at_step: u64,
@@ -133,6 +136,7 @@ impl Default for TrainConfig {
             checkpoint_every: 500,
             keep_checkpoints: 3,
             on_nonfinite: OnNonFinite::Stop,
+            max_skipped_fraction: 0.1,
             stop_at_step: 0,
         }
     }
@@ -228,6 +232,7 @@ pub fn common_rules(c: &Common) -> Vec<String> {
         r.at_least_one(k, v);
     }
     r.non_negative("train.grad_clip", t.grad_clip);
+    r.unit("train.max_skipped_fraction", t.max_skipped_fraction, true);
     r.extend(c.optim.validate());
     r.extend(c.schedule.validate(t.max_steps));
     // Compared only when the learning rate itself is legal (its own message says what is wrong).

@@ -35,7 +35,7 @@ pub fn fill_mask(src: &Source, prompt: &str, k: usize) -> Result<Filled> {
         invalid(format!("{}: the tokenizer has no mask token ([MASK] or <mask>) to fill", src.tokenizer_path.display()))
     })?;
     let mask_token = tok.id_to_token(mask).unwrap_or_default();
-    let enc = tok.encode(prompt, true).map_err(|e| invalid(format!("prompt: {e}")))?;
+    let enc = tokenizer::encode(tok, prompt, true)?;
     let mut ids = enc.get_ids().to_vec();
     let at: Vec<usize> = (0..ids.len()).filter(|&i| ids[i] == mask).collect();
     if at.is_empty() {

@@ -2,10 +2,11 @@
 //! the trainable parameters (full or LoRA, plus new heads), fresh or from the checkpoint being
 //! resumed, and what its checkpoints hold to be complete model sources.
 
-use crate::checkpoint::{Checkpoint, Contents};
+use crate::checkpoint::{ChatTuned, Checkpoint, Contents};
 use crate::source::Source;
 use crate::{Result, TrainError};
 use candle_core::{Device, Tensor, Var};
+use taper_data::chat::ChatTemplate;
 use taper_model::lora::{self, LoraConfig};
 use taper_model::Weights;
 
@@ -75,9 +76,17 @@ pub fn trainable_except(
 }
 
 /// What a fine-tuning run's checkpoints hold besides the trained tensors: the source's
-/// tokenizer and its companions, the architecture, the weights held fixed in full
-/// fine-tuning (`frozen`), and for LoRA the adapters' PEFT files over the base `init`.
-pub fn contents(src: &Source, lora: Option<&LoraConfig>, init: &str, heads: &[&str], frozen: &[&str]) -> Contents {
+/// tokenizer and its companions, the chat template it trains with, the architecture, the
+/// weights held fixed in full fine-tuning (`frozen`), and for LoRA the adapters' PEFT files
+/// over the base `init`.
+pub fn contents(
+    src: &Source,
+    template: &ChatTemplate,
+    lora: Option<&LoraConfig>,
+    init: &str,
+    heads: &[&str],
+    frozen: &[&str],
+) -> Contents {
     let frozen = match lora {
         Some(_) => Vec::new(),
         None => frozen.iter().filter_map(|&k| src.weights.get(k).map(|t| (k.to_string(), t.clone()))).collect(),
@@ -89,6 +98,10 @@ pub fn contents(src: &Source, lora: Option<&LoraConfig>, init: &str, heads: &[&s
         lora: lora.map(|l| (l.clone(), init.to_string())),
         heads: heads.iter().map(|h| h.to_string()).collect(),
         companions: Some(src.dir.clone()),
+        chat: Some(ChatTuned {
+            template: template.source().to_string(),
+            end_of_turn: crate::chat::end_of_turn(template, &src.tokenizer),
+        }),
     }
 }
 

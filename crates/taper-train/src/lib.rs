@@ -8,12 +8,14 @@ pub mod config;
 pub mod device;
 pub mod fill_mask;
 pub mod finetune;
+pub mod fingerprint;
 pub mod mlm;
 pub mod observe;
 pub mod optim;
 pub mod order;
 pub mod pretrain;
 pub mod rules;
+pub mod run_dir;
 pub mod schedule;
 pub mod scratch;
 pub mod seq2seq;
@@ -41,6 +43,11 @@ pub enum TrainError {
     #[error("step {step}: {what} is not finite ({value}); set train.on_nonfinite = \"skip\" to skip such steps")]
     NonFinite { step: u64, what: &'static str, value: f64 },
     // The io error is part of the message and not a `source`: a `{:#}` chain would print it twice.
+    #[error(
+        "{skipped} of {updates} updates were skipped as non-finite, more than train.max_skipped_fraction = {limit}: \
+         the run did not train as configured (its checkpoints are kept; lower optim.lr, or raise the limit)"
+    )]
+    TooManySkipped { skipped: u64, updates: u64, limit: f64 },
     #[error("{path}: {err}")]
     Io { path: String, err: std::io::Error },
     #[error("{0}")]

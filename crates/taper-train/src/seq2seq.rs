@@ -304,12 +304,7 @@ impl Recipe for Seq2SeqRecipe {
 pub fn translate(src: &Source, text: &str, beams: usize, length_penalty: f64, max_new: usize) -> Result<String> {
     let model = Seq2Seq::load(&Weights::new(src.weights.clone()).detached(), &src.config)?;
     let ids = source_ids(src)?;
-    let mut s: Vec<u32> = src
-        .tokenizer
-        .encode(text, false)
-        .map_err(|e| TrainError::Invalid(format!("source text: {e}")))?
-        .get_ids()
-        .to_vec();
+    let mut s: Vec<u32> = tokenizer::encode(&src.tokenizer, text, false)?.get_ids().to_vec();
     s.push(ids.eos);
     if s.len() > src.config.block_size {
         return Err(TrainError::Invalid(format!(

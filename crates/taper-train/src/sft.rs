@@ -245,7 +245,7 @@ pub fn sft(cfg: SftConfig, run: RunSpec, obs: &mut dyn Observer) -> Result<Summa
             eval_batches.truncate(cfg.train.eval_batches);
         }
         let (params, weights) = trainable(&src, cfg.lora.as_ref(), cfg.seed, Vec::new(), env.checkpoint)?;
-        let contents = finetune::contents(&src, cfg.lora.as_ref(), &cfg.init, &[], &[]);
+        let contents = finetune::contents(&src, &template, cfg.lora.as_ref(), &cfg.init, &[], &[]);
         let recipe = Sft {
             model: Decoder::load(&weights, &src.config)?,
             eval_model: Decoder::load(&weights.detached(), &src.config)?,
@@ -363,6 +363,9 @@ pub fn evaluate_source(
     let enc = SftEncoder::new(&src.tokenizer, &template, opts)?;
     let pad = enc.eos_id().or(src.eos_ids.first().copied()).unwrap_or(0);
     let (examples, tok) = load_examples(data, &enc, OnBadRecord::Error, obs)?;
+    if tok.is_empty() {
+        return Err(TrainError::Invalid(format!("{}: no examples to evaluate", data.join(", "))));
+    }
     let model = Decoder::load(&Weights::new(src.weights.clone()).detached(), &src.config)?;
     let device = model.device().clone();
     let batches = make_rows(&tok, seq_len, true, 8, pad)?;

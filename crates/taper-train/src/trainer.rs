@@ -15,11 +15,12 @@
 //!    `keep_checkpoints`), stop at `stop_at_step`;
 //! 5. the recipe's end-of-run evaluation and the summary.
 
-use crate::checkpoint::{self, Checkpoint, Contents, TrainerState, FORMAT_VERSION};
+use crate::checkpoint::{self, Checkpoint, ConfigChange, Contents, TrainerState, FORMAT_VERSION};
 use crate::config::RecipeConfig;
 use crate::device::select_device;
 use crate::observe::{Observer, RunInfo, StepLog, Summary};
 use crate::optim::Optimizer;
+use crate::run_dir;
 use crate::sinks::{Jsonl, Sink};
 use crate::steps::{accumulate, guarded_update};
 use crate::{io_err, Result, TrainError};
@@ -33,12 +34,17 @@ use taper_model::Rng;
 pub struct RunSpec {
     pub dir: PathBuf,
     pub resume: Resume,
+    /// Start afresh in a dir that holds a run, moving the old run aside.
+    pub overwrite: bool,
+    /// Resume although the config changed what is trained (recorded in the metrics and the
+    /// checkpoints); the model's shape can never change.
+    pub allow_config_change: bool,
     pub seams: Seams,
 }
 
 impl RunSpec {
     pub fn new(dir: impl Into<PathBuf>, resume: Resume) -> Self {
-        Self { dir: dir.into(), resume, seams: Seams::default() }
+        Self { dir: dir.into(), resume, overwrite: false, allow_config_change: false, seams: Seams::default() }
     }
 }
 
@@ -55,10 +61,10 @@ impl Resume {
     pub fn dir(&self, ck_root: &Path) -> Result<Option<PathBuf>> {
         Ok(match self {
             Resume::No => None,
-            Resume::Latest => Some(checkpoint::latest(ck_root).ok_or_else(|| {
+            Resume::Latest => Some(checkpoint::latest(ck_root)?.ok_or_else(|| {
                 TrainError::Invalid(format!("--resume: no complete checkpoint in {}", ck_root.display()))
             })?),
-            Resume::Dir(d) => Some(d.clone()),
+            Resume::Dir(d) => Some(checkpoint::resolve(d)?),
         })
     }
 }
@@ -234,6 +240,7 @@ pub trait Recipe {
 /// saves, where it stops and runs. Everything else changes what is trained.
 const FREE_ON_RESUME: &[&str] = &[
     "device",
+    "train.max_skipped_fraction",
     "train.log_every",
     "train.eval_every",
     "train.eval_batches",
@@ -256,18 +263,29 @@ where
     R: Recipe,
 {
     let started = Instant::now();
-    let RunSpec { dir: run_dir, resume, seams } = run;
+    let RunSpec { dir: run_dir, resume, overwrite, allow_config_change, seams } = run;
     let Seams { gradients: mut sync, precision, sinks: extra_sinks } = seams;
     let device = select_device(cfg.common().device)?;
-    std::fs::create_dir_all(&run_dir).map_err(io_err(&run_dir))?;
     let ck_root = run_dir.join("checkpoints");
-    let ck = match resume.dir(&ck_root)? {
-        Some(d) => {
-            let ck = checkpoint::load(&d, &device)?;
-            check_resume(&mut cfg, &ck)?;
-            Some(ck)
+    let resume = match resume.dir(&ck_root) {
+        Ok(Some(d)) => Resume::Dir(d),
+        Ok(None) => Resume::No,
+        Err(e) => return Err(e.into()),
+    };
+    // Held to the end of the run: no second run writes into this dir meanwhile.
+    let claim = run_dir::claim(&run_dir, &resume, overwrite)?;
+    if let Some(moved) = &claim.moved {
+        let what =
+            if overwrite { "the old run" } else { "the checkpoints newer than the resumed one, and the metrics" };
+        obs.message(&format!("moved {what} to {}", moved.display()));
+    }
+    let (ck, changes) = match &resume {
+        Resume::Dir(d) => {
+            let ck = checkpoint::load(d, &device)?;
+            let changes = check_resume(&mut cfg, &ck, allow_config_change)?;
+            (Some(ck), changes)
         }
-        None => None,
+        _ => (None, Vec::new()),
     };
 
     let built = {
@@ -282,6 +300,7 @@ where
     let mut opt = Optimizer::new(c.optim.clone(), params)?;
     let (mut step, mut tokens, mut skipped) = (0u64, 0u64, 0u64);
     let mut last_score = None;
+    let mut history: Vec<ConfigChange> = ck.as_ref().map(|c| c.state.config_changes.clone()).unwrap_or_default();
     if let Some(ck) = ck {
         if ck.state.tokenizer_sha256 != tok_sha {
             return Err(TrainError::Checkpoint {
@@ -304,6 +323,10 @@ where
         }
         opt.load_state(ck.optimizer, step - skipped, &origin)?;
         obs.message(&format!("resumed from {origin} at step {step}"));
+        if !changes.is_empty() {
+            obs.message(&format!("config changed on resume (recorded): {}", changes.join(", ")));
+            history.push(ConfigChange { step, changes: changes.clone() });
+        }
     }
 
     // The run dir: the resolved config, and the sinks (metrics cut back to the resumed step).
@@ -312,6 +335,12 @@ where
     std::fs::write(&cfg_path, &cfg_toml).map_err(io_err(&cfg_path))?;
     let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(Jsonl::open(&run_dir, step)?)];
     sinks.extend(extra_sinks);
+    if !changes.is_empty() {
+        let record = Map::from_iter([("config_change".to_string(), Value::from(changes.clone()))]);
+        for s in &mut sinks {
+            s.record(step, &record)?;
+        }
+    }
 
     let end = tc.end_step();
     obs.started(&RunInfo {
@@ -323,8 +352,15 @@ where
         val_tokens,
         device: format!("{device:?}"),
     });
-    let saver =
-        Saver { ck_root: &ck_root, contents: &contents, seed, tok_sha: &tok_sha, config: &cfg_toml, recipe: C::RECIPE };
+    let saver = Saver {
+        ck_root: &ck_root,
+        contents: &contents,
+        seed,
+        tok_sha: &tok_sha,
+        config: &cfg_toml,
+        recipe: C::RECIPE,
+        history: &history,
+    };
     if step == 0 && recipe.evaluates_at_start() {
         let e = recipe.evaluate(0, obs)?;
         for s in &mut sinks {
@@ -392,6 +428,10 @@ where
             last_ck = Some(dir);
         }
     }
+    let updates = opt.step_count() + skipped;
+    if skipped > 0 && skipped as f64 > tc.max_skipped_fraction * updates as f64 {
+        return Err(TrainError::TooManySkipped { skipped, updates, limit: tc.max_skipped_fraction }.into());
+    }
     if step == tc.max_steps {
         if let Some(line) = recipe.finish(step, obs)? {
             for s in &mut sinks {
@@ -409,9 +449,14 @@ where
     })
 }
 
+/// Keys that no resume may change, even with `--allow-config-change`: the trained tensors'
+/// shapes and what they start from.
+const FIXED_ON_RESUME: &[&str] = &["model.", "lora.", "init", "data.tokenizer", "data.special_tokens"];
+
 /// Refuses a checkpoint of another recipe, or one whose config differs from this run's in
-/// anything but the loop's cadence and the recipe's evaluation settings.
-fn check_resume<C: RecipeConfig>(cfg: &mut C, ck: &Checkpoint) -> Result<()> {
+/// anything but the loop's cadence and the recipe's evaluation settings, unless `allow` (and
+/// then never the model's shape). Returns the changes allowed.
+fn check_resume<C: RecipeConfig>(cfg: &mut C, ck: &Checkpoint, allow: bool) -> Result<Vec<String>> {
     let bad = |reason: String| TrainError::Checkpoint { path: ck.dir.display().to_string(), reason };
     let this = C::RECIPE;
     if let Some(r) = ck.state.recipe.as_deref().filter(|&r| r != this) {
@@ -425,13 +470,26 @@ fn check_resume<C: RecipeConfig>(cfg: &mut C, ck: &Checkpoint) -> Result<()> {
     cfg.adopt_derived(&saved);
     let free: Vec<&str> = FREE_ON_RESUME.iter().chain(cfg.free_on_resume()).copied().collect();
     let changed = config_changes(&saved.to_toml(), &cfg.to_toml(), &free);
-    if !changed.is_empty() {
+    if changed.is_empty() {
+        return Ok(changed);
+    }
+    if !allow {
         return Err(bad(format!(
-            "this run's config differs from the checkpoint's in what it trains: {}",
+            "this run's config differs from the checkpoint's in what it trains: {}; pass --allow-config-change \
+             to continue with the change recorded",
             changed.join(", ")
         )));
     }
-    Ok(())
+    let fixed = |c: &String| FIXED_ON_RESUME.iter().any(|f| c.starts_with(f));
+    let shape: Vec<&String> = changed.iter().filter(|c| fixed(c)).collect();
+    if !shape.is_empty() {
+        let list: Vec<&str> = shape.iter().map(|c| c.as_str()).collect();
+        return Err(bad(format!(
+            "a resumed run cannot change the model or what it starts from, even with --allow-config-change: {}",
+            list.join(", ")
+        )));
+    }
+    Ok(changed)
 }
 
 /// The dotted keys whose values differ between two TOML configs, as `key: old -> new`,
@@ -486,6 +544,7 @@ struct Saver<'a> {
     tok_sha: &'a str,
     config: &'a str,
     recipe: &'static str,
+    history: &'a [ConfigChange],
 }
 
 impl Saver<'_> {
@@ -506,6 +565,7 @@ impl Saver<'_> {
             lora: c.lora.as_ref().map(|(l, _)| l.clone()),
             base: c.lora.as_ref().map(|(_, b)| b.clone()),
             recipe: Some(self.recipe.to_string()),
+            config_changes: self.history.to_vec(),
         };
         let trained: std::collections::HashMap<String, Tensor> =
             opt.params().iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect();
