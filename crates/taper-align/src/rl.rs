@@ -112,7 +112,8 @@ impl RewardSpec {
         match self {
             RewardSpec::Regex { pattern } => {
                 if let Err(err) = regex::Regex::new(pattern) {
-                    e.push(format!("reward.pattern = {pattern:?}: not a regular expression ({err})"));
+                    let why = err.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+                    e.push(format!("reward.pattern = {pattern:?}: not a regular expression ({why})"));
                 }
             }
             RewardSpec::Length { target } => e.at_least_one("reward.target", *target as u64),

@@ -116,12 +116,12 @@ struct SampleArgs {
     #[arg(long, default_value_t = 32, value_parser = at_least_one)]
     max_new_tokens: usize,
     /// 0 is greedy.
-    #[arg(long, default_value_t = 1.0, value_parser = temperature)]
+    #[arg(long, default_value_t = 1.0, value_parser = temperature, allow_negative_numbers = true)]
     temperature: f64,
     /// 0 keeps every token.
     #[arg(long, default_value_t = 0)]
     top_k: usize,
-    #[arg(long, default_value_t = 1.0, value_parser = top_p)]
+    #[arg(long, default_value_t = 1.0, value_parser = top_p, allow_negative_numbers = true)]
     top_p: f64,
     #[arg(long, default_value_t = 1337)]
     seed: u64,
@@ -192,7 +192,7 @@ struct PrepareArgs {
     #[arg(long)]
     out: PathBuf,
     /// The share of each file's tokens held out, in (0, 1).
-    #[arg(long, default_value_t = 0.1, value_parser = fraction)]
+    #[arg(long, default_value_t = 0.1, value_parser = fraction, allow_negative_numbers = true)]
     val_fraction: f64,
     #[arg(long)]
     dataset: Option<String>,
@@ -234,13 +234,13 @@ struct GenerateArgs {
     #[arg(long, value_parser = at_least_one)]
     max_tokens: Option<usize>,
     /// 0 is greedy. Default: the model's generation_config, else 0.8.
-    #[arg(long, value_parser = temperature)]
+    #[arg(long, value_parser = temperature, allow_negative_numbers = true)]
     temperature: Option<f64>,
     /// Default: the model's generation_config, else 200.
     #[arg(long)]
     top_k: Option<usize>,
     /// Default: the model's generation_config, else 1.0.
-    #[arg(long, value_parser = top_p)]
+    #[arg(long, value_parser = top_p, allow_negative_numbers = true)]
     top_p: Option<f64>,
     #[arg(long, default_value_t = 1337)]
     seed: u64,
@@ -250,7 +250,7 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     beams: usize,
     /// Encoder-decoder beam search: HF's length_penalty (score / length^penalty).
-    #[arg(long, default_value_t = 1.0, value_parser = finite)]
+    #[arg(long, default_value_t = 1.0, value_parser = finite, allow_negative_numbers = true)]
     length_penalty: f64,
 }
 
@@ -271,10 +271,11 @@ fn main() {
         Ok(cli) => cli,
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => e.exit(),
         Err(e) => {
-            // clap's own first line names the flag and the value; its usage lines follow.
+            // clap's message names the flag and the value; the usage and help lines after the
+            // first blank line are left out, so it reads as one line.
             let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("bad arguments").trim_start_matches("error: ");
-            eprintln!("error: {first}");
+            let msg: Vec<&str> = text.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
+            eprintln!("error: {}", msg.join(" ").trim_start_matches("error: "));
             std::process::exit(1);
         }
     };

@@ -268,7 +268,7 @@ impl RecipeConfig for RunConfig {
             (Objective::Clm, true) => e.push("model.kind = \"encoder\" trains with objective = \"mlm\""),
             _ => {}
         }
-        if self.objective == Objective::Mlm {
+        if self.objective == Objective::Mlm && encoder {
             e.open_unit("mlm_probability", self.mlm_probability, false);
             let trained = matches!(d.tokenizer.as_str(), "char" | "bpe") && d.shards.is_none();
             if trained && !d.special_tokens.iter().any(|t| taper_data::tokenizer::MASK_TOKENS.contains(&t.as_str())) {
