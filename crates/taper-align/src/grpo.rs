@@ -6,8 +6,8 @@
 
 use crate::losses::{group_advantages, grpo_loss};
 use crate::rl::{
-    mean_entropy, mean_std, minibatch_rules, object, token_forward, Minibatches, PromptDataConfig, RewardSpec, Rl,
-    RlAlgorithm, RlCore, RlSettings, RolloutConfig, Sampled,
+    mean_entropy, mean_std_across, minibatch_rules, object, token_forward, Minibatches, PromptDataConfig, RewardSpec,
+    Rl, RlAlgorithm, RlCore, RlSettings, RolloutConfig, Sampled,
 };
 use crate::Result;
 use candle_core::Tensor;
@@ -180,6 +180,8 @@ struct StepData {
     weights: Option<Tensor>,
     minibatches: Minibatches,
     entropy: f64,
+    /// The mean and standard deviation of the step's rewards, over every replica's.
+    stats: (f64, f64),
 }
 
 impl RlAlgorithm for Grpo {
@@ -209,7 +211,8 @@ impl RlAlgorithm for Grpo {
         let minibatches = Minibatches::new(sampled.rows.len(), g.epochs, self.batch, accum, |_| None);
         let updates = minibatches.updates();
         let old_logp = old.logp;
-        self.step = Some(StepData { sampled, advantages, old_logp, ref_logp, weights, minibatches, entropy });
+        let stats = mean_std_across(&*rl.comm, &sampled.scores)?;
+        self.step = Some(StepData { sampled, advantages, old_logp, ref_logp, weights, minibatches, entropy, stats });
         Ok(Plan { updates, micro_batches: accum })
     }
 
@@ -236,7 +239,7 @@ impl RlAlgorithm for Grpo {
         let d = self.step.take().expect("plan() prepared the step");
         let k = std::mem::take(&mut self.micro_batches).max(1.0);
         let (kl, clip) = (std::mem::take(&mut self.kl) / k, std::mem::take(&mut self.clip) / k);
-        let (mean, std) = mean_std(&d.sampled.scores);
+        let (mean, std) = d.stats;
         let metrics = object(serde_json::json!({"reward": mean, "reward_std": std, "kl": kl, "clip_frac": clip,
             "entropy": d.entropy, "response_length": d.sampled.response_length}));
         Ok(StepReport { tokens: d.sampled.tokens, metrics })

@@ -8,15 +8,16 @@
 //! linear probe on the policy's hidden states, which its loss does not train).
 //! The KL coefficient is fixed or adapted towards a target (Ziegler et al. 2019, eq. 2).
 
-use crate::losses::{gae, kl_per_token, ppo_policy_loss, ppo_value_loss, whiten, KlEstimator};
+use crate::losses::{gae, kl_per_token, ppo_policy_loss, ppo_value_loss, KlEstimator};
 use crate::rl::{
-    mean_entropy, mean_std, minibatch_rules, object, token_forward, Minibatches, PromptDataConfig, RewardSpec, Rl,
-    RlAlgorithm, RlCore, RlSettings, RolloutConfig, Sampled, TokenOut,
+    mean_entropy, mean_std_across, minibatch_rules, object, sum_across, token_forward, whiten_across, Minibatches,
+    PromptDataConfig, RewardSpec, Rl, RlAlgorithm, RlCore, RlSettings, RolloutConfig, Sampled, TokenOut,
 };
 use crate::Result;
 use candle_core::{Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 use taper_data::packing::Row;
+use taper_dist::Comm;
 use taper_model::lora::LoraConfig;
 use taper_model::Rng;
 use taper_train::config::{RecipeConfig, TrainConfig};
@@ -189,6 +190,7 @@ struct Batch {
 
 #[allow(clippy::too_many_arguments)]
 fn prepare(
+    comm: &dyn Comm,
     rows: Vec<Row>,
     old: &TokenOut,
     old_values: Tensor,
@@ -202,7 +204,8 @@ fn prepare(
     let mask: Vec<Vec<f32>> = old.mask.to_vec2()?;
     let kl: Vec<Vec<f32>> = kl_per_token(&old.logp, ref_logp, p.kl_estimator)?.to_vec2()?;
     let v: Vec<Vec<f32>> = old_values.to_vec2()?;
-    let scores = if p.whiten_rewards { whiten(scores, &vec![1.0; scores.len()], false)? } else { scores.to_vec() };
+    let scores =
+        if p.whiten_rewards { whiten_across(comm, scores, &vec![1.0; scores.len()], false)? } else { scores.to_vec() };
     let (mut adv, mut ret) = (vec![0f32; n * t], vec![0f32; n * t]);
     let mut kl_sum = 0.0;
     for r in 0..n {
@@ -221,7 +224,10 @@ fn prepare(
         debug_assert!(last < t);
     }
     let flat_mask: Vec<f32> = mask.concat();
-    let adv = whiten(&adv, &flat_mask, true)?;
+    let adv = whiten_across(comm, &adv, &flat_mask, true)?;
+    // The mean summed KL per response, over every replica's responses.
+    let mut kl_n = [kl_sum, n as f64];
+    sum_across(comm, &mut kl_n)?;
     let adv: Vec<f32> = adv.iter().zip(&flat_mask).map(|(a, m)| a * m).collect();
     Ok(Batch {
         rows,
@@ -229,7 +235,7 @@ fn prepare(
         old_values,
         advantages: Tensor::from_vec(adv, (n, t), dev)?,
         returns: Tensor::from_vec(ret, (n, t), dev)?,
-        kl: kl_sum / n as f64,
+        kl: kl_n[0] / kl_n[1],
         entropy: mean_entropy(&old.logits, &old.mask)?,
     })
 }
@@ -292,6 +298,8 @@ struct StepData {
     batch: Batch,
     minibatches: Minibatches,
     sampled: Sampled,
+    /// The mean and standard deviation of the step's scores, over every replica's.
+    stats: (f64, f64),
 }
 
 /// The updates' losses and clip fractions, summed over micro-batches.
@@ -316,13 +324,14 @@ impl RlAlgorithm for Ppo {
         let old_values = values(&old.hidden, &self.vw.detach(), &self.vb.detach())?;
         let ref_logp = token_forward(&rl.reference, &sampled.rows, dev, None)?.logp;
         let rows = sampled.rows.clone();
-        let batch = prepare(rows, &old, old_values, &ref_logp, &sampled.scores, pp, self.kl_coef, dev)?;
+        let batch = prepare(&*rl.comm, rows, &old, old_values, &ref_logp, &sampled.scores, pp, self.kl_coef, dev)?;
+        let stats = mean_std_across(&*rl.comm, &sampled.scores)?;
         let seed = rl.seed;
         let minibatches = Minibatches::new(batch.rows.len(), pp.epochs, self.batch, accum, |epoch| {
             Some(Rng::derive(seed, &[step, epoch as u64, 0x4D42]))
         });
         let updates = minibatches.updates();
-        self.step = Some(StepData { batch, minibatches, sampled });
+        self.step = Some(StepData { batch, minibatches, sampled, stats });
         Ok(Plan { updates, micro_batches: accum })
     }
 
@@ -351,7 +360,7 @@ impl RlAlgorithm for Ppo {
 
     fn end_step(&mut self, _step: u64) -> Result<StepReport> {
         let d = self.step.take().expect("plan() prepared the step");
-        let n = d.batch.rows.len();
+        let n = self.settings.rollouts_per_step;
         // Ziegler et al.'s proportional controller, its error clipped to +-20%.
         if let Some(a) = self.settings.adaptive_kl {
             let err = ((d.batch.kl - a.target) / a.target).clamp(-0.2, 0.2);
@@ -359,7 +368,7 @@ impl RlAlgorithm for Ppo {
         }
         let st = std::mem::take(&mut self.stats);
         let k = st.micro_batches.max(1.0);
-        let (mean, std) = mean_std(&d.sampled.scores);
+        let (mean, std) = d.stats;
         let metrics = object(serde_json::json!({"reward": mean, "reward_std": std, "kl": d.batch.kl,
             "kl_coef": self.kl_coef, "entropy": d.batch.entropy, "policy_loss": st.policy_loss / k,
             "value_loss": st.value_loss / k, "clip_frac": st.clip / k, "vf_clip_frac": st.vclip / k,
@@ -395,7 +404,7 @@ mod tests {
         let old = TokenOut { logp: logp.clone(), mask, hidden: logp.clone(), logits: logp.unsqueeze(2)? };
         let p = PpoSettings { gamma: 1.0, lam: 1.0, ..Default::default() };
         let zeros = Tensor::zeros((2, 4), candle_core::DType::F32, &dev)?;
-        let b = prepare(Vec::new(), &old, zeros, &ref_logp, &[2.0, -1.0], &p, 0.5, &dev)?;
+        let b = prepare(&taper_dist::Single, Vec::new(), &old, zeros, &ref_logp, &[2.0, -1.0], &p, 0.5, &dev)?;
         // k1 = logp - ref: row 0 [0.5, -1.0], row 1 [0, 1, 0].
         let want = [[0.0, -0.25 + 0.5 + 2.0, 0.5 + 2.0, 0.0], [0.0, -0.5 - 1.0, -0.5 - 1.0, -1.0]];
         let got: Vec<Vec<f32>> = b.returns.to_vec2()?;

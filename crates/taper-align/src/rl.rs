@@ -2,16 +2,19 @@
 //! rewards (a reward model or a verifiable check against the prompt's answer), per-token
 //! log-probs of the sampled responses, and the held-out evaluation.
 
+use crate::losses::whiten;
 use crate::pairs::shifted;
 use crate::rm::RewardModel;
 use crate::{AlignError, Result};
 use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 use serde_json::Map;
+use std::rc::Rc;
 use taper_data::chat::ChatTemplate;
 use taper_data::packing::{collate, Row};
 use taper_data::preference::{read_prompts, Prompt};
 use taper_data::sft::{Example, OnBadRecord, Tokenized, IGNORE_INDEX};
+use taper_dist::Comm;
 use taper_model::lora::LoraConfig;
 use taper_model::{nn, Decoder, Rng, Sampling, Weights};
 use taper_train::chat::stop_ids;
@@ -448,6 +451,8 @@ pub struct RlCore {
     pub eval: Vec<RlPrompt>,
     pub reward: Reward,
     pub pad: u32,
+    /// The replicas: each samples its share of a step's prompts.
+    pub comm: Rc<dyn Comm>,
 }
 
 /// What an RL algorithm (PPO, GRPO) supplies over the rollouts, reward and evaluation it
@@ -553,19 +558,31 @@ impl RlCore {
             eval,
             reward,
             pad,
+            comm: env.dist.clone(),
         };
         Ok((core, params, contents))
     }
 
-    /// Step `step`'s rollouts from the current policy: `per_step` training prompts (a fresh
-    /// order each epoch), `copies` responses each, response i sampled from the stream
-    /// (seed, step, i, salt); scored by the reward.
+    /// This rank's share of step `step`'s rollouts from the current policy: of `per_step`
+    /// training prompts (a fresh order each epoch), the rank's equal share, `copies` responses
+    /// each, response i of the step sampled from the stream (seed, step, i, salt), whichever
+    /// rank samples it; scored by the reward.
     pub fn sample(&self, step: u64, per_step: usize, copies: usize, salt: u64) -> Result<Sampled> {
+        let (rank, world) = (self.comm.rank(), self.comm.world());
+        if !per_step.is_multiple_of(world) {
+            return Err(AlignError::Invalid(format!(
+                "{per_step} prompts a step do not split evenly over {world} replicas: make the prompts per step a \
+                 multiple of the number of processes"
+            )));
+        }
         let picked = epoch_pick(self.seed, self.train.len(), per_step, step);
+        let share = per_step / world;
         let which: Vec<(usize, Rng)> = picked
             .iter()
             .flat_map(|&p| std::iter::repeat_n(p, copies))
             .enumerate()
+            .skip(rank * share * copies)
+            .take(share * copies)
             .map(|(i, p)| (p, Rng::derive(self.seed, &[step, i as u64, salt])))
             .collect();
         let r = &self.rollout;
@@ -589,6 +606,44 @@ impl RlCore {
         let score = Some(e.sampled_reward.unwrap_or(e.greedy_reward));
         Ok(Evaluation { loss: None, score, metrics, samples: Vec::new() })
     }
+}
+
+/// Sums over the replicas, in place.
+pub fn sum_across(comm: &dyn Comm, xs: &mut [f64]) -> Result<()> {
+    comm.all_reduce_sum_f64(xs).map_err(|e| AlignError::Invalid(e.to_string()))
+}
+
+/// The mean and standard deviation of values spread over the replicas.
+pub fn mean_std_across(comm: &dyn Comm, r: &[f32]) -> Result<(f64, f64)> {
+    if comm.world() == 1 {
+        return Ok(mean_std(r));
+    }
+    let mut m = [r.len() as f64, r.iter().map(|&x| x as f64).sum(), r.iter().map(|&x| (x as f64).powi(2)).sum()];
+    sum_across(comm, &mut m)?;
+    let mean = m[1] / m[0].max(1.0);
+    Ok((mean, (m[2] / m[0].max(1.0) - mean * mean).max(0.0).sqrt()))
+}
+
+/// [`whiten`] over values spread across the replicas: the masked mean and unbiased variance
+/// of all of them, in whiten's two passes.
+pub fn whiten_across(comm: &dyn Comm, xs: &[f32], mask: &[f32], shift_mean: bool) -> Result<Vec<f32>> {
+    if comm.world() == 1 {
+        return whiten(xs, mask, shift_mean);
+    }
+    let mut m = [mask.iter().map(|&m| m as f64).sum(), xs.iter().zip(mask).map(|(&x, &m)| x as f64 * m as f64).sum()];
+    sum_across(comm, &mut m)?;
+    let (count, mean) = (m[0], m[1] / m[0]);
+    if count <= 1.0 {
+        return Err(AlignError::Invalid(format!(
+            "whiten: the mask sums to {count}; the unbiased variance needs more than 1"
+        )));
+    }
+    let mut v = [xs.iter().zip(mask).map(|(&x, &m)| (x as f64 - mean).powi(2) * m as f64).sum::<f64>()];
+    sum_across(comm, &mut v)?;
+    let var = v[0] / count * count / (count - 1.0);
+    let scale = 1.0 / (var + 1e-8).sqrt();
+    let back = if shift_mean { 0.0 } else { mean };
+    Ok(xs.iter().map(|&x| ((x as f64 - mean) * scale + back) as f32).collect())
 }
 
 /// The mean and standard deviation of a step's rewards.

@@ -382,16 +382,37 @@ fn run_setup<C: RecipeConfig>(a: &TrainArgs) -> Result<(C, RunSpec)> {
     Ok((cfg, run))
 }
 
-/// Runs one recipe under the progress bar and prints its summary.
-fn train_cmd<C, E>(cfg: C, run: RunSpec, recipe: fn(C, RunSpec, &mut dyn Observer) -> Result<Summary, E>) -> Result<()>
+/// Runs one recipe under the progress bar and prints its summary. Launched as several
+/// processes (mpirun, srun), they train as data-parallel replicas: the main rank alone draws,
+/// prints and writes; a rank that fails stops them all.
+fn train_cmd<C, E>(
+    cfg: C,
+    mut run: RunSpec,
+    recipe: fn(C, RunSpec, &mut dyn Observer) -> Result<Summary, E>,
+) -> Result<()>
 where
     E: std::error::Error + Send + Sync + 'static,
 {
+    let comm = taper_dist::from_env()?;
+    run.seams.dist = comm.clone();
     let dir = run.dir.clone();
-    let mut obs = Progress::new();
-    let s = recipe(cfg, run, &mut obs);
-    obs.finish();
-    println!("{}", s?.line(&dir));
+    let result = if comm.is_main() {
+        let mut obs = Progress::new();
+        let r = recipe(cfg, run, &mut obs);
+        obs.finish();
+        r
+    } else {
+        recipe(cfg, run, &mut taper_train::observe::Quiet)
+    };
+    match result {
+        Ok(s) if comm.is_main() => println!("{}", s.line(&dir)),
+        Ok(_) => {}
+        Err(e) if comm.world() > 1 => {
+            eprintln!("error: rank {}: {}", comm.rank(), format!("{e}").replace('\n', " "));
+            comm.abort(1)
+        }
+        Err(e) => return Err(e.into()),
+    }
     Ok(())
 }
 
@@ -408,7 +429,11 @@ where
 fn bench_cmd(a: BenchArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.config).with_context(|| format!("config {}", a.config.display()))?;
     let cfg: taper_train::RunConfig = taper_train::config::parse_as(&text, &a.config.display().to_string(), &a.set)?;
-    let r = taper_train::bench::bench(&cfg, a.steps, a.warmup)?;
+    let comm = taper_dist::from_env()?;
+    let r = taper_train::bench::bench(&cfg, a.steps, a.warmup, &comm)?;
+    if !comm.is_main() {
+        return Ok(());
+    }
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
@@ -429,6 +454,15 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     println!("GEMM peak     {:.1} GFLOP/s at the model's matmul shapes", r.gemm_peak_gflops);
     println!("MFU           {:.1}%", 100.0 * r.mfu);
     println!("peak RSS      {:.0} MB", r.peak_rss_mb);
+    if r.world > 1 {
+        println!(
+            "replicas      {} (all-reduce {:.1} ms/step, {:.1}% of the step)",
+            r.world,
+            r.allreduce_ms,
+            100.0 * r.allreduce_share
+        );
+    }
+    println!("optimizer     {:.1} MB of state per replica", r.optimizer_state_mb);
     Ok(())
 }
 

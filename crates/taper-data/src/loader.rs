@@ -51,13 +51,28 @@ impl WindowSampler {
         &self.shard
     }
 
+    pub fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
     /// The batch for optimizer step `step` and micro-batch `micro`.
     pub fn batch(&self, step: u64, micro: u64) -> Batch {
+        self.windows(step, micro, 0)
+    }
+
+    /// `batch_size` windows of step `step`'s stream of samples, from sample `first` on: how
+    /// training draws, so that micro-batches and replicas share out one sequence of samples
+    /// (micro-batch k of B samples reads samples k B .. (k + 1) B).
+    pub fn batch_at(&self, step: u64, first: u64) -> Batch {
+        self.windows(step, 0, first)
+    }
+
+    fn windows(&self, step: u64, micro: u64, first: u64) -> Batch {
         let (bs, t) = (self.batch_size, self.block_size);
         let starts = (self.shard.len() - t) as u128; // windows start in [0, len - T - 1]
         let mut inputs = Vec::with_capacity(bs * t);
         let mut targets = Vec::with_capacity(bs * t);
-        for row in 0..bs as u64 {
+        for row in first..first + bs as u64 {
             // Multiply-shift maps 64 random bits to [0, starts) with negligible bias.
             let start = ((hash(self.seed, step, micro, row) as u128 * starts) >> 64) as usize;
             let w = self.shard.slice(start, t + 1);

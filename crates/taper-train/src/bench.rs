@@ -3,12 +3,15 @@
 //! model's own matmul shapes. `scripts/bench_torch.py` prints the same figures for PyTorch.
 
 use crate::config::RunConfig;
+use crate::data_parallel::{self, Sharded, Updater};
 use crate::device::select_device;
 use crate::optim::Optimizer;
 use crate::{Result, TrainError};
 use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
+use std::rc::Rc;
 use std::time::Instant;
+use taper_dist::Comm;
 use taper_model::{init_weights, Decoder, ModelConfig, Rng, Weights};
 
 #[derive(Debug, Clone, Serialize)]
@@ -30,7 +33,15 @@ pub struct BenchReport {
     /// products), the best a step made of nothing but matmuls could do here.
     pub gemm_peak_gflops: f64,
     pub mfu: f64,
+    /// The largest of the replicas'.
     pub peak_rss_mb: f64,
+    /// Data-parallel replicas (processes); tokens/s counts all of them.
+    pub world: usize,
+    /// The gradient all-reduce (or reduce-scatter) per step, and its share of the step.
+    pub allreduce_ms: f64,
+    pub allreduce_share: f64,
+    /// Optimizer state one replica holds (halved by `train.shard_optimizer` at world 2).
+    pub optimizer_state_mb: f64,
 }
 
 /// Parameters that enter a matmul: the attention and MLP projections and the output head.
@@ -119,10 +130,12 @@ pub fn keep_freed_memory() {
 }
 
 /// Times `steps` training steps (after `warmup` untimed ones) of the config's model on random
-/// tokens: forward with the loss, backward, optimizer update. Each phase is timed apart,
-/// forcing the lazy parts to finish by reading the loss and the gradients' presence.
-pub fn bench(cfg: &RunConfig, steps: usize, warmup: usize) -> Result<BenchReport> {
+/// tokens: forward with the loss, backward, the gradients' reduction across replicas (under
+/// mpirun), optimizer update. Each phase is timed apart, the device synchronised before each
+/// timer is read.
+pub fn bench(cfg: &RunConfig, steps: usize, warmup: usize, comm: &Rc<dyn Comm>) -> Result<BenchReport> {
     let dev = select_device(&cfg.device)?;
+    let world = comm.world();
     let m = &cfg.model;
     if m.vocab_size == 0 {
         return Err(TrainError::Invalid(
@@ -137,9 +150,13 @@ pub fn bench(cfg: &RunConfig, steps: usize, warmup: usize) -> Result<BenchReport
     let params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     let weights = Weights::from_pairs(vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())));
     let model = Decoder::load(&weights, m)?;
-    let mut opt = Optimizer::new(cfg.optim.clone(), vars)?;
-    let mut rng = Rng::new(cfg.seed);
-    let (mut fwd, mut bwd, mut upd) = (0.0, 0.0, 0.0);
+    let mut opt = match cfg.train.shard_optimizer && world > 1 {
+        true => Updater::Sharded(Box::new(Sharded::new(cfg.optim.clone(), vars, comm.clone())?)),
+        false => Updater::Plain(Optimizer::new(cfg.optim.clone(), vars)?),
+    };
+    // Each replica its own tokens.
+    let mut rng = Rng::derive(cfg.seed, &[comm.rank() as u64]);
+    let (mut fwd, mut bwd, mut red, mut upd) = (0.0, 0.0, 0.0, 0.0);
     for i in 0..warmup + steps {
         let ids: Vec<u32> = (0..b * t).map(|_| rng.below(m.vocab_size as u64) as u32).collect();
         let tg: Vec<i64> = (0..b * t).map(|_| rng.below(m.vocab_size as u64) as i64).collect();
@@ -163,7 +180,12 @@ pub fn bench(cfg: &RunConfig, steps: usize, warmup: usize) -> Result<BenchReport
         drop(store);
         dev.synchronize()?;
         let t2 = Instant::now();
-        opt.step(&grads, cfg.optim.lr)?;
+        let mut l = loss_value as f64;
+        let grads = data_parallel::reduce(&**comm, opt.plan(), &mut l, grads)?;
+        dev.synchronize()?;
+        let t_red = Instant::now();
+        opt.norm(&grads)?;
+        opt.apply(grads, cfg.optim.lr, None)?;
         dev.synchronize()?;
         let t3 = Instant::now();
         if !loss_value.is_finite() {
@@ -172,12 +194,24 @@ pub fn bench(cfg: &RunConfig, steps: usize, warmup: usize) -> Result<BenchReport
         if i >= warmup {
             fwd += (t1 - t0).as_secs_f64();
             bwd += (t2 - t1).as_secs_f64();
-            upd += (t3 - t2).as_secs_f64();
+            red += (t_red - t2).as_secs_f64();
+            upd += (t3 - t_red).as_secs_f64();
         }
     }
     let n = steps.max(1) as f64;
-    let step_s = (fwd + bwd + upd) / n;
-    let tokens_per_sec = (b * t) as f64 / step_s;
+    // The slowest replica sets the pace; the peak memory is the largest replica's.
+    let mut worst = [fwd + bwd + red + upd, peak_rss_mb()];
+    if world > 1 {
+        // Each replica's pair in its own place; the sum gathers them all.
+        let mut all = vec![0f64; 2 * world];
+        all[2 * comm.rank()..2 * comm.rank() + 2].copy_from_slice(&worst);
+        comm.all_reduce_sum_f64(&mut all).map_err(|e| TrainError::Invalid(e.to_string()))?;
+        for (k, w) in worst.iter_mut().enumerate() {
+            *w = all.iter().skip(k).step_by(2).copied().fold(0.0, f64::max);
+        }
+    }
+    let step_s = worst[0] / n;
+    let tokens_per_sec = (world * b * t) as f64 / step_s;
     let fpt = flops_per_token(m);
     let gflops = fpt * tokens_per_sec / 1e9;
     let peak = gemm_peak(m, b * t, &dev)?;
@@ -195,8 +229,13 @@ pub fn bench(cfg: &RunConfig, steps: usize, warmup: usize) -> Result<BenchReport
         optimizer_ms: upd / n * 1e3,
         gflops,
         gemm_peak_gflops: peak,
-        mfu: gflops / peak,
-        peak_rss_mb: peak_rss_mb(),
+        // Against the replicas' combined peak.
+        mfu: gflops / (peak * world as f64),
+        peak_rss_mb: worst[1],
+        world,
+        allreduce_ms: red / n * 1e3,
+        allreduce_share: red / (fwd + bwd + red + upd),
+        optimizer_state_mb: opt.state_bytes() as f64 / 1e6,
     })
 }
 

@@ -42,6 +42,13 @@ pub struct TrainerState {
     /// Config changes let through on resume (`--allow-config-change`), at the step each took effect.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub config_changes: Vec<ConfigChange>,
+    /// Data-parallel replicas the run had when saved; a step's micro-batches are spread over them.
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// A config change a resumed run was allowed to make.

@@ -121,6 +121,9 @@ pub struct TrainConfig {
     /// Stop (with a checkpoint) after this step without changing the schedule, for runs split
     /// across jobs; 0 runs to max_steps.
     pub stop_at_step: u64,
+    /// Under data parallelism, each rank keeps and updates only its share of the optimizer's
+    /// state (ZeRO stage 1); one process ignores it.
+    pub shard_optimizer: bool,
 }
 
 impl Default for TrainConfig {
@@ -138,6 +141,7 @@ impl Default for TrainConfig {
             on_nonfinite: OnNonFinite::Stop,
             max_skipped_fraction: 0.1,
             stop_at_step: 0,
+            shard_optimizer: false,
         }
     }
 }

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
+pub mod data_parallel;
 pub mod device;
 pub mod fill_mask;
 pub mod finetune;

@@ -142,7 +142,7 @@ pub fn mlm_loss(model: &Bert, x: &Tensor, y: &Tensor, rng: Option<&mut Rng>) -> 
 
 impl WindowObjective for Mlm {
     fn loss(&mut self, batch: &Batch, at: Micro, rng: Option<&mut Rng>) -> Result<Tensor> {
-        let mut masks = Masker::rng(self.seed, at.step, at.index as u64);
+        let mut masks = Masker::rng(self.seed, at.step, at.slot() as u64);
         let (x, y) = self.masker.batch_tensors(batch, &mut masks, self.model.device())?;
         mlm_loss(&self.model, &x, &y, rng)
     }

@@ -67,7 +67,7 @@ impl OptimConfig {
         r.into_vec()
     }
 
-    fn decays(&self, name: &str) -> bool {
+    pub(crate) fn decays(&self, name: &str) -> bool {
         match ParamKind::of(name) {
             ParamKind::Weight => true,
             ParamKind::Embedding => self.decay_embeddings,
@@ -104,6 +104,12 @@ impl Optimizer {
     pub fn new(cfg: OptimConfig, vars: Vec<(String, Var)>) -> Result<Self> {
         let params: Vec<Param> =
             vars.into_iter().map(|(name, var)| Param { decay: cfg.decays(&name), name, var }).collect();
+        Self::with_params(cfg, params)
+    }
+
+    /// An optimizer over parameters whose weight decay is already decided (the shards of a
+    /// sharded optimizer take their whole parameter's).
+    pub fn with_params(cfg: OptimConfig, params: Vec<Param>) -> Result<Self> {
         let slots = params
             .iter()
             .map(|p| {
@@ -189,6 +195,20 @@ impl Optimizer {
     /// The state as named tensors (`{param}.{slot}`, and the update count as `updates`), for a
     /// safetensors file. On the CPU the tensors share storage with the live state, which the
     /// next step updates in place: write them out (or copy them) before stepping again.
+    /// The names of the state slots each parameter has (`exp_avg`, ...).
+    pub fn slot_names(&self) -> &'static [&'static str] {
+        slot_names(self.cfg.name)
+    }
+
+    /// Parameter i's state slots.
+    pub fn slots(&self, i: usize) -> &[Tensor] {
+        &self.slots[i]
+    }
+
+    pub fn config(&self) -> &OptimConfig {
+        &self.cfg
+    }
+
     pub fn state_tensors(&self) -> HashMap<String, Tensor> {
         let names = slot_names(self.cfg.name);
         let mut map: HashMap<String, Tensor> = self
@@ -240,12 +260,19 @@ impl Optimizer {
 const UPDATES: &str = "updates";
 
 /// The global L2 norm of all gradients.
+/// Squares are summed in f64, element by element, so that the norm does not depend on how the
+/// gradients are cut (a sharded optimizer sums its slice, then the ranks' sums); the total stays
+/// on the device and is read once.
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
-    let mut total = 0f64;
+    let mut total: Option<Tensor> = None;
     for g in grads {
-        total += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        let s = g.to_dtype(DType::F64)?.sqr()?.sum_all()?;
+        total = Some(match total {
+            Some(t) => (t + s)?,
+            None => s,
+        });
     }
-    Ok(total.sqrt())
+    Ok(total.map_or(Ok(0.0), |t| t.to_scalar::<f64>())?.sqrt())
 }
 
 #[cfg(test)]

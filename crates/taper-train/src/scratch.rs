@@ -146,7 +146,8 @@ pub trait WindowObjective {
 }
 
 /// Trains the objective `make` builds (over the run's weights) on windows of the config's
-/// corpus: batches are `sampler.batch(step, micro)`, a pure function of (seed, step, micro).
+/// corpus: each step reads one seeded stream of windows, micro-batch slot k (over all replicas)
+/// its k-th run of `batch_size`, a pure function of (seed, step, k).
 pub fn train_on_windows<O: WindowObjective>(
     cfg: RunConfig,
     run: RunSpec,
@@ -185,7 +186,8 @@ impl<O: WindowObjective> Recipe for OnWindows<O> {
     type Error = TrainError;
 
     fn loss(&mut self, at: Micro) -> Result<Tensor> {
-        let batch = self.windows.train.batch(at.step, at.index as u64);
+        let b = self.windows.train.batch_size() as u64;
+        let batch = self.windows.train.batch_at(at.step, at.slot() as u64 * b);
         self.tokens += (batch.batch * batch.seq) as u64;
         let mut rng = at.dropout_rng(self.seed);
         self.objective.loss(&batch, at, self.dropout.then_some(&mut rng))

@@ -2,8 +2,9 @@
 //! guarded update (non-finite check, clipping, the optimizer step).
 
 use crate::config::{OnNonFinite, TrainConfig};
+use crate::data_parallel::{Gradients, Updater};
 use crate::observe::Observer;
-use crate::optim::{global_norm, Optimizer, Param};
+use crate::optim::Param;
 use crate::{Result, TrainError};
 use candle_core::Tensor;
 
@@ -34,13 +35,14 @@ pub fn accumulate<E: From<candle_core::Error> + From<TrainError>>(
     Ok((loss_sum / n as f64, grads.into_iter().map(|g| g.expect("every micro-batch fills every slot")).collect()))
 }
 
-/// Checks the step's loss and gradients, clips, and applies the update. A non-finite loss or
-/// gradient norm stops the run or, with `on_nonfinite = "skip"`, leaves the weights as they
-/// are and counts the step in `skipped`. Returns the gradient norm before clipping.
+/// Checks the step's loss and gradients (complete, reduced across replicas), clips, and applies
+/// the update. A non-finite loss or gradient norm stops the run or, with `on_nonfinite =
+/// "skip"`, leaves the weights as they are and counts the step in `skipped`. Returns the
+/// gradient norm before clipping.
 #[allow(clippy::too_many_arguments)]
 pub fn guarded_update(
-    opt: &mut Optimizer,
-    mut grads: Vec<Tensor>,
+    opt: &mut Updater,
+    grads: Gradients,
     loss: f64,
     lr: f64,
     tc: &TrainConfig,
@@ -48,7 +50,7 @@ pub fn guarded_update(
     skipped: &mut u64,
     obs: &mut dyn Observer,
 ) -> Result<f64> {
-    let norm = global_norm(&grads)?;
+    let norm = opt.norm(&grads)?;
     let bad = if !loss.is_finite() {
         Some(("loss", loss))
     } else if !norm.is_finite() {
@@ -63,11 +65,8 @@ pub fn guarded_update(
             obs.message(&format!("step {}: {what} is {value}; skipped ({skipped} so far)", step + 1));
         }
         (None, _) => {
-            if tc.grad_clip > 0.0 && norm > tc.grad_clip {
-                let scale = tc.grad_clip / (norm + 1e-6);
-                grads = grads.iter().map(|g| g * scale).collect::<candle_core::Result<_>>()?;
-            }
-            opt.step(&grads, lr)?;
+            let clip = (tc.grad_clip > 0.0 && norm > tc.grad_clip).then(|| tc.grad_clip / (norm + 1e-6));
+            opt.apply(grads, lr, clip)?;
         }
     }
     Ok(norm)

@@ -17,6 +17,7 @@
 
 use crate::checkpoint::{self, Checkpoint, ConfigChange, Contents, TrainerState, FORMAT_VERSION};
 use crate::config::RecipeConfig;
+use crate::data_parallel::{self, Sharded, Updater};
 use crate::device::select_device;
 use crate::observe::{Observer, RunInfo, StepLog, Summary};
 use crate::optim::Optimizer;
@@ -27,7 +28,9 @@ use crate::{io_err, Result, TrainError};
 use candle_core::{Device, Tensor, Var};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::Instant;
+use taper_dist::Comm;
 use taper_model::Rng;
 
 /// Where a run lives, where it starts from, and the seams its loop runs with.
@@ -69,21 +72,6 @@ impl Resume {
     }
 }
 
-/// The seam where an update's gradients are complete, before the guard and the optimizer
-/// see them: data parallelism reduces the gradients and the loss across replicas here.
-pub trait GradientSync {
-    fn reduce(&mut self, loss: &mut f64, grads: &mut [Tensor]) -> Result<()>;
-}
-
-/// One process: the gradients are already complete.
-pub struct Local;
-
-impl GradientSync for Local {
-    fn reduce(&mut self, _loss: &mut f64, _grads: &mut [Tensor]) -> Result<()> {
-        Ok(())
-    }
-}
-
 /// The precision a recipe's forward and backward run under.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Precision {
@@ -93,7 +81,9 @@ pub enum Precision {
 
 /// The loop's seams, each a no-op by default, filled by the features that need them.
 pub struct Seams {
-    pub gradients: Box<dyn GradientSync>,
+    /// The replicas this run is one of: where an update's gradients become complete (averaged
+    /// across ranks, [`data_parallel::reduce`]) before the guard and the optimizer see them.
+    pub dist: Rc<dyn Comm>,
     pub precision: Precision,
     /// Sinks besides `metrics.jsonl`, which every run writes.
     pub sinks: Vec<Box<dyn Sink>>,
@@ -101,7 +91,7 @@ pub struct Seams {
 
 impl Default for Seams {
     fn default() -> Self {
-        Self { gradients: Box::new(Local), precision: Precision::F32, sinks: Vec::new() }
+        Self { dist: Rc::new(taper_dist::Single), precision: Precision::F32, sinks: Vec::new() }
     }
 }
 
@@ -113,7 +103,16 @@ pub struct Env<'a> {
     /// takes its trainable tensors from it.
     pub checkpoint: Option<&'a Checkpoint>,
     pub precision: Precision,
+    /// The replicas: RL recipes split their prompts by rank and reduce their statistics.
+    pub dist: Rc<dyn Comm>,
     pub obs: &'a mut dyn Observer,
+}
+
+impl Env<'_> {
+    /// Whether this rank may write into the run dir (the others read what it wrote).
+    pub fn writes(&self) -> bool {
+        self.dist.is_main()
+    }
 }
 
 /// Trainable parameters by name, in a fixed order.
@@ -144,22 +143,32 @@ pub struct Micro {
     pub step: u64,
     /// The update within the step (0 unless the recipe plans several).
     pub update: usize,
+    /// This rank's micro-batch of the update.
     pub index: usize,
-    /// Micro-batches in this update.
+    /// Micro-batches each rank accumulates in this update.
     pub count: usize,
+    pub rank: usize,
+    pub world: usize,
 }
 
 impl Micro {
-    /// The index of this micro-batch in the run's sequence of micro-batches, for recipes that
-    /// make one update per step: what their batch order is keyed by.
-    pub fn global(&self) -> u64 {
-        self.step * self.count as u64 + self.index as u64
+    /// The micro-batch's place among the step's (one update's) micro-batches of all ranks:
+    /// index x world + rank. N ranks at batch B/N then read what one rank at B/N reads with
+    /// N times the accumulation.
+    pub fn slot(&self) -> usize {
+        self.index * self.world + self.rank
     }
 
-    /// The dropout stream of this micro-batch: a pure function of (seed, step, micro-batch),
-    /// so a resumed run draws the same masks.
+    /// The micro-batch's index in the run's sequence of micro-batches, for recipes that make
+    /// one update per step: what their batch order is keyed by.
+    pub fn global(&self) -> u64 {
+        self.step * (self.count * self.world) as u64 + self.slot() as u64
+    }
+
+    /// The dropout stream of this micro-batch: a pure function of (seed, step, slot), so a
+    /// resumed run draws the same masks, and replicas different ones.
     pub fn dropout_rng(&self, seed: u64) -> Rng {
-        Rng::derive(seed, &[self.step, self.index as u64])
+        Rng::derive(seed, &[self.step, self.slot() as u64])
     }
 }
 
@@ -264,17 +273,19 @@ where
 {
     let started = Instant::now();
     let RunSpec { dir: run_dir, resume, overwrite, allow_config_change, seams } = run;
-    let Seams { gradients: mut sync, precision, sinks: extra_sinks } = seams;
-    let device = select_device(cfg.common().device)?;
+    let Seams { dist: comm, precision, sinks: extra_sinks } = seams;
+    let (main, rank, world) = (comm.is_main(), comm.rank(), comm.world());
+    let device = replica_device(cfg.common().device, &*comm)?;
     let ck_root = run_dir.join("checkpoints");
     let resume = match resume.dir(&ck_root) {
         Ok(Some(d)) => Resume::Dir(d),
         Ok(None) => Resume::No,
         Err(e) => return Err(e.into()),
     };
-    // Held to the end of the run: no second run writes into this dir meanwhile.
-    let claim = run_dir::claim(&run_dir, &resume, overwrite)?;
-    if let Some(moved) = &claim.moved {
+    // Held to the end of the run: no second run writes into this dir meanwhile. Only the main
+    // rank writes into it.
+    let claim = if main { Some(run_dir::claim(&run_dir, &resume, overwrite)?) } else { None };
+    if let Some(moved) = claim.as_ref().and_then(|c| c.moved.as_ref()) {
         let what =
             if overwrite { "the old run" } else { "the checkpoints newer than the resumed one, and the metrics" };
         obs.message(&format!("moved {what} to {}", moved.display()));
@@ -282,22 +293,40 @@ where
     let (ck, changes) = match &resume {
         Resume::Dir(d) => {
             let ck = checkpoint::load(d, &device)?;
-            let changes = check_resume(&mut cfg, &ck, allow_config_change)?;
+            let changes = check_resume(&mut cfg, &ck, allow_config_change, world)?;
             (Some(ck), changes)
         }
         _ => (None, Vec::new()),
     };
 
-    let built = {
-        let mut env = Env { device: device.clone(), run_dir: &run_dir, checkpoint: ck.as_ref(), precision, obs };
-        build(&mut cfg, &mut env)?
-    };
-    let Built { mut recipe, params, contents, vocab_size, train_tokens, val_tokens } = built;
+    // The main rank builds first (preparing data and caches); the others then read them.
+    let mut build = Some(build);
+    let mut built = None;
+    for turn in [true, false] {
+        if turn == main {
+            let mut env = Env {
+                device: device.clone(),
+                run_dir: &run_dir,
+                checkpoint: ck.as_ref(),
+                precision,
+                dist: comm.clone(),
+                obs: &mut *obs,
+            };
+            built = Some((build.take().expect("built once"))(&mut cfg, &mut env)?);
+        }
+        if turn {
+            comm.rendezvous().map_err(dist_err)?;
+        }
+    }
+    let Built { mut recipe, params, contents, vocab_size, train_tokens, val_tokens } = built.expect("built");
     let tok_sha = taper_data::tokenizer::sha256_file(&contents.tokenizer).map_err(TrainError::from)?;
     let n_params: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
     let c = cfg.common();
     let (seed, tc, schedule, peak_lr) = (c.seed, c.train.clone(), c.schedule.clone(), c.optim.lr);
-    let mut opt = Optimizer::new(c.optim.clone(), params)?;
+    let mut opt = match tc.shard_optimizer && world > 1 {
+        true => Updater::Sharded(Box::new(Sharded::new(c.optim.clone(), params, comm.clone())?)),
+        false => Updater::Plain(Optimizer::new(c.optim.clone(), params)?),
+    };
     let (mut step, mut tokens, mut skipped) = (0u64, 0u64, 0u64);
     let mut last_score = None;
     let mut history: Vec<ConfigChange> = ck.as_ref().map(|c| c.state.config_changes.clone()).unwrap_or_default();
@@ -328,13 +357,18 @@ where
             history.push(ConfigChange { step, changes: changes.clone() });
         }
     }
+    // Every replica starts from the main rank's weights.
+    opt.broadcast_params(&*comm)?;
 
     // The run dir: the resolved config, and the sinks (metrics cut back to the resumed step).
     let cfg_toml = cfg.to_toml();
-    let cfg_path = run_dir.join("config.toml");
-    std::fs::write(&cfg_path, &cfg_toml).map_err(io_err(&cfg_path))?;
-    let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(Jsonl::open(&run_dir, step)?)];
-    sinks.extend(extra_sinks);
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    if main {
+        let cfg_path = run_dir.join("config.toml");
+        std::fs::write(&cfg_path, &cfg_toml).map_err(io_err(&cfg_path))?;
+        sinks.push(Box::new(Jsonl::open(&run_dir, step)?));
+        sinks.extend(extra_sinks);
+    }
     if !changes.is_empty() {
         let record = Map::from_iter([("config_change".to_string(), Value::from(changes.clone()))]);
         for s in &mut sinks {
@@ -343,6 +377,7 @@ where
     }
 
     let end = tc.end_step();
+    let replicas = if world > 1 { format!(" x {world} replicas ({})", comm.backend()) } else { String::new() };
     obs.started(&RunInfo {
         start_step: step,
         end_step: end,
@@ -350,7 +385,7 @@ where
         vocab_size,
         train_tokens,
         val_tokens,
-        device: format!("{device:?}"),
+        device: format!("{device:?}{replicas}"),
     });
     let saver = Saver {
         ck_root: &ck_root,
@@ -360,17 +395,22 @@ where
         config: &cfg_toml,
         recipe: C::RECIPE,
         history: &history,
+        world,
     };
     if step == 0 && recipe.evaluates_at_start() {
-        let e = recipe.evaluate(0, obs)?;
-        for s in &mut sinks {
-            s.record(0, &e.metrics)?;
-            for (tag, text) in &e.samples {
-                s.text(0, tag, text)?;
+        if main {
+            let e = recipe.evaluate(0, obs)?;
+            for s in &mut sinks {
+                s.record(0, &e.metrics)?;
+                for (tag, text) in &e.samples {
+                    s.text(0, tag, text)?;
+                }
             }
         }
+        comm.rendezvous().map_err(dist_err)?;
     }
 
+    let first = step;
     let (mut window, mut window_tokens) = (Instant::now(), 0u64);
     let (mut last_loss, mut last_ck) = (f64::NAN, None);
     while step < end {
@@ -378,20 +418,28 @@ where
         let plan = recipe.plan(step, tc.grad_accum_steps)?;
         let (mut loss_sum, mut norm_sum) = (0.0, 0.0);
         for update in 0..plan.updates {
-            let n = plan.micro_batches;
-            let (mut loss, mut grads) =
-                accumulate(opt.params(), n, |index| recipe.loss(Micro { step, update, index, count: n }))?;
-            sync.reduce(&mut loss, &mut grads)?;
+            let count = plan.micro_batches;
+            let (mut loss, grads) = accumulate(opt.params(), count, |index| {
+                recipe.loss(Micro { step, update, index, count, rank, world })
+            })?;
+            // The gradient seam: the update's gradients, complete across the replicas.
+            let grads = data_parallel::reduce(&*comm, opt.plan(), &mut loss, grads)?;
             norm_sum += guarded_update(&mut opt, grads, loss, lr, &tc, step, &mut skipped, obs)?;
             loss_sum += loss;
         }
-        let report = recipe.end_step(step)?;
+        if step == first {
+            data_parallel::check_replicas(&*comm, opt.params(), step + 1)?;
+        }
+        let report = reduce_report(&*comm, recipe.end_step(step)?)?;
         step += 1;
         tokens += report.tokens;
         window_tokens += report.tokens;
         last_loss = loss_sum / plan.updates.max(1) as f64;
 
-        let eval = if tc.eval_due(step) { Some(recipe.evaluate(step, obs)?) } else { None };
+        let eval = match main && tc.eval_due(step) {
+            true => Some(recipe.evaluate(step, obs)?),
+            false => None,
+        };
         let mut metrics = report.metrics;
         if let Some(e) = &eval {
             if let Some(v) = e.loss {
@@ -400,7 +448,7 @@ where
             last_score = e.score.or(last_score);
             metrics.extend(e.metrics.clone());
         }
-        if tc.log_due(step) || eval.is_some() {
+        if main && (tc.log_due(step) || eval.is_some()) {
             let log = StepLog {
                 step,
                 loss: last_loss,
@@ -422,17 +470,25 @@ where
             (window, window_tokens) = (Instant::now(), 0);
         }
         if tc.checkpoint_due(step) {
-            let at = Progress { step, tokens, skipped, score: last_score };
-            let dir = saver.save(&opt, at, recipe.state(), tc.keep_checkpoints)?;
-            obs.checkpoint(&dir);
-            last_ck = Some(dir);
+            // Gathered on every rank (a sharded optimizer's moments live across them).
+            let state = opt.state_tensors()?;
+            if main {
+                let at = Progress { step, tokens, skipped, score: last_score };
+                let dir = saver.save(opt.params(), state, at, recipe.state(), tc.keep_checkpoints)?;
+                obs.checkpoint(&dir);
+                last_ck = Some(dir);
+            }
+        }
+        if world > 1 && (tc.eval_due(step) || tc.checkpoint_due(step)) {
+            // The main rank evaluated or saved alone: the replicas start the next step together.
+            comm.rendezvous().map_err(dist_err)?;
         }
     }
     let updates = opt.step_count() + skipped;
     if skipped > 0 && skipped as f64 > tc.max_skipped_fraction * updates as f64 {
         return Err(TrainError::TooManySkipped { skipped, updates, limit: tc.max_skipped_fraction }.into());
     }
-    if step == tc.max_steps {
+    if main && step == tc.max_steps {
         if let Some(line) = recipe.finish(step, obs)? {
             for s in &mut sinks {
                 s.record(step, &line)?;
@@ -449,6 +505,35 @@ where
     })
 }
 
+fn dist_err(e: taper_dist::DistError) -> TrainError {
+    TrainError::Invalid(e.to_string())
+}
+
+/// The device of this replica: with several replicas on CUDA, the local rank picks the GPU.
+fn replica_device(spec: &str, comm: &dyn Comm) -> Result<Device> {
+    if comm.world() > 1 && (spec == "auto" || spec == "cuda") && candle_core::utils::cuda_is_available() {
+        return Ok(Device::new_cuda(comm.local_rank())?);
+    }
+    select_device(spec)
+}
+
+/// A step's report over all replicas: tokens summed, the recipe's numeric metrics averaged
+/// (the ranks train equal shares).
+fn reduce_report(comm: &dyn Comm, mut r: StepReport) -> Result<StepReport> {
+    if comm.world() == 1 {
+        return Ok(r);
+    }
+    let keys: Vec<String> = r.metrics.iter().filter(|(_, v)| v.is_number()).map(|(k, _)| k.clone()).collect();
+    let mut vals: Vec<f64> =
+        std::iter::once(r.tokens as f64).chain(keys.iter().map(|k| r.metrics[k].as_f64().unwrap_or(0.0))).collect();
+    comm.all_reduce_sum_f64(&mut vals).map_err(dist_err)?;
+    r.tokens = vals[0] as u64;
+    for (k, v) in keys.iter().zip(&vals[1..]) {
+        r.metrics.insert(k.clone(), (v / comm.world() as f64).into());
+    }
+    Ok(r)
+}
+
 /// Keys that no resume may change, even with `--allow-config-change`: the trained tensors'
 /// shapes and what they start from.
 const FIXED_ON_RESUME: &[&str] = &["model.", "lora.", "init", "data.tokenizer", "data.special_tokens"];
@@ -456,7 +541,7 @@ const FIXED_ON_RESUME: &[&str] = &["model.", "lora.", "init", "data.tokenizer", 
 /// Refuses a checkpoint of another recipe, or one whose config differs from this run's in
 /// anything but the loop's cadence and the recipe's evaluation settings, unless `allow` (and
 /// then never the model's shape). Returns the changes allowed.
-fn check_resume<C: RecipeConfig>(cfg: &mut C, ck: &Checkpoint, allow: bool) -> Result<Vec<String>> {
+fn check_resume<C: RecipeConfig>(cfg: &mut C, ck: &Checkpoint, allow: bool, world: usize) -> Result<Vec<String>> {
     let bad = |reason: String| TrainError::Checkpoint { path: ck.dir.display().to_string(), reason };
     let this = C::RECIPE;
     if let Some(r) = ck.state.recipe.as_deref().filter(|&r| r != this) {
@@ -469,7 +554,17 @@ fn check_resume<C: RecipeConfig>(cfg: &mut C, ck: &Checkpoint, allow: bool) -> R
         .map_err(|e| bad(format!("its config is not a `taper {this}` config ({}): use it as `init`", e.message())))?;
     cfg.adopt_derived(&saved);
     let free: Vec<&str> = FREE_ON_RESUME.iter().chain(cfg.free_on_resume()).copied().collect();
-    let changed = config_changes(&saved.to_toml(), &cfg.to_toml(), &free);
+    // A step's micro-batches are spread over the replicas: what must match is world x
+    // accumulation (the global batch), so a run moves between world sizes.
+    let per_step = |toml: String, w: usize| -> String {
+        let Ok(mut t) = toml.parse::<toml::Table>() else { return toml };
+        if let Some(toml::Value::Integer(a)) = t.get_mut("train").and_then(|t| t.get_mut("grad_accum_steps")) {
+            *a *= w as i64;
+        }
+        t.to_string()
+    };
+    let changed =
+        config_changes(&per_step(saved.to_toml(), ck.state.world_size), &per_step(cfg.to_toml(), world), &free);
     if changed.is_empty() {
         return Ok(changed);
     }
@@ -545,10 +640,18 @@ struct Saver<'a> {
     config: &'a str,
     recipe: &'static str,
     history: &'a [ConfigChange],
+    world: usize,
 }
 
 impl Saver<'_> {
-    fn save(&self, opt: &Optimizer, at: Progress, recipe_state: Option<Value>, keep: usize) -> Result<PathBuf> {
+    fn save(
+        &self,
+        params: &[crate::optim::Param],
+        optimizer: std::collections::HashMap<String, Tensor>,
+        at: Progress,
+        recipe_state: Option<Value>,
+        keep: usize,
+    ) -> Result<PathBuf> {
         let c = self.contents;
         let state = TrainerState {
             format_version: FORMAT_VERSION,
@@ -566,12 +669,13 @@ impl Saver<'_> {
             base: c.lora.as_ref().map(|(_, b)| b.clone()),
             recipe: Some(self.recipe.to_string()),
             config_changes: self.history.to_vec(),
+            world_size: self.world,
         };
         let trained: std::collections::HashMap<String, Tensor> =
-            opt.params().iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect();
+            params.iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect();
         let mut model = trained.clone();
         model.extend(c.frozen.iter().cloned());
-        let dir = checkpoint::save(self.ck_root, &model, &opt.state_tensors(), &c.tokenizer, state, |tmp| {
+        let dir = checkpoint::save(self.ck_root, &model, &optimizer, &c.tokenizer, state, |tmp| {
             c.write_extras(tmp, &trained)?;
             if let Some(v) = &recipe_state {
                 let p = tmp.join("recipe_state.json");
