@@ -3,7 +3,7 @@
 //! once into the run dir), one concatenated forward of chosen and rejected per batch, a loss of
 //! the DPO family ([`DpoLoss`]), and held-out exact match at the end.
 
-use crate::losses::{dpo_loss, DpoLoss};
+use crate::losses::{dpo_loss, DpoLoss, DpoOut};
 use crate::pairs::{pair_rows, scalar, sequence_logps, EncodedPair, PairDataConfig, PairRun};
 use crate::{AlignError, Result};
 use candle_core::{Device, Tensor};
@@ -226,11 +226,12 @@ fn eval_pairs(
         };
         let out = dpo_loss(s.loss, s.beta, &pc, &pr, refs.as_ref().map(|(a, b, _)| (a, b)))?;
         let k = batch.len() as f64;
+        let st = out.stats.to_vec1::<f64>()?;
         loss += scalar(&out.loss)? * k;
-        acc += out.accuracy * k;
-        margin += out.margin * k;
-        chosen += out.chosen_rewards.iter().map(|&x| x as f64).sum::<f64>();
-        rejected += out.rejected_rewards.iter().map(|&x| x as f64).sum::<f64>();
+        acc += st[0] * k;
+        margin += st[1] * k;
+        chosen += st[2] * k;
+        rejected += st[3] * k;
         n += k;
     }
     let n = f64::max(n, 1.0);
@@ -281,7 +282,7 @@ pub fn dpo(cfg: DpoConfig, run: RunSpec, obs: &mut dyn Observer) -> Result<Summa
             eval_settings: cfg.eval.clone(),
             seed: cfg.seed,
             batch,
-            stats: RewardStats::default(),
+            stats: None,
             tokens: 0,
             contents_src: src,
         };
@@ -290,15 +291,6 @@ pub fn dpo(cfg: DpoConfig, run: RunSpec, obs: &mut dyn Observer) -> Result<Summa
         let contents = finetune::contents(&recipe.contents_src, &recipe.template, lora, &cfg.init, &[], &[]);
         Ok(Built { recipe, params, contents, vocab_size, train_tokens, val_tokens: 0 })
     })
-}
-
-/// The implicit rewards of a step's pairs, averaged over its micro-batches.
-#[derive(Default)]
-struct RewardStats {
-    chosen: f64,
-    rejected: f64,
-    accuracy: f64,
-    margin: f64,
 }
 
 struct Dpo {
@@ -318,7 +310,9 @@ struct Dpo {
     eval_settings: EvalConfig,
     seed: u64,
     batch: usize,
-    stats: RewardStats,
+    /// The step's implicit-reward statistics ([`DpoOut::STATS`]), averaged over its
+    /// micro-batches on the device.
+    stats: Option<Tensor>,
     tokens: u64,
     contents_src: Source,
 }
@@ -349,23 +343,17 @@ impl Recipe for Dpo {
             }
         };
         let out = dpo_loss(s.loss, s.beta, &pc, &pr, refs.as_ref().map(|(a, b)| (a, b)))?;
-        let (k, n) = (at.count as f64, batch.len() as f64);
-        let st = &mut self.stats;
-        st.accuracy += out.accuracy / k;
-        st.margin += out.margin / k;
-        st.chosen += out.chosen_rewards.iter().map(|&x| x as f64).sum::<f64>() / (n * k);
-        st.rejected += out.rejected_rewards.iter().map(|&x| x as f64).sum::<f64>() / (n * k);
+        let share = (&out.stats / at.count as f64)?;
+        self.stats = Some(match self.stats.take() {
+            Some(st) => (st + share)?,
+            None => share,
+        });
         Ok(if s.rpo_alpha > 0.0 { (out.loss + (nll * s.rpo_alpha)?)? } else { out.loss })
     }
 
     fn end_step(&mut self, _step: u64) -> Result<StepReport> {
-        let st = std::mem::take(&mut self.stats);
-        let mut metrics = Map::new();
-        metrics.insert("rewards/chosen".into(), st.chosen.into());
-        metrics.insert("rewards/rejected".into(), st.rejected.into());
-        metrics.insert("rewards/accuracy".into(), st.accuracy.into());
-        metrics.insert("rewards/margin".into(), st.margin.into());
-        Ok(StepReport { tokens: std::mem::take(&mut self.tokens), metrics })
+        let device_metrics = self.stats.take().map(|t| (DpoOut::STATS.to_vec(), t));
+        Ok(StepReport { tokens: std::mem::take(&mut self.tokens), metrics: Map::new(), device_metrics })
     }
 
     fn evaluate(&mut self, step: u64, obs: &mut dyn Observer) -> Result<Evaluation> {

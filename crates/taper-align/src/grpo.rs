@@ -242,6 +242,6 @@ impl RlAlgorithm for Grpo {
         let (mean, std) = d.stats;
         let metrics = object(serde_json::json!({"reward": mean, "reward_std": std, "kl": kl, "clip_frac": clip,
             "entropy": d.entropy, "response_length": d.sampled.response_length}));
-        Ok(StepReport { tokens: d.sampled.tokens, metrics })
+        Ok(StepReport { tokens: d.sampled.tokens, metrics, device_metrics: None })
     }
 }

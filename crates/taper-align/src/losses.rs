@@ -215,14 +215,19 @@ pub struct DpoOut {
     pub losses: Tensor,
     /// Scalar mean of `losses`.
     pub loss: Tensor,
-    /// `beta * (policy_chosen - ref_chosen)` (SimPO: `beta * policy_chosen`).
-    pub chosen_rewards: Vec<f32>,
-    /// `beta * (policy_rejected - ref_rejected)` (SimPO: `beta * policy_rejected`).
-    pub rejected_rewards: Vec<f32>,
-    /// Fraction of pairs with `chosen_reward > rejected_reward`.
-    pub accuracy: f64,
-    /// Mean of `chosen_reward - rejected_reward`.
-    pub margin: f64,
+    /// `beta * (policy_chosen - ref_chosen)` (SimPO: `beta * policy_chosen`), (B,) f32.
+    pub chosen_rewards: Tensor,
+    /// `beta * (policy_rejected - ref_rejected)` (SimPO: `beta * policy_rejected`), (B,) f32.
+    pub rejected_rewards: Tensor,
+    /// (4,) f64: the fraction of pairs with `chosen_reward > rejected_reward`, the mean of
+    /// `chosen_reward - rejected_reward`, the mean chosen and the mean rejected reward. A tensor,
+    /// so that a training step reads nothing back; see [`DpoOut::STATS`].
+    pub stats: Tensor,
+}
+
+impl DpoOut {
+    /// The names of [`DpoOut::stats`], as TRL logs them.
+    pub const STATS: [&'static str; 4] = ["rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected"];
 }
 
 /// The DPO family over per-example sequence log-probs (B,), following TRL's `DPOTrainer.dpo_loss` (0.x; 1.x
@@ -291,13 +296,19 @@ pub fn dpo_loss(
         Some((rc, rr)) => ((policy_chosen.detach() - rc)?, (policy_rejected.detach() - rr)?),
         None => (policy_chosen.detach(), policy_rejected.detach()),
     };
-    let chosen_rewards: Vec<f32> = (chosen * beta)?.to_dtype(DType::F32)?.to_vec1()?;
-    let rejected_rewards: Vec<f32> = (rejected * beta)?.to_dtype(DType::F32)?.to_vec1()?;
-    let n = chosen_rewards.len() as f64;
-    let pairs = || chosen_rewards.iter().zip(&rejected_rewards);
-    let accuracy = pairs().filter(|(c, r)| c > r).count() as f64 / n;
-    let margin = pairs().map(|(c, r)| *c as f64 - *r as f64).sum::<f64>() / n;
-    Ok(DpoOut { losses, loss, chosen_rewards, rejected_rewards, accuracy, margin })
+    let chosen_rewards = (chosen * beta)?.to_dtype(DType::F32)?;
+    let rejected_rewards = (rejected * beta)?.to_dtype(DType::F32)?;
+    let (c, r) = (chosen_rewards.to_dtype(DType::F64)?, rejected_rewards.to_dtype(DType::F64)?);
+    let stats = Tensor::stack(
+        &[
+            chosen_rewards.gt(&rejected_rewards)?.to_dtype(DType::F64)?.mean_all()?,
+            (&c - &r)?.mean_all()?,
+            c.mean_all()?,
+            r.mean_all()?,
+        ],
+        0,
+    )?;
+    Ok(DpoOut { losses, loss, chosen_rewards, rejected_rewards, stats })
 }
 
 fn check_lengths(what: &str, n: usize, others: &[(&str, usize)]) -> Result<()> {

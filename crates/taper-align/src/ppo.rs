@@ -373,7 +373,7 @@ impl RlAlgorithm for Ppo {
             "kl_coef": self.kl_coef, "entropy": d.batch.entropy, "policy_loss": st.policy_loss / k,
             "value_loss": st.value_loss / k, "clip_frac": st.clip / k, "vf_clip_frac": st.vclip / k,
             "approx_kl": st.approx_kl / k, "response_length": d.sampled.response_length}));
-        Ok(StepReport { tokens: d.sampled.tokens, metrics })
+        Ok(StepReport { tokens: d.sampled.tokens, metrics, device_metrics: None })
     }
 
     fn state(&self) -> Option<serde_json::Value> {

@@ -307,7 +307,7 @@ impl Recipe for Rm {
         let mut metrics = Map::new();
         metrics.insert("accuracy".into(), std::mem::take(&mut self.acc).into());
         metrics.insert("margin".into(), std::mem::take(&mut self.margin).into());
-        Ok(StepReport { tokens: std::mem::take(&mut self.tokens), metrics })
+        Ok(StepReport { tokens: std::mem::take(&mut self.tokens), metrics, device_metrics: None })
     }
 
     fn evaluate(&mut self, step: u64, obs: &mut dyn Observer) -> Result<Evaluation> {

@@ -104,10 +104,16 @@ fn dpo_family_matches_trl() {
         let what = format!("{kind:?}");
         assert_all_close(&format!("{what} losses"), &values(&out.losses), &f64s(&c["losses"]));
         assert_close(&format!("{what} loss"), scalar(&out.loss), num(&c["loss"]));
-        assert_all_close(&format!("{what} chosen_rewards"), &out.chosen_rewards, &f64s(&c["chosen_rewards"]));
-        assert_all_close(&format!("{what} rejected_rewards"), &out.rejected_rewards, &f64s(&c["rejected_rewards"]));
-        assert_close(&format!("{what} accuracy"), out.accuracy, num(&c["accuracy"]));
-        assert_close(&format!("{what} margin"), out.margin, num(&c["margin"]));
+        let rewards = |t: &Tensor| t.to_vec1::<f32>().unwrap();
+        assert_all_close(&format!("{what} chosen_rewards"), &rewards(&out.chosen_rewards), &f64s(&c["chosen_rewards"]));
+        assert_all_close(
+            &format!("{what} rejected_rewards"),
+            &rewards(&out.rejected_rewards),
+            &f64s(&c["rejected_rewards"]),
+        );
+        let stats = out.stats.to_vec1::<f64>().unwrap();
+        assert_close(&format!("{what} accuracy"), stats[0], num(&c["accuracy"]));
+        assert_close(&format!("{what} margin"), stats[1], num(&c["margin"]));
         let grads = out.loss.backward().unwrap();
         assert_all_close(&format!("{what} d/dpc"), &values(grads.get(&pc).unwrap()), &f64s(&c["grad_policy_chosen"]));
         assert_all_close(&format!("{what} d/dpr"), &values(grads.get(&pr).unwrap()), &f64s(&c["grad_policy_rejected"]));

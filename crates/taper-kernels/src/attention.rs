@@ -13,7 +13,7 @@
 
 use crate::float::simd;
 use crate::linear::gemm_into;
-use candle_core::{CpuStorage, DType, Device, Layout, Shape, Tensor, WithDType, D};
+use candle_core::{CpuStorage, DType, Device, Layout, Shape, Tensor, WithDType};
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -52,12 +52,15 @@ pub struct AttnOpts {
     /// only keys of its own segment. Segment 0 is padding and, as in taper's `segment_mask`,
     /// a padding query sees only the key at its own position, so that its row stays defined.
     pub segments: Option<(Vec<u32>, Vec<u32>)>,
+    /// (p, key): inverted dropout on the probabilities, its masks drawn by Philox under `key`.
+    /// Only the composed path has it, so it takes the call.
+    pub dropout: Option<(f64, u64)>,
 }
 
 impl AttnOpts {
     /// No mask at all, `scale` on the scores.
     pub fn new(scale: f64) -> Self {
-        Self { scale, causal: false, window: 0, key_padding: None, segments: None }
+        Self { scale, causal: false, window: 0, key_padding: None, segments: None, dropout: None }
     }
 
     /// Causal (and windowed, with `window` > 0) with scale 1/sqrt(head_dim).
@@ -150,9 +153,9 @@ pub fn attention_bthd(q: &Tensor, k: &Tensor, v: &Tensor, hq: usize, hkv: usize,
     if q.dtype() != k.dtype() || q.dtype() != v.dtype() {
         return Err(AttentionError::DType { q: q.dtype(), k: k.dtype(), v: v.dtype() });
     }
-    let fused = q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64);
+    let fused = crate::fused_on(q.device()) && matches!(q.dtype(), DType::F32 | DType::F64) && opts.dropout.is_none();
     if !fused {
-        let y = attention_composed(&qh, &kh, &vh, opts)?; // (B, H, T, D)
+        let y = attention_composed(&qh.contiguous()?, &kh.contiguous()?, &vh.contiguous()?, opts)?; // (B, H, T, D)
         return Ok(y.transpose(1, 2)?.reshape(q.dims())?);
     }
     let op = FusedAttention { dims, opts: opts.clone(), lse: Mutex::new(None), bthd: true };
@@ -188,7 +191,8 @@ fn packed(qkv: &Tensor, hq: usize, hkv: usize, rope: Option<(&Tensor, &Tensor)>,
         return Err(AttentionError::Shape(format!("qkv width {w} is not {hq} + 2 x {hkv} heads of one size")));
     }
     let d = w / heads;
-    let fused = qkv.device().is_cpu() && matches!(qkv.dtype(), DType::F32 | DType::F64);
+    let fused =
+        crate::fused_on(qkv.device()) && matches!(qkv.dtype(), DType::F32 | DType::F64) && opts.dropout.is_none();
     let tables = match rope {
         None => None,
         Some((cos, sin)) => {
@@ -231,7 +235,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOpts) -> Result<
     if q.dtype() != k.dtype() || q.dtype() != v.dtype() {
         return Err(AttentionError::DType { q: q.dtype(), k: k.dtype(), v: v.dtype() });
     }
-    let fused = q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64);
+    let fused = crate::fused_on(q.device()) && matches!(q.dtype(), DType::F32 | DType::F64) && opts.dropout.is_none();
     if !fused {
         return attention_composed(q, k, v, opts);
     }
@@ -239,75 +243,20 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOpts) -> Result<
     Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
 }
 
-/// The same attention from candle primitives: repeated key/value heads, matmuls, an additive
-/// mask and a softmax whose max is detached (like taper-model's `nn::softmax`). Any device and
-/// float dtype; it keeps the (B, Hq, Tq, Tk) probabilities for its backward.
+/// The same attention from candle primitives, for any device and float dtype: query chunks
+/// with recomputation in the backward, so the (B, Hq, Tq, Tk) probabilities are never kept
+/// (see `attention_chunked`); masks built on the device and cached. The path every device
+/// without a fused kernel takes, and the one that applies `opts.dropout`.
 pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOpts) -> Result<Tensor> {
-    let dims = Dims::of(q, k, v, opts)?;
-    let Dims { b, tq, tk, .. } = dims;
-    let mut add = vec![0f32; b * tq * tk];
-    let mut alive = vec![0f32; b * tq];
-    for r in 0..b {
-        for i in 0..tq {
-            let row = &mut add[(r * tq + i) * tk..(r * tq + i + 1) * tk];
-            for (j, a) in row.iter_mut().enumerate() {
-                if !allowed(&dims, opts, r, i, j) {
-                    *a = f32::NEG_INFINITY;
-                }
-            }
-            // A row with no visible key would be all -inf and its softmax NaN: unmask it so the
-            // softmax stays finite, and zero its probabilities (hence its gradient) afterwards.
-            if row.iter().all(|a| *a == f32::NEG_INFINITY) {
-                row.fill(0.0);
-            } else {
-                alive[r * tq + i] = 1.0;
-            }
-        }
-    }
-    let dev = q.device();
-    let add = Tensor::from_vec(add, (b, 1, tq, tk), dev)?.to_dtype(q.dtype())?;
-    let alive = Tensor::from_vec(alive, (b, 1, tq, 1), dev)?.to_dtype(q.dtype())?;
-    let (k, v) = (repeat_kv(k, dims.rep())?, repeat_kv(v, dims.rep())?); // (B, Hq, Tk, D)
-    let s = (q.matmul(&k.t()?)? * opts.scale)?.broadcast_add(&add)?; // (B, Hq, Tq, Tk)
-    let max = s.max_keepdim(D::Minus1)?.detach();
-    let e = s.broadcast_sub(&max)?.exp()?;
-    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.broadcast_mul(&alive)?;
-    Ok(p.matmul(&v)?) // (B, Hq, Tq, D)
+    Dims::of(q, k, v, opts)?;
+    crate::attention_chunked::attention_chunked(q, k, v, opts)
 }
 
-/// The mask, stated directly from its definition (the kernels use key ranges instead; the tests
-/// check one against the other).
-fn allowed(dims: &Dims, opts: &AttnOpts, r: usize, i: usize, j: usize) -> bool {
-    let p = (dims.tk + i) as isize - dims.tq as isize;
-    let j = j as isize;
-    if opts.causal && j > p {
-        return false;
-    }
-    if opts.window > 0 && p - j >= opts.window as isize {
-        return false;
-    }
-    if let Some(kp) = &opts.key_padding {
-        if kp[r * dims.tk + j as usize] {
-            return false;
-        }
-    }
-    if let Some((qs, ks)) = &opts.segments {
-        let s = qs[r * dims.tq + i];
-        if s == 0 {
-            return j == p;
-        }
-        return ks[r * dims.tk + j as usize] == s;
-    }
-    true
-}
-
-/// (B, KV, L, D) -> (B, KV * n_rep, L, D), each key/value head serving n_rep query heads.
-fn repeat_kv(x: &Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x.clone());
-    }
-    let (b, kv, l, d) = x.dims4()?;
-    x.unsqueeze(2)?.broadcast_as((b, kv, n_rep, l, d))?.contiguous()?.reshape((b, kv * n_rep, l, d))
+/// The additive mask (B or 1, 1, Tq, Tk), 0 where `opts` lets a query see a key and -inf
+/// elsewhere (a row that sees no key is all 0), built on the device and cached: the same mask
+/// the composed path adds to its scores.
+pub fn attention_bias(b: usize, tq: usize, tk: usize, opts: &AttnOpts, dtype: DType, dev: &Device) -> Result<Tensor> {
+    Ok(crate::attention_chunked::device_mask(b, tq, tk, opts, dtype, dev)?.bias)
 }
 
 /// The keys one query row may see: the contiguous range [lo, hi) left by causality, the window
@@ -960,7 +909,70 @@ impl candle_core::CustomOp1 for PackedAttention {
 
 #[cfg(test)]
 mod tests {
-    use super::Float;
+    use super::{AttnOpts, Dims, Float};
+    use candle_core::{DType, Device};
+
+    /// The mask, stated directly from its definition: the device masks and, through the composed
+    /// path, the kernels' key ranges are checked against it.
+    fn allowed(dims: &Dims, opts: &AttnOpts, r: usize, i: usize, j: usize) -> bool {
+        let p = (dims.tk + i) as isize - dims.tq as isize;
+        let j = j as isize;
+        if opts.causal && j > p {
+            return false;
+        }
+        if opts.window > 0 && p - j >= opts.window as isize {
+            return false;
+        }
+        if let Some(kp) = &opts.key_padding {
+            if kp[r * dims.tk + j as usize] {
+                return false;
+            }
+        }
+        if let Some((qs, ks)) = &opts.segments {
+            let s = qs[r * dims.tq + i];
+            if s == 0 {
+                return j == p;
+            }
+            return ks[r * dims.tk + j as usize] == s;
+        }
+        true
+    }
+
+    /// The masks the composed path builds on the device are the definition's, for every kind
+    /// of option, with queries following a cache (Tq < Tk) and rows that see no key.
+    #[test]
+    fn device_masks_follow_the_definition() {
+        let (b, tq, tk) = (2, 5, 8);
+        let segs = |n: usize| -> Vec<u32> { (0..b * n).map(|i| [1, 1, 2, 0, 2, 3, 3, 1][i % 8]).collect() };
+        let options = [
+            AttnOpts::new(1.0),
+            AttnOpts::causal(4, 0),
+            AttnOpts { window: 3, ..AttnOpts::causal(4, 0) },
+            AttnOpts { window: 2, ..AttnOpts::new(1.0) },
+            AttnOpts {
+                key_padding: Some((0..b * tk).map(|i| i % 3 == 0 || i >= tk).collect()),
+                ..AttnOpts::causal(4, 0)
+            },
+            AttnOpts { segments: Some((segs(tq), segs(tk))), ..AttnOpts::causal(4, 2) },
+        ];
+        for opts in options {
+            let dims = Dims { b, hq: 1, hkv: 1, tq, tk, d: 4 };
+            let m = crate::attention_chunked::device_mask(b, tq, tk, &opts, DType::F32, &Device::Cpu).unwrap();
+            let bias = m.bias.broadcast_as((b, 1, tq, tk)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let alive = m.alive.broadcast_as((b, 1, tq, 1)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for r in 0..b {
+                for i in 0..tq {
+                    let any = (0..tk).any(|j| allowed(&dims, &opts, r, i, j));
+                    assert_eq!(alive[r * tq + i], f32::from(u8::from(any)), "{opts:?} row {r} query {i}");
+                    for j in 0..tk {
+                        let open = allowed(&dims, &opts, r, i, j) || !any;
+                        let want = if open { 0.0 } else { f32::NEG_INFINITY };
+                        assert_eq!(bias[(r * tq + i) * tk + j], want, "{opts:?} row {r} query {i} key {j}");
+                    }
+                }
+            }
+        }
+    }
 
     /// The polynomial f32 exp within 2 ulp of the true value over the range softmax uses, 0 for
     /// masked (-inf) scores, NaN kept.

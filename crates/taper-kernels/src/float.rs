@@ -247,7 +247,7 @@ pub(crate) fn fused(ts: &[&Tensor]) -> bool {
     let Some(first) = ts.first() else { return false };
     let dtype = first.dtype();
     matches!(dtype, candle_core::DType::F32 | candle_core::DType::F64)
-        && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == dtype)
+        && ts.iter().all(|t| crate::fused_on(t.device()) && t.dtype() == dtype)
 }
 
 /// Rows per rayon task for rows of `width` elements.

@@ -5,32 +5,54 @@
 
 mod act;
 mod attention;
+mod attention_chunked;
 mod float;
 mod linear;
 mod linear_loss;
+mod linear_loss_chunked;
 mod loss;
 mod norm;
 mod optim;
+pub mod precomputed;
+pub mod random;
 mod rope;
 mod softmax;
 
 pub use act::{gelu_erf, gelu_tanh, swiglu};
 pub use attention::{
-    attention, attention_bthd, attention_composed, attention_packed, attention_packed_rope, AttentionError, AttnOpts,
+    attention, attention_bias, attention_bthd, attention_composed, attention_packed, attention_packed_rope,
+    AttentionError, AttnOpts,
 };
 pub use linear::{linear, linear_composed, linear_gelu};
 pub use linear_loss::linear_cross_entropy;
+pub use linear_loss_chunked::linear_cross_entropy_chunked;
 pub use loss::cross_entropy;
 pub use norm::{layer_norm, rms_norm};
 pub use optim::{adamw_step, lion_step, AdamW, Lion};
 pub use rope::rope;
 pub use softmax::{log_softmax, softmax_last_dim};
 
+/// Whether taper's own kernels run on `dev`: on the CPU, unless `TAPER_DEVICE_GENERIC` is set
+/// (to anything but 0), which makes the CPU take the composed path every other device takes,
+/// so that CI exercises it. Read once per process.
+pub fn fused_on(dev: &candle_core::Device) -> bool {
+    static GENERIC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let generic =
+        *GENERIC.get_or_init(|| std::env::var("TAPER_DEVICE_GENERIC").is_ok_and(|v| !v.is_empty() && v != "0"));
+    dev.is_cpu() && !generic
+}
+
 /// Input a kernel cannot take.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     #[error("{op}: {reason}")]
     BadInput { op: &'static str, reason: String },
+}
+
+/// The PTX that build.rs compiled from cuda/.
+#[cfg(feature = "cuda")]
+mod ptx {
+    include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
 }
 
 pub(crate) fn bad(op: &'static str, reason: impl Into<String>) -> candle_core::Error {

@@ -33,7 +33,7 @@ pub fn linear_cross_entropy(
     if wc != c {
         return Err(crate::bad("linear-cross-entropy", format!("weight ({v}, {wc}) for hidden states of width {c}")));
     }
-    if !fused(&[hidden, weight]) || !targets.device().is_cpu() {
+    if !fused(&[hidden, weight]) || !crate::fused_on(targets.device()) {
         return composed(&hidden.matmul(&weight.t()?)?, targets, ignore_index);
     }
     let (ts, count) = check_targets(targets, n, v, ignore_index)?;

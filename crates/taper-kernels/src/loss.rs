@@ -10,7 +10,7 @@ use rayon::prelude::*;
 /// `nn::cross_entropy` does.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: i64) -> Result<(Tensor, usize)> {
     let (n, v) = logits.dims2()?;
-    if !fused(&[logits]) || !targets.device().is_cpu() {
+    if !fused(&[logits]) || !crate::fused_on(targets.device()) {
         if targets.dims() != [n] {
             return Err(crate::bad("cross-entropy", format!("targets must be ({n},), got {:?}", targets.dims())));
         }

@@ -246,13 +246,15 @@ impl Bert {
         if let Some(tt) = &self.token_type_embeddings {
             x = match token_type_ids {
                 Some(types) => {
-                    let n = tt.dim(0)? as u32;
-                    let flat: Vec<u32> = types.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
-                    if let Some(bad) = flat.iter().find(|&&ty| ty >= n) {
-                        return Err(ModelError::Config(format!("token type {bad} is outside type_vocab_size {n}")));
+                    let types = types.flatten_all()?.to_dtype(DType::U32)?;
+                    // Checked where reading costs nothing (host memory); a device reads no ids back.
+                    if ids.device().is_cpu() {
+                        let n = tt.dim(0)? as u32;
+                        if let Some(bad) = types.to_vec1::<u32>()?.iter().find(|&&ty| ty >= n) {
+                            return Err(ModelError::Config(format!("token type {bad} is outside type_vocab_size {n}")));
+                        }
                     }
-                    let e = tt.index_select(&Tensor::new(flat.as_slice(), ids.device())?, 0)?.reshape((b, t, c))?;
-                    (x + e)?
+                    (x + tt.index_select(&types, 0)?.reshape((b, t, c))?)?
                 }
                 None => x.broadcast_add(&tt.get(0)?)?,
             };
@@ -271,9 +273,16 @@ impl Bert {
             }
             None => None,
         };
-        // The fused kernel takes the padding as structure and skips masked keys; it has no
-        // dropout on the attention probabilities, so with that active the composed path runs.
-        let fused = cfg.kernels && (rng.is_none() || cfg.dropout <= 0.0);
+        // The fused CPU kernel takes the padding as structure and skips masked keys; it has no
+        // dropout on the attention probabilities, so with that active the additive-mask path
+        // runs there. Elsewhere the chunked attention takes the options (dropout included)
+        // unless a padding mask would have to be read back to become options.
+        let on_cpu = taper_kernels::fused_on(x.device());
+        let fused = cfg.kernels
+            && match on_cpu {
+                true => rng.is_none() || cfg.dropout <= 0.0,
+                false => attention_mask.is_none(),
+            };
         let opts = match (fused, attention_mask) {
             (false, _) => None,
             (true, m) => {
@@ -321,6 +330,12 @@ impl Bert {
         };
         let (q, k, v) = (heads(&l.query)?, heads(&l.key)?, heads(&l.value)?);
         let y = match fused {
+            // Each layer's attention dropout under a key of its own (never on the fused CPU path).
+            Some(opts) if rng.is_some() && cfg.dropout > 0.0 => {
+                let key = rng.as_deref_mut().map(|r| r.next_u64());
+                let opts = taper_kernels::AttnOpts { dropout: key.map(|k| (cfg.dropout, k)), ..opts.clone() };
+                taper_kernels::attention(&q, &k, &v, &opts)?
+            }
             Some(opts) => taper_kernels::attention(&q, &k, &v, opts)?, // (B, H, T, D)
             None => {
                 let mut att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?; // (B, H, T, T)
@@ -391,7 +406,7 @@ mod tests {
             let mut rng = Rng::new(0);
             let logits = model.forward(&ids, types, Some(&mask), Some(&mut rng))?; // (B, T, V)
             assert_eq!(logits.dims(), [2, 8, 19]);
-            let (loss, _) = nn::cross_entropy(&logits.reshape((16, 19))?, &targets.flatten_all()?, -100)?;
+            let loss = nn::cross_entropy(&logits.reshape((16, 19))?, &targets.flatten_all()?, -100)?;
             let grads = loss.backward()?;
             for (name, var) in &vars {
                 let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{cfg:?}: no gradient for {name}"));

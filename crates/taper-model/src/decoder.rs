@@ -220,8 +220,9 @@ pub struct Decoder {
     layers: Vec<Block>,
     norm: NormLayer,
     lm_head: Tensor,
-    /// RoPE inverse frequencies (head_dim / 2), scaled as the config says.
-    inv_freq: Option<Vec<f32>>,
+    /// RoPE cos and sin for every position, (block_size, head_dim) each, on the model's device:
+    /// built once, so a forward only narrows or gathers them.
+    rope: Option<(Tensor, Tensor)>,
 }
 
 impl Decoder {
@@ -237,7 +238,10 @@ impl Decoder {
             PosEmb::Sinusoidal => Some(nn::sinusoidal_table(c, cfg.block_size, &dev)?),
             PosEmb::Rope | PosEmb::None => None,
         };
-        let inv_freq = (cfg.pos_emb == PosEmb::Rope).then(|| nn::rope_inv_freq(cfg));
+        let rope = match cfg.pos_emb {
+            PosEmb::Rope => Some(nn::rope_tables(&nn::rope_inv_freq(cfg), 0, cfg.block_size, &dev)?),
+            _ => None,
+        };
         let h = cfg.hidden();
         let (q, hd) = (cfg.n_head * cfg.head_dim(), cfg.head_dim());
         let (qkv_b, o_b, mlp_b) = (cfg.qkv_bias(), cfg.o_bias(), cfg.mlp_bias());
@@ -281,7 +285,7 @@ impl Decoder {
             layers,
             norm: NormLayer::load(w, "model.norm", cfg)?,
             lm_head,
-            inv_freq,
+            rope,
         })
     }
 
@@ -320,13 +324,12 @@ impl Decoder {
         if offset + t > cfg.block_size {
             return Err(ModelError::TooLong { len: offset + t, max: cfg.block_size });
         }
-        let dev = ids.device();
         let pos = match &self.embed_positions {
             Some(p) => Some(p.narrow(0, offset, t)?), // (T, C)
             None => None,
         };
-        let rope = match &self.inv_freq {
-            Some(f) => Some(nn::rope_tables(f, offset, t, dev)?), // (T, D) each
+        let rope = match &self.rope {
+            Some((cos, sin)) => Some((cos.narrow(0, offset, t)?, sin.narrow(0, offset, t)?)), // (T, D) each
             None => None,
         };
         self.run(ids, pos, rope, Visibility::Causal { offset }, cache, rng)
@@ -348,26 +351,31 @@ impl Decoder {
 
     /// Mean cross-entropy of logits (N, V) against targets (N,) i64, skipping `ignore_index`,
     /// as [`nn::cross_entropy`] computes it (in f32), through the fused kernel when the config
-    /// asks for kernels. Returns (loss, number of counted targets).
-    pub fn loss(&self, logits: &Tensor, targets: &Tensor, ignore_index: i64) -> Result<(Tensor, usize)> {
-        Ok(if self.cfg.kernels {
-            taper_kernels::cross_entropy(&logits.to_dtype(DType::F32)?, targets, ignore_index)?
+    /// asks for kernels and the device has them.
+    pub fn loss(&self, logits: &Tensor, targets: &Tensor, ignore_index: i64) -> Result<Tensor> {
+        Ok(if self.cfg.kernels && taper_kernels::fused_on(logits.device()) {
+            taper_kernels::cross_entropy(&logits.to_dtype(DType::F32)?, targets, ignore_index)?.0
         } else {
             nn::cross_entropy(logits, targets, ignore_index)?
         })
     }
 
     /// Mean next-token cross-entropy of the LM head over final hidden states (.., C) against
-    /// `targets` (one per row), and the number counted. With the kernels on the CPU the head and
-    /// the loss run together in chunks of rows, so the (N, V) logits never exist, forward or
-    /// backward; otherwise the logits, then [`Self::loss`].
-    pub fn head_loss(&self, h: &Tensor, targets: &Tensor, ignore_index: i64) -> Result<(Tensor, usize)> {
-        let fused = self.cfg.kernels && h.device().is_cpu() && matches!(h.dtype(), DType::F32 | DType::F64);
-        if !fused {
+    /// `targets` (one per row). With the kernels on, the head and the loss run together in
+    /// chunks of rows, so the (N, V) logits never exist, forward or backward: the fused kernel
+    /// on the CPU, the chunked composition elsewhere. Without them, the logits, then
+    /// [`Self::loss`].
+    pub fn head_loss(&self, h: &Tensor, targets: &Tensor, ignore_index: i64) -> Result<Tensor> {
+        if !self.cfg.kernels {
             return self.loss(&flatten_logits(&self.head(h)?)?, targets, ignore_index);
         }
         let c = h.dim(D::Minus1)?;
-        Ok(taper_kernels::linear_cross_entropy(&h.reshape(((), c))?, &self.lm_head, targets, ignore_index, 0)?)
+        let fused = taper_kernels::fused_on(h.device()) && matches!(h.dtype(), DType::F32 | DType::F64);
+        if !fused {
+            let h = h.reshape(((), c))?;
+            return Ok(taper_kernels::linear_cross_entropy_chunked(&h, &self.lm_head, targets, ignore_index)?);
+        }
+        Ok(taper_kernels::linear_cross_entropy(&h.reshape(((), c))?, &self.lm_head, targets, ignore_index, 0)?.0)
     }
 
     /// The LM head over final hidden states: (B, T, C) -> (B, T, V).
@@ -400,12 +408,11 @@ impl Decoder {
             Some(p) => Some(p.index_select(&pid, 0)?.reshape((b, t, cfg.n_embd))?), // (B, T, C)
             None => None,
         };
-        let rope = match &self.inv_freq {
-            Some(f) => {
-                let (cos, sin) = nn::rope_tables(f, 0, max_pos + 1, dev)?;
+        let rope = match &self.rope {
+            Some((cos, sin)) => {
                 let d = cos.dim(1)?;
                 let pick = |tab: &Tensor| tab.index_select(&pid, 0)?.reshape((b, 1, t, d));
-                Some((pick(&cos)?, pick(&sin)?)) // (B, 1, T, D) each
+                Some((pick(cos)?, pick(sin)?)) // (B, 1, T, D) each
             }
             None => None,
         };
@@ -431,9 +438,10 @@ impl Decoder {
         if let Some(r) = rng.as_deref_mut() {
             x = nn::dropout(&x, self.cfg.dropout, r)?;
         }
-        // The fused kernel has no dropout on the attention probabilities; with it active the
-        // composed path runs, which draws the same random numbers it always did.
-        let fused = cfg.kernels && (rng.is_none() || cfg.dropout <= 0.0);
+        // The fused CPU kernel has no dropout on the attention probabilities; with it active the
+        // additive-mask path runs there, drawing the same random numbers it always did. Other
+        // devices take the chunked composed attention, which applies the dropout itself.
+        let fused = cfg.kernels && (rng.is_none() || cfg.dropout <= 0.0 || !taper_kernels::fused_on(ids.device()));
         let (window, dev) = (cfg.sliding_window, ids.device());
         let mask = match (vis, fused) {
             (Visibility::Causal { .. }, true) => Mask::Fused(AttnOpts::causal(cfg.head_dim(), window)),
@@ -471,6 +479,15 @@ impl Decoder {
 
         // Attention, pre-norm.
         let hx = l.input_layernorm.forward(x)?;
+        let with_dropout;
+        let mask = match (mask, rng.as_deref_mut()) {
+            // Each layer's attention dropout under a key of its own.
+            (Mask::Fused(opts), Some(r)) if cfg.dropout > 0.0 => {
+                with_dropout = Mask::Fused(AttnOpts { dropout: Some((cfg.dropout, r.next_u64())), ..opts.clone() });
+                &with_dropout
+            }
+            _ => mask,
+        };
         let y = match mask {
             // Without qk-norm or a cache, the kernel takes the projections as they come out,
             // (B, T, H*D), rotates q and k itself, and gives o_proj its input: no reshape,
@@ -774,7 +791,7 @@ mod tests {
             let targets = Tensor::new(&[[5i64, 3, 9, 2, 0, 16, 4, 1], [3, 2, 1, 0, 7, 8, 9, 10]], &dev)?;
             let mut rng = Rng::new(0);
             let logits = model.forward(&ids, 0, None, Some(&mut rng))?;
-            let (loss, _) = model.loss(&flatten_logits(&logits)?, &targets.flatten_all()?, -100)?;
+            let loss = model.loss(&flatten_logits(&logits)?, &targets.flatten_all()?, -100)?;
             let grads = loss.backward()?;
             for (name, var) in &vars {
                 let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{style}: no gradient for {name}"));
@@ -853,8 +870,7 @@ mod tests {
                 let model = Decoder::load(&w, &cfg)?;
                 let logits = model.forward(&ids, 0, None, None)?;
                 let packed = model.forward_packed(&ids.narrow(0, 0, 1)?, &pos, &seg, None)?;
-                let (loss, n) = model.loss(&flatten_logits(&logits)?, &targets, -100)?;
-                assert_eq!(n, 14);
+                let loss = model.loss(&flatten_logits(&logits)?, &targets, -100)?;
                 let grads = loss.backward()?;
                 let gs = vars
                     .iter()

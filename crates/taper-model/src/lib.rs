@@ -9,6 +9,7 @@ pub mod config;
 pub mod decoder;
 pub mod gguf;
 pub mod hf;
+pub mod host;
 mod init;
 pub mod lora;
 pub mod marian;

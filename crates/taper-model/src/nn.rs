@@ -6,6 +6,7 @@
 
 use crate::rng::Rng;
 use candle_core::{DType, Result, Tensor, D};
+use taper_kernels::AttnOpts;
 
 /// y = x W^T + b through the fused kernel when `kernels` and W takes a gradient or none is
 /// being taken (a frozen W under a trained x keeps [`linear`]'s dx-only op).
@@ -18,8 +19,12 @@ pub fn linear_k(x: &Tensor, w: &Tensor, b: Option<&Tensor>, kernels: bool) -> Re
 }
 
 /// y = x W^T + b, for x of any rank (.., in) and W of shape (out, in).
+///
+/// For a weight that takes no gradient (a frozen base under LoRA, a fixed head) while `x`
+/// does, candle's matmul backward would compute and keep dW regardless, a weight-sized tensor
+/// per layer per step: there the product is one node whose backward forms dx alone.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let frozen = !w.track_op() && x.track_op() && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+    let frozen = !w.track_op() && x.track_op() && matches!(x.dtype(), DType::F32 | DType::F64);
     if !frozen {
         return taper_kernels::linear_composed(x, w, b);
     }
@@ -27,7 +32,11 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let (last, lead) = dims.split_last().expect("linear on a scalar");
     let n: usize = lead.iter().product();
     let x = x.reshape((n, *last))?.contiguous()?;
-    let y = x.apply_op1(FrozenMatmul { wt: w.t()? })?; // (N, out)
+    let wt = w.t()?.to_dtype(x.dtype())?;
+    let y = x.detach().matmul(&wt)?; // (N, out)
+    let y = taper_kernels::precomputed::attach1(&x, "frozen-matmul", y, move |_, g| {
+        Ok(Some(g.matmul(&wt.t()?)?)) // (N, out) x (out, in)
+    })?;
     let y = match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,
@@ -35,49 +44,6 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let mut out = lead.to_vec();
     out.push(w.dim(0)?);
     y.reshape(out)
-}
-
-/// `x W^T` for a weight that takes no gradient (a frozen base under LoRA, a fixed head) while
-/// `x` does: candle's matmul backward computes and keeps dW regardless, a weight-sized tensor
-/// per layer per step; this op's backward computes dx alone. CPU only (elsewhere the plain
-/// matmul runs, correct but with the extra gradient).
-struct FrozenMatmul {
-    /// (in, out): the weight transposed, constant.
-    wt: Tensor,
-}
-
-impl candle_core::CustomOp1 for FrozenMatmul {
-    fn name(&self) -> &'static str {
-        "frozen-matmul"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s: &candle_core::CpuStorage,
-        l: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::{CpuStorage, Device, Storage};
-        let (start, end) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("frozen-matmul needs a contiguous input".into()))?;
-        let x = match s {
-            CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], l.shape(), &Device::Cpu)?,
-            CpuStorage::F64(v) => Tensor::from_slice(&v[start..end], l.shape(), &Device::Cpu)?,
-            _ => return Err(candle_core::Error::Msg("frozen-matmul: f32 or f64 only".into())),
-        };
-        let y = x.matmul(&self.wt.to_dtype(x.dtype())?)?;
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(c) if layout.is_contiguous() && layout.start_offset() == 0 => {
-                Ok((c.clone(), y.shape().clone()))
-            }
-            _ => Err(candle_core::Error::Msg("frozen-matmul: unexpected output layout".into())),
-        }
-    }
-
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.wt.t()?.to_dtype(grad.dtype())?)?)) // (N, out) x (out, in)
-    }
 }
 
 /// Softmax over the last dim. The max is detached: softmax is shift-invariant, so the
@@ -181,41 +147,31 @@ pub fn sinusoidal_table(d: usize, max_pos: usize, dev: &candle_core::Device) -> 
 
 /// Additive causal mask (T, L) for T queries at positions offset..offset+T over L = offset+T
 /// keys: 0 where a query may look, -inf in the future and, with a sliding `window` > 0, at
-/// `window` or more positions back (Mistral).
+/// `window` or more positions back (Mistral). Built on the device and cached per shape.
 pub fn causal_mask(t: usize, offset: usize, window: usize, dev: &candle_core::Device) -> Result<Tensor> {
-    let l = offset + t;
-    let v: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            let q = offset + i;
-            (0..l).map(move |j| if j > q || (window > 0 && q - j >= window) { f32::NEG_INFINITY } else { 0.0 })
-        })
-        .collect();
-    Tensor::from_vec(v, (t, l), dev)
+    let opts = AttnOpts { window, ..AttnOpts::causal(1, 0) };
+    taper_kernels::attention_bias(1, t, offset + t, &opts, DType::F32, dev)
+        .map_err(candle_core::Error::wrap)?
+        .reshape((t, offset + t))
 }
 
 /// Additive mask (B, 1, T, T) for packed rows: a query sees earlier keys of its own segment
 /// (and within the sliding `window`, if any). Padding (segment 0) sees only itself, so its
-/// softmax stays finite.
+/// softmax stays finite. Built on the device from the (B * T) ids and cached.
 pub fn segment_mask(seg: &[u32], b: usize, t: usize, window: usize, dev: &candle_core::Device) -> Result<Tensor> {
-    let mut v = vec![f32::NEG_INFINITY; b * t * t];
-    for r in 0..b {
-        let s = &seg[r * t..(r + 1) * t];
-        for i in 0..t {
-            for j in 0..=i {
-                let same = if s[i] == 0 { i == j } else { s[j] == s[i] };
-                if same && (window == 0 || i - j < window) {
-                    v[(r * t + i) * t + j] = 0.0;
-                }
-            }
-        }
-    }
-    Tensor::from_vec(v, (b, 1, t, t), dev)
+    let opts = AttnOpts { window, segments: Some((seg.to_vec(), seg.to_vec())), ..AttnOpts::causal(1, 0) };
+    taper_kernels::attention_bias(b, t, t, &opts, DType::F32, dev).map_err(candle_core::Error::wrap)
 }
 
-/// Inverted dropout with a mask drawn from our seeded RNG (candle's CPU RNG cannot be seeded).
+/// Inverted dropout. Off the fused CPU path the mask is drawn on the device by Philox, keyed by
+/// the next value of `rng` (one per call site); on the CPU from `rng` itself, one value per
+/// element, as taper always has (candle's CPU RNG cannot be seeded).
 pub fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
     if p <= 0.0 {
         return Ok(x.clone());
+    }
+    if !taper_kernels::fused_on(x.device()) {
+        return x.mul(&taper_kernels::random::dropout_mask(x, p, rng.next_u64())?);
     }
     let scale = (1.0 / (1.0 - p)) as f32;
     let mask: Vec<f32> = (0..x.elem_count()).map(|_| if (rng.uniform() as f64) < p { 0.0 } else { scale }).collect();
@@ -224,35 +180,31 @@ pub fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
 }
 
 /// Mean cross-entropy over the targets that are not `ignore_index`.
-/// logits: (N, V) any float dtype; targets: (N,) i64. Returns (loss, number of counted targets).
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: i64) -> Result<(Tensor, usize)> {
+/// logits: (N, V) any float dtype; targets: (N,) i64.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: i64) -> Result<Tensor> {
     let logits = logits.to_dtype(DType::F32)?;
     let valid = targets.ne(ignore_index)?; // (N,) u8
     let safe = valid.where_cond(targets, &targets.zeros_like()?)?.to_dtype(DType::U32)?;
     let picked = log_softmax(&logits)?.gather(&safe.unsqueeze(1)?, 1)?.squeeze(1)?; // (N,)
     let validf = valid.to_dtype(DType::F32)?;
-    let count = validf.sum_all()?.to_scalar::<f32>()? as usize;
-    let total = (picked * validf)?.sum_all()?.neg()?;
-    Ok(((total / count.max(1) as f64)?, count))
+    // The count stays on the device: dividing by it reads nothing back.
+    let count = validf.sum_all()?.maximum(1f64)?;
+    (picked * validf)?.sum_all()?.neg()?.div(&count)
 }
 
 /// Cross-entropy with label smoothing as PyTorch's `CrossEntropyLoss(label_smoothing = eps)`:
 /// (1 - eps) * nll + eps * the mean over classes of -log p, averaged over the targets that are
-/// not `ignore_index`. logits: (N, V); targets: (N,) i64. Returns (loss, counted targets).
-pub fn label_smoothed_cross_entropy(
-    logits: &Tensor,
-    targets: &Tensor,
-    eps: f64,
-    ignore_index: i64,
-) -> Result<(Tensor, usize)> {
-    let (nll, n) = cross_entropy(logits, targets, ignore_index)?;
+/// not `ignore_index`. logits: (N, V); targets: (N,) i64.
+pub fn label_smoothed_cross_entropy(logits: &Tensor, targets: &Tensor, eps: f64, ignore_index: i64) -> Result<Tensor> {
+    let nll = cross_entropy(logits, targets, ignore_index)?;
     if eps == 0.0 {
-        return Ok((nll, n));
+        return Ok(nll);
     }
     let lp = log_softmax(&logits.to_dtype(DType::F32)?)?;
     let valid = targets.ne(ignore_index)?.to_dtype(DType::F32)?;
-    let uniform = (lp.mean(D::Minus1)? * valid)?.sum_all()?.neg()?;
-    Ok((((nll * (1.0 - eps))? + (uniform * (eps / n.max(1) as f64))?)?, n))
+    let count = valid.sum_all()?.maximum(1f64)?;
+    let uniform = (lp.mean(D::Minus1)? * &valid)?.sum_all()?.neg()?.div(&count)?;
+    (nll * (1.0 - eps))? + (uniform * eps)?
 }
 
 #[cfg(test)]
@@ -322,10 +274,9 @@ mod tests {
         let dev = Device::Cpu;
         let logits = Tensor::new(&[[1.0f32, 2.0, 3.0], [0.0, 0.0, 0.0], [5.0, 1.0, 1.0]], &dev)?;
         let targets = Tensor::new(&[2i64, -100, 0], &dev)?;
-        let (loss, n) = cross_entropy(&logits, &targets, -100)?;
+        let loss = cross_entropy(&logits, &targets, -100)?;
         let l0 = -(3f64.exp() / (1f64.exp() + 2f64.exp() + 3f64.exp())).ln();
         let l2 = -(5f64.exp() / (5f64.exp() + 2.0 * 1f64.exp())).ln();
-        assert_eq!(n, 2);
         assert!((loss.to_scalar::<f32>()? as f64 - (l0 + l2) / 2.0).abs() < 1e-6);
         Ok(())
     }

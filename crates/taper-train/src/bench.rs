@@ -163,7 +163,7 @@ pub fn bench(cfg: &RunConfig, steps: usize, warmup: usize, comm: &Rc<dyn Comm>) 
         let (x, y) = (Tensor::from_vec(ids, (b, t), &dev)?, Tensor::from_vec(tg, b * t, &dev)?);
         let t0 = Instant::now();
         // As `taper pretrain` computes it: the head and the loss fused when the kernels are on.
-        let (loss, _) = model.head_loss(&model.forward_hidden(&x, 0, None, None)?, &y, -100)?;
+        let loss = model.head_loss(&model.forward_hidden(&x, 0, None, None)?, &y, -100)?;
         let loss_value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let t1 = Instant::now();
         let store = loss.backward()?;
@@ -180,7 +180,7 @@ pub fn bench(cfg: &RunConfig, steps: usize, warmup: usize, comm: &Rc<dyn Comm>) 
         drop(store);
         dev.synchronize()?;
         let t2 = Instant::now();
-        let mut l = loss_value as f64;
+        let mut l = Tensor::new(loss_value as f64, &dev)?;
         let grads = data_parallel::reduce(&**comm, opt.plan(), &mut l, grads)?;
         dev.synchronize()?;
         let t_red = Instant::now();

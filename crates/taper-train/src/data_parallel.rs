@@ -78,14 +78,15 @@ impl ShardPlan {
 
 /// The gradient seam's reduction: the loss and gradients of this rank's micro-batches become
 /// the step's, averaged over the ranks.
-pub fn reduce(comm: &dyn Comm, plan: Option<&ShardPlan>, loss: &mut f64, grads: Vec<Tensor>) -> Result<Gradients> {
+pub fn reduce(comm: &dyn Comm, plan: Option<&ShardPlan>, loss: &mut Tensor, grads: Vec<Tensor>) -> Result<Gradients> {
     let w = comm.world();
     if w == 1 {
         return Ok(Gradients::Full(grads));
     }
-    let mut l = [*loss];
+    // MPI reduces host buffers: the loss makes one read here (with NCCL too, for now).
+    let mut l = [taper_model::host::scalar(loss)?];
     comm.all_reduce_sum_f64(&mut l).map_err(dist)?;
-    *loss = l[0] / w as f64;
+    *loss = Tensor::new(l[0] / w as f64, loss.device())?;
     match plan {
         None => {
             let summed = comm.all_reduce_tensors(&grads, BUCKET_BYTES).map_err(dist)?;
@@ -136,18 +137,27 @@ impl Updater {
         }
     }
 
-    /// The global L2 norm of the step's gradients.
-    pub fn norm(&self, g: &Gradients) -> Result<f64> {
+    /// The global L2 norm of the step's gradients, an f64 scalar tensor.
+    pub fn norm(&self, g: &Gradients) -> Result<Tensor> {
         match (self, g) {
             (_, Gradients::Full(g)) => global_norm(g),
             (Updater::Sharded(s), Gradients::Shard(mine)) => {
                 let mut sq = [mine.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()];
                 s.comm.all_reduce_sum_f64(&mut sq).map_err(dist)?;
-                Ok(sq[0].sqrt())
+                Ok(Tensor::new(sq[0].sqrt(), &s.device())?)
             }
             (Updater::Plain(_), Gradients::Shard(_)) => {
                 Err(TrainError::Invalid("a gradient shard without a plan".into()))
             }
+        }
+    }
+
+    /// Whether reading a value back costs nothing here: the CPU's own kernels (and a sharded
+    /// optimizer, which goes through the host for MPI anyway).
+    pub fn reads_freely(&self) -> bool {
+        match self {
+            Updater::Plain(o) => o.params().first().is_none_or(|p| taper_kernels::fused_on(p.var.device())),
+            Updater::Sharded(_) => true,
         }
     }
 
@@ -162,6 +172,18 @@ impl Updater {
             }
             (Updater::Sharded(s), Gradients::Shard(mine)) => s.step(&mine, lr, scale),
             _ => Err(TrainError::Invalid("gradients of another kind than the optimizer's".into())),
+        }
+    }
+
+    /// [`Updater::apply`] with the clipping scale a device scalar, never read.
+    pub fn apply_scaled(&mut self, g: Gradients, lr: f64, scale: Option<&Tensor>) -> Result<()> {
+        match (self, g, scale) {
+            (Updater::Plain(o), Gradients::Full(mut g), Some(s)) => {
+                g = g.iter().map(|g| g.broadcast_mul(&s.to_dtype(g.dtype())?)).collect::<candle_core::Result<_>>()?;
+                o.step(&g, lr)
+            }
+            (u, g, None) => u.apply(g, lr, None),
+            (u, g, Some(s)) => u.apply(g, lr, Some(taper_model::host::scalar(s)?)),
         }
     }
 
@@ -247,8 +269,12 @@ impl Sharded {
         Ok(())
     }
 
+    fn device(&self) -> candle_core::Device {
+        self.params.first().map(|p| p.var.device().clone()).unwrap_or(candle_core::Device::Cpu)
+    }
+
     fn step(&mut self, mine: &[f32], lr: f64, scale: Option<f64>) -> Result<()> {
-        let dev = self.params.first().map(|p| p.var.device().clone()).unwrap_or(candle_core::Device::Cpu);
+        let dev = self.device();
         let mut at = 0;
         let grads = self
             .segments
@@ -296,7 +322,7 @@ impl Sharded {
                 out.insert(format!("{}.{slot}", p.name), t);
             }
         }
-        let dev = self.params.first().map(|p| p.var.device().clone()).unwrap_or(candle_core::Device::Cpu);
+        let dev = self.device();
         out.insert("updates".into(), Tensor::new(&[self.inner.step_count() as i64], &dev)?);
         Ok(out)
     }

@@ -90,11 +90,41 @@ impl Masker {
         Rng::derive(seed ^ MASK_SALT, &[step, micro])
     }
 
-    /// A window batch's inputs, masked: ids (B, T) and labels (B*T,).
+    /// A window batch's inputs, masked: ids (B, T) and labels (B*T,). On the fused CPU path
+    /// the masks come from `rng` on the host ([`Self::mask`]); elsewhere they are drawn on the
+    /// device ([`Self::mask_on_device`]) under the next value of `rng`.
     pub fn batch_tensors(&self, b: &Batch, rng: &mut Rng, dev: &Device) -> Result<(Tensor, Tensor)> {
+        if !taper_kernels::fused_on(dev) {
+            let ids = Tensor::from_slice(&b.inputs, (b.batch, b.seq), dev)?;
+            let (inputs, labels) = self.mask_on_device(&ids, rng.next_u64())?;
+            return Ok((inputs, labels.flatten_all()?));
+        }
         let (inputs, labels) = self.mask(&b.inputs, rng);
         let n = labels.len();
         Ok((Tensor::from_vec(inputs, (b.batch, b.seq), dev)?, Tensor::from_vec(labels, n, dev)?))
+    }
+
+    /// [`Self::mask`] as tensor ops on the ids' device, from three Philox streams under `key`
+    /// (selection, the 80/10/10 choice, the replacement): corrupted ids (u32) and labels (i64,
+    /// -100 where not selected), both shaped like `ids`. Nothing is read back.
+    pub fn mask_on_device(&self, ids: &Tensor, key: u64) -> Result<(Tensor, Tensor)> {
+        let (dev, shape) = (ids.device(), ids.shape());
+        let draw = |stream: u32| taper_kernels::random::uniform_stream(shape, key, stream, dev);
+        let special = Tensor::from_iter(self.special.iter().map(|&s| u8::from(s)), dev)?;
+        let is_special = special.index_select(&ids.flatten_all()?, 0)?.reshape(shape)?;
+        let select = draw(0)?.lt(self.probability as f32)?.mul(&is_special.eq(0u8)?)?;
+        let what = draw(1)?;
+        let to_mask = select.mul(&what.lt(0.8f32)?)?;
+        let to_random = select.mul(&what.ge(0.8f32)?)?.mul(&what.lt(0.9f32)?)?;
+        let n = self.ordinary.len();
+        let pick = (draw(2)? * n as f64)?.floor()?.clamp(0f32, (n - 1) as f32)?.to_dtype(DType::U32)?;
+        let ordinary = Tensor::from_slice(&self.ordinary, n, dev)?;
+        let random = ordinary.index_select(&pick.flatten_all()?, 0)?.reshape(shape)?;
+        let mask_ids = Tensor::full(self.mask_id, shape, dev)?;
+        let inputs = to_mask.where_cond(&mask_ids, &to_random.where_cond(&random, ids)?)?;
+        let ignored = Tensor::full(-100i64, shape, dev)?;
+        let labels = select.where_cond(&ids.to_dtype(DType::I64)?, &ignored)?;
+        Ok((inputs, labels))
     }
 
     /// The most frequent ordinary token of a shard: the unigram baseline's one guess.
@@ -137,7 +167,7 @@ struct Mlm {
 pub fn mlm_loss(model: &Bert, x: &Tensor, y: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
     let logits = model.forward(x, None, None, rng)?; // (B, T, V)
     let v = logits.dim(2)?;
-    Ok(cross_entropy(&logits.reshape(((), v))?, y, -100)?.0)
+    Ok(cross_entropy(&logits.reshape(((), v))?, y, -100)?)
 }
 
 impl WindowObjective for Mlm {
@@ -192,10 +222,11 @@ pub fn evaluate(
         let logits = model.forward(&x, None, None, None)?;
         let v = logits.dim(2)?;
         let flat = logits.reshape(((), v))?;
-        let (loss, k) = cross_entropy(&flat, &y, -100)?;
-        loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * k as f64;
+        let loss = cross_entropy(&flat, &y, -100)?;
         let pred: Vec<u32> = flat.argmax(1)?.to_vec1()?;
         let labels: Vec<i64> = y.to_vec1()?;
+        let k = labels.iter().filter(|&&l| l >= 0).count();
+        loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * k as f64;
         for (p, &l) in pred.iter().zip(&labels).filter(|&(_, &l)| l >= 0) {
             hits += (*p as i64 == l) as usize;
             base_hits += (unigram as i64 == l) as usize;
@@ -220,14 +251,35 @@ mod tests {
         Masker::new(0, &[1, 2], 100, p).unwrap()
     }
 
+    /// The host masks and the device masks of the same ids.
+    fn both_ways(m: &Masker, ids: &[u32], seed: u64) -> [(Vec<u32>, Vec<i64>); 2] {
+        let t = Tensor::from_slice(ids, ids.len(), &Device::Cpu).unwrap();
+        let (inputs, labels) = m.mask_on_device(&t, seed).unwrap();
+        [m.mask(ids, &mut Rng::new(seed)), (inputs.to_vec1().unwrap(), labels.to_vec1().unwrap())]
+    }
+
     /// 15% selected; of those 80% masked, 10% random, 10% unchanged: on 400k tokens each share
-    /// lands within a few standard errors of its target.
+    /// lands within a few standard errors of its target, on the host and on the device.
     #[test]
     fn proportions_are_15_80_10_10() {
         let m = masker(0.15);
         let mut r = Rng::new(1);
         let ids: Vec<u32> = (0..400_000).map(|_| 3 + r.below(97) as u32).collect();
-        let (inputs, labels) = m.mask(&ids, &mut Rng::new(42));
+        for (inputs, labels) in both_ways(&m, &ids, 42) {
+            proportions(&ids, &inputs, &labels);
+        }
+        for (_, l) in both_ways(&masker(0.4), &ids, 42) {
+            let sel = l.iter().filter(|&&x| x >= 0).count() as f64 / ids.len() as f64;
+            assert!((sel - 0.4).abs() < 0.004, "selected {sel} at p = 0.4");
+        }
+        // The device masks are a function of their key.
+        let t = Tensor::from_slice(&ids[..5000], 5000, &Device::Cpu).unwrap();
+        let run = |key| m.mask_on_device(&t, key).unwrap().0.to_vec1::<u32>().unwrap();
+        assert_eq!(run(5), run(5));
+        assert_ne!(run(5), run(6));
+    }
+
+    fn proportions(ids: &[u32], inputs: &[u32], labels: &[i64]) {
         let selected: Vec<usize> = (0..ids.len()).filter(|&i| labels[i] >= 0).collect();
         let n = selected.len() as f64;
         let sel = n / ids.len() as f64;
@@ -244,10 +296,6 @@ mod tests {
         assert!((0..ids.len()).filter(|&i| labels[i] < 0).all(|i| inputs[i] == ids[i]));
         // Random replacements are ordinary tokens.
         assert!(inputs.iter().all(|&t| t == 0 || t >= 3));
-        // mlm_probability is honoured.
-        let (_, l) = masker(0.4).mask(&ids, &mut Rng::new(42));
-        let sel = l.iter().filter(|&&x| x >= 0).count() as f64 / ids.len() as f64;
-        assert!((sel - 0.4).abs() < 0.004, "selected {sel} at p = 0.4");
     }
 
     #[test]
@@ -267,13 +315,14 @@ mod tests {
     fn specials_are_never_selected() {
         let m = masker(0.9);
         let ids: Vec<u32> = (0..30_000).map(|i| (i % 6) as u32).collect(); // 0, 1, 2 special
-        let (inputs, labels) = m.mask(&ids, &mut Rng::new(3));
-        for i in 0..ids.len() {
-            if ids[i] < 3 {
-                assert_eq!((inputs[i], labels[i]), (ids[i], -100), "special token {} at {i}", ids[i]);
+        for (inputs, labels) in both_ways(&m, &ids, 3) {
+            for i in 0..ids.len() {
+                if ids[i] < 3 {
+                    assert_eq!((inputs[i], labels[i]), (ids[i], -100), "special token {} at {i}", ids[i]);
+                }
             }
+            assert!(labels.iter().filter(|&&l| l >= 0).count() > 12_000);
         }
-        assert!(labels.iter().filter(|&&l| l >= 0).count() > 12_000);
     }
 
     #[test]

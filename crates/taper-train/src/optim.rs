@@ -140,7 +140,7 @@ impl Optimizer {
             let w = p.var.as_tensor();
             // On the CPU in f32 the update is written in place by taper-kernels (same
             // operations, bit for bit): no new parameter or state tensor per step.
-            let in_place = w.device().is_cpu()
+            let in_place = taper_kernels::fused_on(w.device())
                 && w.dtype() == DType::F32
                 && g.dtype() == DType::F32
                 && w.is_contiguous()
@@ -260,10 +260,10 @@ impl Optimizer {
 const UPDATES: &str = "updates";
 
 /// The global L2 norm of all gradients.
+/// The global L2 norm of all gradients, an f64 scalar on their device (read by nobody here).
 /// Squares are summed in f64, element by element, so that the norm does not depend on how the
-/// gradients are cut (a sharded optimizer sums its slice, then the ranks' sums); the total stays
-/// on the device and is read once.
-pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
+/// gradients are cut (a sharded optimizer sums its slice, then the ranks' sums).
+pub fn global_norm(grads: &[Tensor]) -> Result<Tensor> {
     let mut total: Option<Tensor> = None;
     for g in grads {
         let s = g.to_dtype(DType::F64)?.sqr()?.sum_all()?;
@@ -272,7 +272,10 @@ pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
             None => s,
         });
     }
-    Ok(total.map_or(Ok(0.0), |t| t.to_scalar::<f64>())?.sqrt())
+    match total {
+        Some(t) => Ok(t.sqrt()?),
+        None => Err(TrainError::Invalid("no gradients to take the norm of".into())),
+    }
 }
 
 #[cfg(test)]

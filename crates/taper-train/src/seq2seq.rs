@@ -117,7 +117,7 @@ fn batch_tensors(b: &Batch, dev: &Device) -> Result<(Tensor, Tensor, Tensor, Ten
 pub fn batch_loss(model: &Seq2Seq, b: &Batch, eps: f64, rng: Option<&mut Rng>) -> Result<Tensor> {
     let (src, keep, dec, labels) = batch_tensors(b, model.device())?;
     let logits = model.forward(&src, &keep, &dec, rng)?; // (B, T, V)
-    Ok(label_smoothed_cross_entropy(&flatten_logits(&logits)?, &labels, eps, -100)?.0)
+    Ok(label_smoothed_cross_entropy(&flatten_logits(&logits)?, &labels, eps, -100)?)
 }
 
 /// Mean loss (with the training label smoothing) over `examples`, in batches, without a graph.

@@ -150,14 +150,16 @@ fn shifted_targets(labels: &[i64], seg: &[u32], rows: usize, t: usize) -> Vec<i6
     out
 }
 
-/// The mean masked loss of a collated batch, and its number of counted tokens.
+/// The mean masked loss of a collated batch, and its number of counted tokens (known on the
+/// host: nothing is read back).
 fn batch_loss(model: &Decoder, rows: &[Row], dev: &Device, rng: Option<&mut Rng>) -> Result<(Tensor, usize)> {
     let b = collate(rows)?;
     let ids = Tensor::from_vec(b.input_ids.clone(), (b.rows, b.seq_len), dev)?;
     let h = model.forward_hidden_packed(&ids, &b.position_ids, &b.segment_ids, rng)?; // (B, T, C)
     let targets = shifted_targets(&b.labels, &b.segment_ids, b.rows, b.seq_len);
+    let count = targets.iter().filter(|&&t| t != -100).count();
     let y = Tensor::from_vec(targets, b.rows * b.seq_len, dev)?;
-    Ok(model.head_loss(&h, &y, -100)?)
+    Ok((model.head_loss(&h, &y, -100)?, count))
 }
 
 /// Rows for training or eval: packed, or one example per row padded in length groups.

@@ -23,7 +23,7 @@ use crate::observe::{Observer, RunInfo, StepLog, Summary};
 use crate::optim::Optimizer;
 use crate::run_dir;
 use crate::sinks::{Jsonl, Sink};
-use crate::steps::{accumulate, guarded_update};
+use crate::steps::{accumulate, guarded_update, Guard};
 use crate::{io_err, Result, TrainError};
 use candle_core::{Device, Tensor, Var};
 use serde_json::{Map, Value};
@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Instant;
 use taper_dist::Comm;
-use taper_model::Rng;
+use taper_model::{host, Rng};
 
 /// Where a run lives, where it starts from, and the seams its loop runs with.
 pub struct RunSpec {
@@ -177,6 +177,9 @@ impl Micro {
 pub struct StepReport {
     pub tokens: u64,
     pub metrics: Map<String, Value>,
+    /// Metrics still on the device: their names and an f64 vector of their values, read only
+    /// when the step is logged.
+    pub device_metrics: Option<(Vec<&'static str>, Tensor)>,
 }
 
 /// A held-out evaluation.
@@ -412,11 +415,13 @@ where
 
     let first = step;
     let (mut window, mut window_tokens) = (Instant::now(), 0u64);
-    let (mut last_loss, mut last_ck) = (f64::NAN, None);
+    let (mut last_loss, mut last_ck) = (None, None);
+    let mut guard = Guard::default();
     while step < end {
         let lr = schedule.lr(step, peak_lr, tc.max_steps);
         let plan = recipe.plan(step, tc.grad_accum_steps)?;
-        let (mut loss_sum, mut norm_sum) = (0.0, 0.0);
+        // Summed over the step's updates, on the device: read only when logged.
+        let (mut loss_sum, mut norm_sum): (Option<Tensor>, Option<Tensor>) = (None, None);
         for update in 0..plan.updates {
             let count = plan.micro_batches;
             let (mut loss, grads) = accumulate(opt.params(), count, |index| {
@@ -424,8 +429,9 @@ where
             })?;
             // The gradient seam: the update's gradients, complete across the replicas.
             let grads = data_parallel::reduce(&*comm, opt.plan(), &mut loss, grads)?;
-            norm_sum += guarded_update(&mut opt, grads, loss, lr, &tc, step, &mut skipped, obs)?;
-            loss_sum += loss;
+            let norm = guarded_update(&mut opt, grads, &loss, lr, &tc, step, &mut skipped, &mut guard, obs)?;
+            loss_sum = Some(add(loss_sum, loss)?);
+            norm_sum = Some(add(norm_sum, norm)?);
         }
         if step == first {
             data_parallel::check_replicas(&*comm, opt.params(), step + 1)?;
@@ -434,12 +440,17 @@ where
         step += 1;
         tokens += report.tokens;
         window_tokens += report.tokens;
-        last_loss = loss_sum / plan.updates.max(1) as f64;
+        let updates = plan.updates.max(1) as f64;
+        last_loss = Some((loss_sum.expect("a step makes an update") / updates)?);
 
         let eval = match main && tc.eval_due(step) {
             true => Some(recipe.evaluate(step, obs)?),
             false => None,
         };
+        let mut report = report;
+        if main && (tc.log_due(step) || eval.is_some()) {
+            read_device_metrics(&mut report)?;
+        }
         let mut metrics = report.metrics;
         if let Some(e) = &eval {
             if let Some(v) = e.loss {
@@ -449,11 +460,15 @@ where
             metrics.extend(e.metrics.clone());
         }
         if main && (tc.log_due(step) || eval.is_some()) {
+            guard.check()?;
+            let norm = (norm_sum.expect("a step makes an update") / updates)?;
+            let read = host::values(&Tensor::stack(&[last_loss.clone().expect("set above"), norm], 0)?)
+                .map_err(TrainError::from)?;
             let log = StepLog {
                 step,
-                loss: last_loss,
+                loss: read[0],
                 lr,
-                grad_norm: norm_sum / plan.updates.max(1) as f64,
+                grad_norm: read[1],
                 tokens_per_sec: window_tokens as f64 / window.elapsed().as_secs_f64().max(1e-9),
                 tokens,
                 elapsed_s: started.elapsed().as_secs_f64(),
@@ -470,6 +485,8 @@ where
             (window, window_tokens) = (Instant::now(), 0);
         }
         if tc.checkpoint_due(step) {
+            // Nothing non-finite is saved.
+            guard.check()?;
             // Gathered on every rank (a sharded optimizer's moments live across them).
             let state = opt.state_tensors()?;
             if main {
@@ -484,6 +501,7 @@ where
             comm.rendezvous().map_err(dist_err)?;
         }
     }
+    guard.check()?;
     let updates = opt.step_count() + skipped;
     if skipped > 0 && skipped as f64 > tc.max_skipped_fraction * updates as f64 {
         return Err(TrainError::TooManySkipped { skipped, updates, limit: tc.max_skipped_fraction }.into());
@@ -495,6 +513,10 @@ where
             }
         }
     }
+    let last_loss = match last_loss {
+        Some(l) => host::scalar(&l).map_err(TrainError::from)?,
+        None => f64::NAN,
+    };
     Ok(Summary {
         step,
         train_loss: last_loss,
@@ -502,6 +524,24 @@ where
         eval: last_score,
         elapsed_s: started.elapsed().as_secs_f64(),
         checkpoint: last_ck,
+    })
+}
+
+/// Moves a report's device metrics into its metrics, reading them.
+fn read_device_metrics(r: &mut StepReport) -> Result<()> {
+    if let Some((names, t)) = r.device_metrics.take() {
+        for (k, v) in names.iter().zip(host::values(&t)?) {
+            r.metrics.insert(k.to_string(), v.into());
+        }
+    }
+    Ok(())
+}
+
+/// `sum` + `t`, starting from nothing.
+fn add(sum: Option<Tensor>, t: Tensor) -> Result<Tensor> {
+    Ok(match sum {
+        Some(s) => (s + t)?,
+        None => t,
     })
 }
 
@@ -523,6 +563,8 @@ fn reduce_report(comm: &dyn Comm, mut r: StepReport) -> Result<StepReport> {
     if comm.world() == 1 {
         return Ok(r);
     }
+    // MPI reduces host values: the device metrics are read now.
+    read_device_metrics(&mut r)?;
     let keys: Vec<String> = r.metrics.iter().filter(|(_, v)| v.is_number()).map(|(k, _)| k.clone()).collect();
     let mut vals: Vec<f64> =
         std::iter::once(r.tokens as f64).chain(keys.iter().map(|k| r.metrics[k].as_f64().unwrap_or(0.0))).collect();
