@@ -197,19 +197,41 @@ pub fn causal_mask(t: usize, offset: usize, window: usize, dev: &candle_core::De
 /// (and within the sliding `window`, if any). Padding (segment 0) sees only itself, so its
 /// softmax stays finite.
 pub fn segment_mask(seg: &[u32], b: usize, t: usize, window: usize, dev: &candle_core::Device) -> Result<Tensor> {
-    let mut v = vec![f32::NEG_INFINITY; b * t * t];
+    cached_segment_mask(seg, seg, b, t, window, dev)
+}
+
+/// [`segment_mask`] for T queries that follow cached keys: query segments (B * T), key segments
+/// (B * L) for the L >= T keys, the queries at the last T of those positions. (B, 1, T, L).
+pub fn cached_segment_mask(
+    q_seg: &[u32],
+    k_seg: &[u32],
+    b: usize,
+    t: usize,
+    window: usize,
+    dev: &candle_core::Device,
+) -> Result<Tensor> {
+    let l = k_seg.len() / b.max(1);
+    if q_seg.len() != b * t || k_seg.len() != b * l || l < t {
+        candle_core::bail!(
+            "segment mask: {} query and {} key ids for {b} rows of {t} queries",
+            q_seg.len(),
+            k_seg.len()
+        )
+    }
+    let mut v = vec![f32::NEG_INFINITY; b * t * l];
     for r in 0..b {
-        let s = &seg[r * t..(r + 1) * t];
+        let (qs, ks) = (&q_seg[r * t..(r + 1) * t], &k_seg[r * l..(r + 1) * l]);
         for i in 0..t {
-            for j in 0..=i {
-                let same = if s[i] == 0 { i == j } else { s[j] == s[i] };
-                if same && (window == 0 || i - j < window) {
-                    v[(r * t + i) * t + j] = 0.0;
+            let p = l - t + i;
+            for j in 0..=p {
+                let same = if qs[i] == 0 { j == p } else { ks[j] == qs[i] };
+                if same && (window == 0 || p - j < window) {
+                    v[(r * t + i) * l + j] = 0.0;
                 }
             }
         }
     }
-    Tensor::from_vec(v, (b, 1, t, t), dev)
+    Tensor::from_vec(v, (b, 1, t, l), dev)
 }
 
 /// Inverted dropout with a mask drawn from our seeded RNG (candle's CPU RNG cannot be seeded).
