@@ -267,6 +267,24 @@ impl KvCache {
         self.len() == 0
     }
 
+    /// Fills this empty preallocated cache from `from`, another: row r takes row `rows[r]` of
+    /// `from` (rows (B,) u32), every position it holds.
+    pub(crate) fn copy_rows(&mut self, from: &KvCache, rows: &Tensor) -> Result<()> {
+        if !self.is_empty() || self.layers.len() != from.layers.len() {
+            return Err(ModelError::Config("a KV cache takes rows into an empty cache of as many layers".into()));
+        }
+        for (to, from) in self.layers.iter_mut().zip(&from.layers) {
+            let (LayerKv::Slots { k, v, len }, LayerKv::Slots { k: fk, v: fv, len: n }) = (to, from) else {
+                return Err(ModelError::Config("only preallocated KV caches copy rows".into()));
+            };
+            let pick = |t: &Tensor| t.narrow(2, 0, *n)?.contiguous()?.index_select(rows, 0); // (B, KV, n, D)
+            k.slice_set(&pick(fk)?, 2, 0)?;
+            v.slice_set(&pick(fv)?, 2, 0)?;
+            *len = *n;
+        }
+        Ok(())
+    }
+
     /// Forgets the cached positions; preallocated slots keep their storage.
     pub fn clear(&mut self) {
         for l in &mut self.layers {

@@ -7,6 +7,7 @@ use crate::decoder::{Decoder, KvCache};
 use crate::rng::Rng;
 use crate::{ModelError, Result};
 use candle_core::{DType, Device, Tensor, D};
+use std::collections::HashMap;
 
 /// Prompts that [`Decoder::generate_in_batches`] runs together: enough rows to fill each
 /// step's matmuls (a GPU's too, for small models), while the padded batch and its cache stay
@@ -142,6 +143,33 @@ impl Decoder {
         Ok(out)
     }
 
+    /// Runs prompts of at most `p` tokens, left-padded to `p`, into the empty `cache`, and
+    /// returns the logits (B, V) of each one's last token.
+    fn prefill(
+        &self,
+        prompts: &[&[u32]],
+        p: usize,
+        rope: Option<&(Tensor, Tensor)>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let b = prompts.len();
+        // Slot s of a row padded by `pad` holds position s - pad; padding (segment 0) sees only
+        // itself.
+        let (mut ids, mut pos, mut seg) =
+            (Vec::with_capacity(b * p), Vec::with_capacity(b * p), Vec::with_capacity(b * p));
+        for x in prompts {
+            let pad = p - x.len();
+            // Padding repeats the row's first token: any id the embedding has would do.
+            ids.extend(std::iter::repeat_n(x[0], pad).chain(x.iter().copied()));
+            pos.extend(std::iter::repeat_n(0, pad).chain(0..x.len() as u32));
+            seg.extend(std::iter::repeat_n(0, pad).chain(std::iter::repeat_n(1, x.len())));
+        }
+        let ids = Tensor::from_vec(ids, (b, p), self.device())?;
+        let h = self.forward_hidden_rows(&ids, &pos, (&seg, &seg), rope, cache)?; // (B, P, C)
+                                                                                  // Every row's last slot is a real token: only its logits are needed.
+        Ok(self.head(&h.narrow(1, p - 1, 1)?)?.squeeze(1)?) // (B, V)
+    }
+
     /// [`Self::generate_batch`]'s loop over a cache with room for every position.
     fn decode_batch(
         &self,
@@ -155,19 +183,28 @@ impl Decoder {
         let (b, dev) = (prompts.len(), self.device());
         let p = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let pads: Vec<usize> = prompts.iter().map(|x| p - x.len()).collect();
-        // Slot s of row r holds position s - pads[r]; padding (segment 0) sees only itself.
-        let (mut ids, mut pos, mut seg) = (Vec::with_capacity(b * p), Vec::new(), Vec::new());
-        for (x, &pad) in prompts.iter().zip(&pads) {
-            // Padding repeats the row's first token: any id the embedding has would do.
-            ids.extend(std::iter::repeat_n(x[0], pad).chain(x.iter().copied()));
-            pos.extend(std::iter::repeat_n(0, pad).chain(0..x.len() as u32));
-            seg.extend(std::iter::repeat_n(0, pad).chain(std::iter::repeat_n(1, x.len())));
-        }
         let rope = self.rope_tables(p + max_new)?;
-        let ids = Tensor::from_vec(ids, (b, p), dev)?;
-        let h = self.forward_hidden_rows(&ids, &pos, (&seg, &seg), rope.as_ref(), cache)?; // (B, P, C)
-                                                                                           // Every row's last slot is a real token: only its logits are needed.
-        let mut logits = self.head(&h.narrow(1, p - 1, 1)?)?.squeeze(1)?; // (B, V)
+        // Rows with the same prompt (a GRPO group, several samples of one prompt) share one
+        // prefill: each distinct prompt runs once, and its keys and values go to all its rows.
+        let (mut index, mut distinct) = (HashMap::new(), Vec::new());
+        let row_of: Vec<u32> = prompts
+            .iter()
+            .map(|x| {
+                *index.entry(x.as_slice()).or_insert_with(|| {
+                    distinct.push(x.as_slice());
+                    distinct.len() as u32 - 1
+                })
+            })
+            .collect();
+        let mut logits = if distinct.len() == b {
+            self.prefill(&distinct, p, rope.as_ref(), cache)?
+        } else {
+            let mut shared = KvCache::preallocated(self.config(), distinct.len(), p, self.dtype(), dev)?;
+            let logits = self.prefill(&distinct, p, rope.as_ref(), &mut shared)?;
+            let rows = Tensor::new(row_of.as_slice(), dev)?;
+            cache.copy_rows(&shared, &rows)?;
+            logits.index_select(&rows, 0)?
+        }; // (B, V)
         let (mut out, mut done) = (vec![Vec::new(); b], vec![false; b]);
         let queries = vec![1u32; b];
         for step in 0..max_new {
@@ -378,6 +415,24 @@ mod tests {
         Ok(())
     }
 
+    /// Rows that repeat a prompt share its prefill and still come out as each does alone.
+    #[test]
+    fn repeated_prompts_share_one_prefill() -> Result<()> {
+        let s = Sampling { temperature: 1.0, top_k: 0, top_p: 0.95 };
+        let ps = prompts();
+        let rows = vec![ps[1].clone(), ps[0].clone(), ps[1].clone(), ps[1].clone(), ps[3].clone(), ps[0].clone()];
+        for style in STYLES {
+            let m = model(style, true)?;
+            let got = m.generate_batch(&rows, 10, &s, &[], &mut rngs(4, rows.len()))?;
+            for (i, p) in rows.iter().enumerate() {
+                let alone = m.generate_batch(std::slice::from_ref(p), 10, &s, &[], &mut rngs(4, rows.len())[i..=i])?;
+                assert_eq!(got[i], alone[0], "{style}: row {i}");
+            }
+            assert_ne!(got[0], got[2], "{style}: one prompt, two streams");
+        }
+        Ok(())
+    }
+
     /// More prompts than one batch holds come back in their order, each as it comes alone.
     #[test]
     fn batches_keep_the_prompts_order() -> Result<()> {
@@ -468,7 +523,11 @@ mod tests {
         let mut cache = KvCache::preallocated(m.config(), 5, p + max_new, m.dtype(), m.device())?;
         let before = cache.slots();
         let greedy = Sampling { temperature: 0.0, ..Default::default() };
-        let out = m.decode_batch(&prompts(), max_new, &greedy, &[], &mut rngs(0, 5), &mut cache)?;
+        // Two rows repeat a prompt: their prefill runs once, and is copied into this cache.
+        let mut rows = prompts();
+        rows[3] = rows[1].clone();
+        let out = m.decode_batch(&rows, max_new, &greedy, &[], &mut rngs(0, 5), &mut cache)?;
+        assert_eq!(out[1], out[3]);
         assert!(out.iter().all(|o| o.len() == max_new));
         assert_eq!(cache.len(), p + max_new - 1);
         let after = cache.slots();
