@@ -269,9 +269,8 @@ pub fn rollouts(
     max_new: usize,
 ) -> Result<Vec<Rollout>> {
     let stop = stop_ids(src);
-    let ids: Vec<&[u32]> = which.iter().map(|(p, _)| prompts[*p].ids.as_slice()).collect();
-    let mut rngs: Vec<Rng> = which.iter().map(|(_, rng)| rng.clone()).collect();
-    let responses = model.generate_in_batches(&ids, max_new, sampling, &stop, &mut rngs)?;
+    let mut rows: Vec<(&[u32], Rng)> = which.iter().map(|(p, rng)| (prompts[*p].ids.as_slice(), rng.clone())).collect();
+    let responses = model.generate_in_batches(&mut rows, max_new, sampling, &stop)?;
     which
         .iter()
         .zip(responses)

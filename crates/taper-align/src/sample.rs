@@ -45,10 +45,12 @@ pub fn sample_prompts(src: &Source, prompts: &[PathBuf], o: &SampleOptions) -> R
         prompt_ids.push(ids);
     }
     // Every response at once, in batches; response k of prompt i keeps its own stream.
-    let rows: Vec<&[u32]> = prompt_ids.iter().flat_map(|ids| std::iter::repeat_n(ids.as_slice(), o.n)).collect();
-    let mut rngs: Vec<Rng> =
-        (0..prompt_ids.len()).flat_map(|i| (0..o.n).map(move |k| Rng::derive(o.seed, &[i as u64, k as u64]))).collect();
-    let got = model.generate_in_batches(&rows, o.max_new_tokens, &o.sampling, &stop, &mut rngs)?;
+    let mut rows: Vec<(&[u32], Rng)> = prompt_ids
+        .iter()
+        .enumerate()
+        .flat_map(|(i, ids)| (0..o.n).map(move |k| (ids.as_slice(), Rng::derive(o.seed, &[i as u64, k as u64]))))
+        .collect();
+    let got = model.generate_in_batches(&mut rows, o.max_new_tokens, &o.sampling, &stop)?;
     let texts = got
         .into_iter()
         .map(|ids| {

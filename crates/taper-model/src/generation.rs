@@ -111,33 +111,29 @@ impl Decoder {
             return Err(ModelError::GenerationTooLong { prompt: p, max_new, max });
         }
         let mut cache = KvCache::preallocated(self.config(), prompts.len(), p + max_new, self.dtype(), self.device())?;
-        self.decode_batch(prompts, max_new, sampling, stop, rngs, &mut cache)
+        self.decode_batch(&mut cache, prompts, rngs, max_new, sampling, stop)
     }
 
-    /// [`Self::generate_batch`] over any number of prompts, row `i` drawing from `rngs[i]`: in
-    /// batches of at most [`GENERATION_BATCH`] prompts of similar lengths (less padding), the
-    /// results in the prompts' order. A row's tokens do not depend on the batch it lands in,
-    /// up to the rounding of sums that padding changes.
+    /// [`Self::generate_batch`] over any number of rows, each a prompt and the rng it draws from
+    /// (left advanced as there): in batches of at most [`GENERATION_BATCH`] prompts of similar
+    /// lengths (less padding), the results in the rows' order. A row's tokens do not depend on
+    /// the batch it lands in, up to the rounding of sums that padding changes.
     pub fn generate_in_batches(
         &self,
-        prompts: &[&[u32]],
+        rows: &mut [(&[u32], Rng)],
         max_new: usize,
         sampling: &Sampling,
         stop: &[u32],
-        rngs: &mut [Rng],
     ) -> Result<Vec<Vec<u32>>> {
-        if rngs.len() != prompts.len() {
-            return Err(ModelError::Config(format!("{} prompts need as many rngs, got {}", prompts.len(), rngs.len())));
-        }
-        let mut order: Vec<usize> = (0..prompts.len()).collect();
-        order.sort_by_key(|&i| prompts[i].len());
-        let mut out = vec![Vec::new(); prompts.len()];
+        let mut order: Vec<usize> = (0..rows.len()).collect();
+        order.sort_by_key(|&i| rows[i].0.len());
+        let mut out = vec![Vec::new(); rows.len()];
         for chunk in order.chunks(GENERATION_BATCH) {
-            let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].to_vec()).collect();
-            let mut batch_rngs: Vec<Rng> = chunk.iter().map(|&i| rngs[i].clone()).collect();
-            let got = self.generate_batch(&batch, max_new, sampling, stop, &mut batch_rngs)?;
-            for ((&i, tokens), rng) in chunk.iter().zip(got).zip(batch_rngs) {
-                (out[i], rngs[i]) = (tokens, rng);
+            let prompts: Vec<Vec<u32>> = chunk.iter().map(|&i| rows[i].0.to_vec()).collect();
+            let mut rngs: Vec<Rng> = chunk.iter().map(|&i| rows[i].1.clone()).collect();
+            let got = self.generate_batch(&prompts, max_new, sampling, stop, &mut rngs)?;
+            for ((&i, tokens), rng) in chunk.iter().zip(got).zip(rngs) {
+                (out[i], rows[i].1) = (tokens, rng);
             }
         }
         Ok(out)
@@ -173,12 +169,12 @@ impl Decoder {
     /// [`Self::generate_batch`]'s loop over a cache with room for every position.
     fn decode_batch(
         &self,
+        cache: &mut KvCache,
         prompts: &[Vec<u32>],
+        rngs: &mut [Rng],
         max_new: usize,
         sampling: &Sampling,
         stop: &[u32],
-        rngs: &mut [Rng],
-        cache: &mut KvCache,
     ) -> Result<Vec<Vec<u32>>> {
         let (b, dev) = (prompts.len(), self.device());
         let p = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -378,15 +374,17 @@ mod tests {
         (0..n).map(|i| Rng::derive(seed, &[i as u64])).collect()
     }
 
-    const STYLES: [&str; 3] = ["gpt2", "llama", "llama-window"];
+    /// GPT-2 style, Llama style (RoPE, grouped-query attention) and Llama with a sliding window.
+    fn models(kernels: bool) -> Result<Vec<(&'static str, Decoder)>> {
+        ["gpt2", "llama", "llama-window"].into_iter().map(|style| Ok((style, model(style, kernels)?))).collect()
+    }
 
     /// Greedy decoding of left-padded rows together gives what each prompt gives alone.
     #[test]
     fn greedy_batch_equals_one_at_a_time() -> Result<()> {
         let greedy = Sampling { temperature: 0.0, ..Default::default() };
-        for style in STYLES {
-            for kernels in [true, false] {
-                let m = model(style, kernels)?;
+        for kernels in [true, false] {
+            for (style, m) in models(kernels)? {
                 let got = m.generate_batch(&prompts(), 12, &greedy, &[], &mut rngs(0, 5))?;
                 for (p, g) in prompts().iter().zip(&got) {
                     let alone = m.generate(p, 12, &greedy, &[], &mut Rng::new(0), |_| {})?;
@@ -402,8 +400,7 @@ mod tests {
     #[test]
     fn sampled_rows_depend_only_on_their_rng() -> Result<()> {
         let s = Sampling { temperature: 1.0, top_k: 0, top_p: 0.9 };
-        for style in STYLES {
-            let m = model(style, true)?;
+        for (style, m) in models(true)? {
             let a = m.generate_batch(&prompts(), 12, &s, &[], &mut rngs(5, 5))?;
             assert_eq!(a, m.generate_batch(&prompts(), 12, &s, &[], &mut rngs(5, 5))?, "{style}");
             assert_ne!(a, m.generate_batch(&prompts(), 12, &s, &[], &mut rngs(6, 5))?, "{style}");
@@ -421,8 +418,7 @@ mod tests {
         let s = Sampling { temperature: 1.0, top_k: 0, top_p: 0.95 };
         let ps = prompts();
         let rows = vec![ps[1].clone(), ps[0].clone(), ps[1].clone(), ps[1].clone(), ps[3].clone(), ps[0].clone()];
-        for style in STYLES {
-            let m = model(style, true)?;
+        for (style, m) in models(true)? {
             let got = m.generate_batch(&rows, 10, &s, &[], &mut rngs(4, rows.len()))?;
             for (i, p) in rows.iter().enumerate() {
                 let alone = m.generate_batch(std::slice::from_ref(p), 10, &s, &[], &mut rngs(4, rows.len())[i..=i])?;
@@ -441,9 +437,8 @@ mod tests {
         let many: Vec<Vec<u32>> = (0..GENERATION_BATCH + 6)
             .map(|i| (0..1 + i % 4).map(|j| ((i * 7 + j * 3) % 17) as u32).collect())
             .collect();
-        let refs: Vec<&[u32]> = many.iter().map(Vec::as_slice).collect();
-        let mut r = rngs(2, many.len());
-        let got = m.generate_in_batches(&refs, 6, &s, &[], &mut r)?;
+        let mut rows: Vec<(&[u32], Rng)> = many.iter().map(Vec::as_slice).zip(rngs(2, many.len())).collect();
+        let got = m.generate_in_batches(&mut rows, 6, &s, &[])?;
         assert_eq!(got.len(), many.len());
         for (i, p) in many.iter().enumerate() {
             let mut alone = rngs(2, many.len())[i].clone();
@@ -451,7 +446,7 @@ mod tests {
                 got[i],
                 m.generate_batch(std::slice::from_ref(p), 6, &s, &[], std::slice::from_mut(&mut alone))?[0]
             );
-            assert_eq!(r[i], alone, "prompt {i}: the rng comes back advanced as alone");
+            assert_eq!(rows[i].1, alone, "prompt {i}: the rng comes back advanced as alone");
         }
         Ok(())
     }
@@ -498,9 +493,8 @@ mod tests {
     /// Each row ends with its first stop token, and only that row stops there.
     #[test]
     fn rows_stop_at_their_stop_token() -> Result<()> {
-        let s = Sampling { temperature: 1.0, top_k: 0, top_p: 1.0 };
-        for style in STYLES {
-            let m = model(style, true)?;
+        let s = Sampling::default();
+        for (style, m) in models(true)? {
             let free = m.generate_batch(&prompts(), 12, &s, &[], &mut rngs(9, 5))?;
             assert!(free.iter().all(|r| r.len() == 12), "{style}");
             let stop = [free[0][2]];
@@ -526,7 +520,7 @@ mod tests {
         // Two rows repeat a prompt: their prefill runs once, and is copied into this cache.
         let mut rows = prompts();
         rows[3] = rows[1].clone();
-        let out = m.decode_batch(&rows, max_new, &greedy, &[], &mut rngs(0, 5), &mut cache)?;
+        let out = m.decode_batch(&mut cache, &rows, &mut rngs(0, 5), max_new, &greedy, &[])?;
         assert_eq!(out[1], out[3]);
         assert!(out.iter().all(|o| o.len() == max_new));
         assert_eq!(cache.len(), p + max_new - 1);

@@ -77,9 +77,8 @@ pub fn exact_match(
     let room = |ids: &[u32]| ids.len() + max_new <= model.config().block_size;
     let (fit, long): (Vec<usize>, Vec<usize>) = (0..scored.len()).partition(|&i| room(&scored[i].0));
     let mut outs = vec![Vec::new(); scored.len()];
-    let ids: Vec<&[u32]> = fit.iter().map(|&i| scored[i].0.as_slice()).collect();
-    let mut rngs = vec![Rng::new(0); ids.len()];
-    for (&i, out) in fit.iter().zip(model.generate_in_batches(&ids, max_new, &greedy, &stop, &mut rngs)?) {
+    let mut rows: Vec<(&[u32], Rng)> = fit.iter().map(|&i| (scored[i].0.as_slice(), Rng::new(0))).collect();
+    for (&i, out) in fit.iter().zip(model.generate_in_batches(&mut rows, max_new, &greedy, &stop)?) {
         outs[i] = out;
     }
     for &i in &long {
