@@ -161,9 +161,11 @@ impl Decoder {
             seg.extend(std::iter::repeat_n(0, pad).chain(std::iter::repeat_n(1, x.len())));
         }
         let ids = Tensor::from_vec(ids, (b, p), self.device())?;
-        let h = self.forward_hidden_rows(&ids, &pos, (&seg, &seg), rope, cache)?; // (B, P, C)
-                                                                                  // Every row's last slot is a real token: only its logits are needed.
-        Ok(self.head(&h.narrow(1, p - 1, 1)?)?.squeeze(1)?) // (B, V)
+        // (B, P, C); left padding puts every row's last token in the last slot, whose logits are
+        // the only ones needed.
+        let h = self.forward_hidden_rows(&ids, &pos, (&seg, &seg), rope, cache)?;
+        let last = h.narrow(1, p - 1, 1)?; // (B, 1, C)
+        Ok(self.head(&last)?.squeeze(1)?) // (B, V)
     }
 
     /// [`Self::generate_batch`]'s loop over a cache with room for every position.
@@ -232,10 +234,9 @@ impl Decoder {
 
 /// Draws a token from logits with temperature, top-k and top-p (nucleus) filtering.
 pub fn sample(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
-    if s.greedy() {
-        return sample_with(logits, s, 0.0);
-    }
-    sample_with(logits, s, rng.uniform_f64())
+    // Greedy draws nothing, so that a stream's numbers go only to the tokens sampled.
+    let u = if s.greedy() { 0.0 } else { rng.uniform_f64() };
+    sample_with(logits, s, u)
 }
 
 /// [`sample`] with its uniform `u` in [0, 1) given (unused when greedy): the tokens by falling
@@ -306,7 +307,7 @@ pub fn sample_rows(logits: &Tensor, s: &Sampling, uniforms: &[f32]) -> Result<Ve
     let mut keep = rank.lt(k as u32)?.to_dtype(DType::F32)?.broadcast_as((b, v))?; // (B, V), 1 kept
     let mut probs = e.mul(&keep)?;
     probs = probs.broadcast_div(&probs.sum_keepdim(1)?)?;
-    if s.top_p < 1.0 {
+    if s.top_p < 1.0 && v > 1 {
         // A token stays while the mass ranked above it is short of top_p: the smallest prefix
         // that reaches it.
         let above = Tensor::cat(&[&Tensor::zeros((b, 1), DType::F32, dev)?, &cumsum(&probs.narrow(1, 0, v - 1)?)?], 1)?;
@@ -315,8 +316,9 @@ pub fn sample_rows(logits: &Tensor, s: &Sampling, uniforms: &[f32]) -> Result<Ve
     }
     let c = cumsum(&probs)?; // (B, V)
     let u = Tensor::from_slice(uniforms, (b, 1), dev)?;
-    let target = u.mul(&c.narrow(1, v - 1, 1)?)?; // (B, 1): u times the kept mass
-                                                  // The first token whose cumulative mass passes the target, the last kept one at worst.
+    // u times the kept mass (B, 1); the token drawn is the first whose cumulative mass passes
+    // it, the last kept one at worst.
+    let target = u.mul(&c.narrow(1, v - 1, 1)?)?;
     let passed = c.broadcast_le(&target)?.to_dtype(DType::F32)?.sum_keepdim(1)?; // (B, 1)
     let last = (keep.sum_keepdim(1)? - 1.0)?;
     let at = passed.minimum(&last)?.to_dtype(DType::U32)?; // (B, 1)
