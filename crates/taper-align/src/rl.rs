@@ -255,7 +255,11 @@ pub struct Rollout {
     pub text: String,
 }
 
-/// Samples one response per (prompt index, rng) with the KV cache.
+/// Samples one response per (prompt index, rng), in batches on the model's device.
+///
+/// Each response draws from its own rng, so rollouts stay reproducible and a resumed run draws
+/// what the uninterrupted one did; they are not those of one-at-a-time generation, though
+/// (padding changes float sums, and the draw runs on the device in f32).
 pub fn rollouts(
     model: &Decoder,
     src: &Source,
@@ -265,11 +269,12 @@ pub fn rollouts(
     max_new: usize,
 ) -> Result<Vec<Rollout>> {
     let stop = stop_ids(src);
+    let mut rows: Vec<(&[u32], Rng)> = which.iter().map(|(p, rng)| (prompts[*p].ids.as_slice(), rng.clone())).collect();
+    let responses = model.generate_in_batches(&mut rows, max_new, sampling, &stop)?;
     which
         .iter()
-        .map(|(p, rng)| {
-            let mut rng = rng.clone();
-            let response = model.generate(&prompts[*p].ids, max_new, sampling, &stop, &mut rng, |_| {})?;
+        .zip(responses)
+        .map(|((p, _), response)| {
             let kept: Vec<u32> = response.iter().copied().filter(|t| !stop.contains(t)).collect();
             let text = taper_data::tokenizer::decode(&src.tokenizer, &kept)?;
             Ok(Rollout { prompt: *p, response, text })

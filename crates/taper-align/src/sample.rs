@@ -27,13 +27,13 @@ pub fn sample_prompts(src: &Source, prompts: &[PathBuf], o: &SampleOptions) -> R
     let model = Decoder::load(&Weights::new(src.weights.clone()).detached(), &src.config)?;
     let records = read_prompts(prompts, taper_data::sft::OnBadRecord::Error)?;
     let stop = stop_ids(src);
-    let mut out = Vec::new();
-    for (i, rec) in records.examples.iter().enumerate() {
+    let mut prompt_ids = Vec::with_capacity(records.examples.len());
+    for rec in &records.examples {
         let at = format!("{}:{}", rec.path, rec.line);
         let text = rec.example.prompt.render(&template)?;
         let enc = taper_data::tokenizer::encode(&src.tokenizer, text.as_str(), false)
             .map_err(|e| AlignError::Invalid(format!("{at}: {e}")))?;
-        let ids = enc.get_ids();
+        let ids = enc.get_ids().to_vec();
         if ids.len() + o.max_new_tokens > src.config.block_size {
             return Err(AlignError::Invalid(format!(
                 "{at}: the prompt is {} tokens; with --max-new-tokens {} it passes the context of {}",
@@ -42,14 +42,25 @@ pub fn sample_prompts(src: &Source, prompts: &[PathBuf], o: &SampleOptions) -> R
                 src.config.block_size
             )));
         }
-        let samples = (0..o.n)
-            .map(|k| {
-                let mut rng = Rng::derive(o.seed, &[i as u64, k as u64]);
-                let got = model.generate(ids, o.max_new_tokens, &o.sampling, &stop, &mut rng, |_| {})?;
-                let kept: Vec<u32> = got.into_iter().filter(|t| !stop.contains(t)).collect();
-                Ok(taper_data::tokenizer::decode(&src.tokenizer, &kept)?)
-            })
-            .collect::<Result<Vec<String>>>()?;
+        prompt_ids.push(ids);
+    }
+    // Every response at once, in batches; response k of prompt i keeps its own stream.
+    let mut rows: Vec<(&[u32], Rng)> = prompt_ids
+        .iter()
+        .enumerate()
+        .flat_map(|(i, ids)| (0..o.n).map(move |k| (ids.as_slice(), Rng::derive(o.seed, &[i as u64, k as u64]))))
+        .collect();
+    let got = model.generate_in_batches(&mut rows, o.max_new_tokens, &o.sampling, &stop)?;
+    let texts = got
+        .into_iter()
+        .map(|ids| {
+            let kept: Vec<u32> = ids.into_iter().filter(|t| !stop.contains(t)).collect();
+            Ok(taper_data::tokenizer::decode(&src.tokenizer, &kept)?)
+        })
+        .collect::<Result<Vec<String>>>()?;
+    let mut out = Vec::new();
+    for (i, rec) in records.examples.iter().enumerate() {
+        let samples = &texts[i * o.n..(i + 1) * o.n];
         let prompt = match &rec.example.prompt {
             Prompt::Text(t) => json!(t),
             Prompt::Chat(m) => {

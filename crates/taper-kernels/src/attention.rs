@@ -580,6 +580,14 @@ fn mask_row<T: Float>(mask: &RowMask, row: RowKeys, k0: usize, s: &mut [T], scal
     s[a..b].iter().fold(T::NEG_INF, |m, x| m.fmax(*x))
 }
 
+/// A zeroed block for one head's scores, (BQ, BKV) at most: on the heap, since that block of
+/// f64 is 256 KiB, a lot for a rayon thread's stack; and no larger than the head's Tq x Tk,
+/// since zeroing the whole block for each of B x H short heads (a decode step's one query, a
+/// short training row) cost more than the attention itself.
+fn scratch<T: Float>(tq: usize, tk: usize) -> Vec<T> {
+    vec![T::ZERO; BQ.min(tq) * BKV.min(tk)]
+}
+
 /// Forward of one query head (Tq, D) against its key/value head (Tk, D): BQ query rows at a
 /// time, over key blocks of BKV with an online softmax (a running max and sum per row). The
 /// block's scores S = q kᵀ and its output P v are GEMMs; `out` gets the normalised output and
@@ -588,9 +596,7 @@ fn mask_row<T: Float>(mask: &RowMask, row: RowKeys, k0: usize, s: &mut [T], scal
 fn fwd_head<T: Float>(mask: &RowMask, q: &[T], k: &[T], v: &[T], out: &mut [T], lse: &mut [T], scale: T) {
     let (tq, d) = (lse.len(), q.len() / lse.len().max(1));
     let one = T::from_f64(1.0);
-    // On the heap: a (BQ, BKV) block of f64 is 256 KiB, a lot for a rayon thread's stack.
-    #[allow(clippy::useless_vec)]
-    let mut s = vec![T::ZERO; BQ * BKV];
+    let mut s = scratch(tq, k.len() / d.max(1));
     for i0 in (0..tq).step_by(BQ) {
         let n = BQ.min(tq - i0);
         let rows: Vec<RowKeys> = (i0..i0 + n).map(|i| mask.row(i)).collect();
@@ -658,9 +664,8 @@ fn bwd_head<T: Float>(
 ) {
     let (tq, d) = (h.lse.len(), h.q.len() / h.lse.len().max(1));
     let one = T::from_f64(1.0);
-    // On the heap, as in the forward.
-    #[allow(clippy::useless_vec)]
-    let (mut p, mut ds) = (vec![T::ZERO; BQ * BKV], vec![T::ZERO; BQ * BKV]);
+    let tk = k.len() / d.max(1);
+    let (mut p, mut ds) = (scratch(tq, tk), scratch(tq, tk));
     for i0 in (0..tq).step_by(BQ) {
         let n = BQ.min(tq - i0);
         // Rows that saw no key have lse = -inf, an output fixed at 0 and no gradient.

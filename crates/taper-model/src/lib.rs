@@ -7,6 +7,7 @@
 pub mod bert;
 pub mod config;
 pub mod decoder;
+pub mod generation;
 pub mod gguf;
 pub mod hf;
 pub mod host;
@@ -20,7 +21,8 @@ pub mod weights;
 
 pub use bert::Bert;
 pub use config::{Mlp, ModelConfig, ModelKind, Norm, PosEmb};
-pub use decoder::{flatten_logits, sample, Decoder, KvCache, Sampling};
+pub use decoder::{flatten_logits, Decoder, KvCache};
+pub use generation::{sample, sample_rows, sample_with, Sampling, GENERATION_BATCH};
 pub use init::Init;
 pub use lora::LoraConfig;
 pub use rng::Rng;
@@ -40,6 +42,8 @@ pub enum ModelError {
     WrongKind { found: ModelKind, needed: ModelKind },
     #[error("input of {len} tokens exceeds the model's context of {max} positions")]
     TooLong { len: usize, max: usize },
+    #[error("a prompt of {prompt} tokens and {max_new} new tokens pass the model's context of {max} positions")]
+    GenerationTooLong { prompt: usize, max_new: usize, max: usize },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]

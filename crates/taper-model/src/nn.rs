@@ -159,8 +159,30 @@ pub fn causal_mask(t: usize, offset: usize, window: usize, dev: &candle_core::De
 /// (and within the sliding `window`, if any). Padding (segment 0) sees only itself, so its
 /// softmax stays finite. Built on the device from the (B * T) ids and cached.
 pub fn segment_mask(seg: &[u32], b: usize, t: usize, window: usize, dev: &candle_core::Device) -> Result<Tensor> {
-    let opts = AttnOpts { window, segments: Some((seg.to_vec(), seg.to_vec())), ..AttnOpts::causal(1, 0) };
-    taper_kernels::attention_bias(b, t, t, &opts, DType::F32, dev).map_err(candle_core::Error::wrap)
+    cached_segment_mask(seg, seg, b, t, window, dev)
+}
+
+/// [`segment_mask`] for T queries that follow cached keys: query segments (B * T), key segments
+/// (B * L) for the L >= T keys, the queries at the last T of those positions. (B, 1, T, L),
+/// built on the device from the ids and cached.
+pub fn cached_segment_mask(
+    q_seg: &[u32],
+    k_seg: &[u32],
+    b: usize,
+    t: usize,
+    window: usize,
+    dev: &candle_core::Device,
+) -> Result<Tensor> {
+    let l = k_seg.len() / b.max(1);
+    if q_seg.len() != b * t || k_seg.len() != b * l || l < t {
+        candle_core::bail!(
+            "segment mask: {} query and {} key ids for {b} rows of {t} queries",
+            q_seg.len(),
+            k_seg.len()
+        )
+    }
+    let opts = AttnOpts { window, segments: Some((q_seg.to_vec(), k_seg.to_vec())), ..AttnOpts::causal(1, 0) };
+    taper_kernels::attention_bias(b, t, l, &opts, DType::F32, dev).map_err(candle_core::Error::wrap)
 }
 
 /// Inverted dropout. Off the fused CPU path the mask is drawn on the device by Philox, keyed by

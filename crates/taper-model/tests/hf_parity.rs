@@ -62,6 +62,12 @@ fn parity(arch: &str) {
     let out = eval.generate(&prompt, 32, &greedy, &[], &mut Rng::new(0), |_| {}).unwrap();
     let want: Vec<u32> = g["generated"].to_vec1::<i64>().unwrap().iter().map(|&t| t as u32).collect();
     assert_eq!(out, want, "{arch}: greedy generation");
+    // The same row batched beside a shorter prompt, left-padded to it, when the context allows.
+    if prompt.len() + 32 <= m.config.block_size {
+        let both = [prompt[..2].to_vec(), prompt.clone()];
+        let rows = eval.generate_batch(&both, 32, &greedy, &[], &mut [Rng::new(0), Rng::new(0)]).unwrap();
+        assert_eq!(rows[1], want, "{arch}: batched greedy generation");
+    }
 }
 
 #[test]

@@ -60,25 +60,39 @@ pub fn exact_match(
     max_new: usize,
     limit: usize,
 ) -> Result<(usize, usize)> {
-    let (mut hits, mut total) = (0, 0);
     let greedy = Sampling { temperature: 0.0, ..Default::default() };
     let stop = stop_ids(src);
+    let mut scored = Vec::new();
     for ex in examples {
-        if limit > 0 && total >= limit {
+        if limit > 0 && scored.len() >= limit {
             break;
         }
         let Some((prompt, answer)) = ex.split_prompt() else { continue };
         let prompt = prompt.render(template)?;
         let enc = taper_data::tokenizer::encode(&src.tokenizer, prompt.as_str(), false)?;
-        let out = model.generate(enc.get_ids(), max_new, &greedy, &stop, &mut Rng::new(0), |_| {})?;
+        scored.push((enc.get_ids().to_vec(), answer));
+    }
+    // Prompts with room for max_new tokens in the context decode in batches; a longer one
+    // alone, where generate slides its window.
+    let room = |ids: &[u32]| ids.len() + max_new <= model.config().block_size;
+    let (fit, long): (Vec<usize>, Vec<usize>) = (0..scored.len()).partition(|&i| room(&scored[i].0));
+    let mut outs = vec![Vec::new(); scored.len()];
+    let mut rows: Vec<(&[u32], Rng)> = fit.iter().map(|&i| (scored[i].0.as_slice(), Rng::new(0))).collect();
+    for (&i, out) in fit.iter().zip(model.generate_in_batches(&mut rows, max_new, &greedy, &stop)?) {
+        outs[i] = out;
+    }
+    for &i in &long {
+        outs[i] = model.generate(&scored[i].0, max_new, &greedy, &stop, &mut Rng::new(0), |_| {})?;
+    }
+    let mut hits = 0;
+    for ((_, answer), out) in scored.iter().zip(outs) {
         let ids: Vec<u32> = out.into_iter().filter(|t| !stop.contains(t)).collect();
         let text = taper_data::tokenizer::decode(&src.tokenizer, &ids)?;
-        total += 1;
         if text.trim() == answer.trim() {
             hits += 1;
         }
     }
-    Ok((hits, total))
+    Ok((hits, scored.len()))
 }
 
 #[cfg(test)]
