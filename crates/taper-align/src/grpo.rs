@@ -6,8 +6,8 @@
 
 use crate::losses::{group_advantages, grpo_loss};
 use crate::rl::{
-    mean_entropy, mean_std_across, minibatch_rules, object, token_forward, Minibatches, PromptDataConfig, RewardSpec,
-    Rl, RlAlgorithm, RlCore, RlSettings, RolloutConfig, Sampled,
+    entropy_sum, mean_entropy, mean_std_across, minibatch_rules, object, response_mask, token_forward, Minibatches,
+    PromptDataConfig, RewardSpec, Rl, RlAlgorithm, RlCore, RlSettings, RolloutConfig, Sampled,
 };
 use crate::Result;
 use candle_core::Tensor;
@@ -154,6 +154,7 @@ pub fn grpo(cfg: GrpoConfig, run: RunSpec, obs: &mut dyn Observer) -> Result<Sum
             kl: 0.0,
             clip: 0.0,
             micro_batches: 0.0,
+            entropy_sums: (0.0, 0.0),
         };
         let recipe = Rl { core, algorithm };
         Ok(Built { recipe, params, contents, vocab_size, train_tokens: 0, val_tokens: 0 })
@@ -168,18 +169,22 @@ struct Grpo {
     kl: f64,
     clip: f64,
     micro_batches: f64,
+    /// Entropy summed over response positions, and their count, of the step's policy forwards.
+    entropy_sums: (f64, f64),
 }
 
 /// A step's rollouts and what its updates read.
 struct StepData {
     sampled: Sampled,
     advantages: Tensor,
-    old_logp: Tensor,
+    /// The sampling policy's log-probs; None when they are the updated policy's own (one update).
+    old_logp: Option<Tensor>,
     ref_logp: Option<Tensor>,
     /// Sequence normalisation: the loss mask reweighted per response.
     weights: Option<Tensor>,
     minibatches: Minibatches,
-    entropy: f64,
+    /// From the frozen forward; None: summed from the policy's forwards in `entropy_sums`.
+    entropy: Option<f64>,
     /// The mean and standard deviation of the step's rewards, over every replica's.
     stats: (f64, f64),
 }
@@ -196,21 +201,32 @@ impl RlAlgorithm for Grpo {
             true => Some(token_forward(&rl.reference, &sampled.rows, dev, None)?.logp),
             false => None,
         };
-        let old = token_forward(&rl.frozen, &sampled.rows, dev, None)?;
-        // Sequence normalisation as a reweighted mask: each response's tokens scaled by
-        // mean length / its length, so the token mean becomes the mean of per-response means.
-        let weights = if g.normalize == "sequence" {
-            let lens = old.mask.sum(1)?; // (N,)
-            let scale = (lens.mean_all()?.broadcast_div(&lens.clamp(1.0, f64::MAX)?))?;
-            Some(old.mask.broadcast_mul(&scale.unsqueeze(1)?)?)
-        } else {
-            None
-        };
-        let entropy = mean_entropy(&old.logits, &old.mask)?;
         // Every epoch takes the rollouts in order: with one update an epoch, all of them at once.
         let minibatches = Minibatches::new(sampled.rows.len(), g.epochs, self.batch, accum, |_| None);
         let updates = minibatches.updates();
-        let old_logp = old.logp;
+        // One update on the rollouts just sampled: the policy it differentiates is the one that
+        // sampled, so its own log-probs, detached, are the old ones (the ratio is 1, its
+        // gradient the policy gradient) and a frozen forward would only repeat them, as TRL's
+        // GRPOTrainer skips it at num_iterations = 1. Not with dropout, whose masks the policy
+        // forward alone would see.
+        let on_policy = updates == 1 && !rl.dropout;
+        let (old_logp, mask, entropy) = match on_policy {
+            true => (None, response_mask(&sampled.rows, dev)?, None),
+            false => {
+                let old = token_forward(&rl.frozen, &sampled.rows, dev, None)?;
+                let entropy = mean_entropy(&old.logits, &old.mask)?;
+                (Some(old.logp), old.mask, Some(entropy))
+            }
+        };
+        // Sequence normalisation as a reweighted mask: each response's tokens scaled by
+        // mean length / its length, so the token mean becomes the mean of per-response means.
+        let weights = if g.normalize == "sequence" {
+            let lens = mask.sum(1)?; // (N,)
+            let scale = (lens.mean_all()?.broadcast_div(&lens.clamp(1.0, f64::MAX)?))?;
+            Some(mask.broadcast_mul(&scale.unsqueeze(1)?)?)
+        } else {
+            None
+        };
         let stats = mean_std_across(&*rl.comm, &sampled.scores)?;
         self.step = Some(StepData { sampled, advantages, old_logp, ref_logp, weights, minibatches, entropy, stats });
         Ok(Plan { updates, micro_batches: accum })
@@ -229,7 +245,15 @@ impl RlAlgorithm for Grpo {
         let weights = d.weights.as_ref().map(part).transpose()?;
         let mask = weights.as_ref().unwrap_or(&out.mask);
         let ref_logp = d.ref_logp.as_ref().map(part).transpose()?;
-        let (old, adv) = (part(&d.old_logp)?, part(&d.advantages)?);
+        let old = match &d.old_logp {
+            Some(o) => part(o)?,
+            None => {
+                let (sum, n) = entropy_sum(&out.logits, &out.mask)?;
+                self.entropy_sums = (self.entropy_sums.0 + sum, self.entropy_sums.1 + n);
+                out.logp.detach()
+            }
+        };
+        let adv = part(&d.advantages)?;
         let o = grpo_loss(&out.logp, &old, ref_logp.as_ref(), &adv, mask, g.clip_eps, g.beta)?;
         (self.kl, self.clip, self.micro_batches) = (self.kl + o.kl, self.clip + o.clip_frac, self.micro_batches + 1.0);
         Ok(o.loss)
@@ -240,8 +264,10 @@ impl RlAlgorithm for Grpo {
         let k = std::mem::take(&mut self.micro_batches).max(1.0);
         let (kl, clip) = (std::mem::take(&mut self.kl) / k, std::mem::take(&mut self.clip) / k);
         let (mean, std) = d.stats;
+        let (sum, n) = std::mem::take(&mut self.entropy_sums);
+        let entropy = d.entropy.unwrap_or(sum / n.max(1.0));
         let metrics = object(serde_json::json!({"reward": mean, "reward_std": std, "kl": kl, "clip_frac": clip,
-            "entropy": d.entropy, "response_length": d.sampled.response_length}));
+            "entropy": entropy, "response_length": d.sampled.response_length}));
         Ok(StepReport { tokens: d.sampled.tokens, metrics, device_metrics: None })
     }
 }

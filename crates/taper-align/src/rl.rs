@@ -329,12 +329,26 @@ pub fn token_forward(model: &Decoder, rows: &[Row], dev: &Device, rng: Option<&m
 
 /// Mean entropy of the policy's next-token distribution over response positions (a metric).
 pub fn mean_entropy(logits: &Tensor, mask: &Tensor) -> Result<f64> {
+    let (total, n) = entropy_sum(logits, mask)?;
+    Ok(total / n.max(1.0))
+}
+
+/// The entropy summed over response positions, and their count: for a mean over micro-batches.
+pub fn entropy_sum(logits: &Tensor, mask: &Tensor) -> Result<(f64, f64)> {
     let logits = logits.detach();
     let lp = nn::log_softmax(&logits)?;
     let ent = (lp.exp()? * &lp)?.sum(D::Minus1)?.neg()?; // (N, T)
-    let total = (ent * mask)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-    let n = mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-    Ok(total / n.max(1.0))
+    let total = (ent * mask)?.sum_all()?.to_dtype(DType::F64)?;
+    let n = mask.sum_all()?.to_dtype(DType::F64)?;
+    let v = taper_model::host::values(&Tensor::stack(&[total, n], 0)?)?;
+    Ok((v[0], v[1]))
+}
+
+/// The response-token mask (N, T) of `rows` as [`token_forward`] returns it, without a forward.
+pub fn response_mask(rows: &[Row], dev: &Device) -> Result<Tensor> {
+    let b = collate(rows)?;
+    let (_, mask, _) = shifted(&b.labels, b.rows, b.seq_len);
+    Ok(Tensor::from_vec(mask, (b.rows, b.seq_len), dev)?)
 }
 
 /// A held-out evaluation: greedy answers' mean reward and exact match, and the policy's mean
