@@ -156,9 +156,12 @@ fn loop_settings_out_of_range_nan_or_mistyped() {
         ("schedule.min_lr=-1e-4", &["schedule.min_lr = -0.0001: must be a finite number >= 0"]),
         ("device=\"gpu\"", &["device = \"gpu\": expected \"auto\", \"cpu\", \"cuda:N\" or \"metal\""]),
         ("seed=-1", &["seed"]),
+        ("log.sample_tokens=0", &["log.sample_tokens = 0: must be at least 1"]),
+        ("log.tensorboard=\"yes\"", &["log.tensorboard", "invalid type"]),
+        ("log.histogram_every=5", &["unknown field `histogram_every`"]),
     ];
     let n = config_cases("loop-clm", 0, cases) + config_cases("loop-sft", 3, cases);
-    assert_eq!(n, 40);
+    assert_eq!(n, 46);
 }
 
 /// Each recipe's own keys.
@@ -261,6 +264,10 @@ fn flags_out_of_range() {
     let d = scratch("flags");
     let m = d.join("no-model");
     let m = m.to_str().unwrap();
+    for (run, text) in [("run1", "{\"step\": 1, \"loss\": 2.5}\n"), ("run2", "{\"step\": 1}\n{\"step\": 2,\n")] {
+        std::fs::create_dir_all(d.join(run)).unwrap();
+        std::fs::write(d.join(run).join("metrics.jsonl"), text).unwrap();
+    }
     let cases: &[(&[&str], &[&str])] = &[
         (&["generate", "--model", m, "--temperature", "-1"], &["--temperature", "must be >= 0"]),
         (&["generate", "--model", m, "--temperature", "nan"], &["--temperature", "must be a finite number"]),
@@ -290,6 +297,11 @@ fn flags_out_of_range() {
             &["required arguments were not provided", "--resume"],
         ),
         (&["export", m, "--format", "onnx", "--out", "o"], &["--format", "onnx"]),
+        (&["plot", "nowhere", "--out", "x.png"], &["nowhere/metrics.jsonl"]),
+        (&["plot", "run1", "--out", "x.png", "--metric", "lost"], &["no run logged the metric \"lost\""]),
+        (&["plot", "run1", "--out", "x.jpg"], &["'.jpg'", ".png or .svg"]),
+        (&["plot", "run1", "--out", "x.png", "--x", "time"], &["--x", "time"]),
+        (&["plot", "run2", "--out", "x.png"], &["run2/metrics.jsonl:2: not JSON"]),
         (&["generate"], &["--model"]),
     ];
     for (args, needles) in cases {

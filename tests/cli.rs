@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -587,7 +588,7 @@ fn reward_model_and_dpo_tiny_runs_resume_and_bad_pairs() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("exact match on held-out prompts: "));
     assert!(whole.join("ref_logps.safetensors").exists());
     let log = std::fs::read_to_string(whole.join("metrics.jsonl")).unwrap();
-    assert!(log.contains("\"rewards/chosen\"") && log.contains("\"eval/rewards/accuracy\""), "{log}");
+    assert!(log.contains("\"rewards/chosen\"") && log.contains("\"eval/rewards/accuracies\""), "{log}");
     ok(dpo(&split, &["--set", "train.stop_at_step=2"]));
     ok(dpo(&split, &["--resume"]));
     assert_eq!(losses(&whole), losses(&split));
@@ -629,7 +630,7 @@ fn reward_model_and_dpo_tiny_runs_resume_and_bad_pairs() {
         2,
     );
     for (cmd, cfg, keys) in
-        [("grpo", &grpo, ["\"kl\"", "\"reward_std\""]), ("ppo", &ppo, ["\"value_loss\"", "\"kl_coef\""])]
+        [("grpo", &grpo, ["\"kl\"", "\"reward_std\""]), ("ppo", &ppo, ["\"loss/value_avg\"", "\"objective/kl_coef\""])]
     {
         let (whole, split) = (d.join(format!("{cmd}-whole")), d.join(format!("{cmd}-split")));
         let out = ok(run(cmd, cfg, &whole, &[]));
@@ -784,4 +785,84 @@ fn rl_recipes_honour_batch_size_and_accumulation() {
             &["train.batch_size = 3", "4 rollouts per step", "whole optimizer updates"],
         );
     }
+}
+
+/// The scalars of TensorBoard's view of `run`'s event files: read back with every record's CRC
+/// checked, in the order TensorBoard reads them, a `SessionLog START` at step s dropping the
+/// points read so far at steps >= s (as its EventAccumulator purges a restarted run's tail).
+/// Values by (tag, step).
+type ByStep<T> = BTreeMap<(String, u64), T>;
+
+fn tensorboard_view(run: &Path) -> (ByStep<f32>, ByStep<String>) {
+    use taper_train::tensorboard::{event_files, read_events};
+    let (mut scalars, mut texts) = (BTreeMap::new(), BTreeMap::new());
+    for file in event_files(&run.join("tb")).unwrap() {
+        for e in read_events(&file).unwrap() {
+            let step = e.step as u64;
+            if e.session_start {
+                scalars.retain(|(_, s), _| *s < step);
+                texts.retain(|(_, s): &(String, u64), _| *s < step);
+            }
+            for (tag, v) in e.scalars {
+                assert!(scalars.insert((tag.clone(), step), v).is_none(), "{tag} twice at step {step}");
+            }
+            for (tag, t) in e.texts {
+                texts.insert((tag, step), t);
+            }
+        }
+    }
+    (scalars, texts)
+}
+
+/// Every number of every metrics.jsonl line, by (name, step).
+fn jsonl_scalars(run: &Path) -> ByStep<f32> {
+    let mut out = BTreeMap::new();
+    for line in metrics(run) {
+        let step = line["step"].as_u64().unwrap();
+        for (k, v) in line.as_object().unwrap() {
+            if let (Some(x), true) = (v.as_f64(), k != "step") {
+                assert!(
+                    out.insert((k.clone(), step), x as f32).is_none(),
+                    "metrics.jsonl has {k} twice at step {step}"
+                );
+            }
+        }
+    }
+    out
+}
+
+/// TensorBoard's files hold exactly the scalars of metrics.jsonl, step for step, the config and
+/// the samples as text; after a resume from an older checkpoint with another learning rate,
+/// neither holds a stale or duplicate step of the abandoned tail.
+#[test]
+fn tensorboard_holds_the_metrics_and_a_resume_drops_the_abandoned_tail() {
+    let d = scratch("tb");
+    let cfg = write_config(&d, &format!("{TINY}\n[log]\nhistograms_every = 4\nsample_tokens = 6\n"));
+    let run = d.join("run");
+    ok(pretrain(&cfg, &run, &[]));
+    let (scalars, texts) = tensorboard_view(&run);
+    assert_eq!(scalars, jsonl_scalars(&run));
+    assert!(scalars.contains_key(&("val_loss".to_string(), 4)) && scalars.contains_key(&("grad_norm".to_string(), 8)));
+    assert!(texts[&("config".to_string(), 0)].contains("n_embd = 32"));
+    for step in [0, 4, 8] {
+        let s = &texts[&("samples/0".to_string(), step)];
+        assert!(s.starts_with("**prompt**") && s.contains("**sample**"), "{s}");
+    }
+
+    // Back to step 4 with another learning rate: steps 5-8 are trained again, differently.
+    let before = jsonl_scalars(&run);
+    let older = run.join("checkpoints/step_00000004");
+    ok(pretrain(&cfg, &run, &["--resume", older.to_str().unwrap(), "--allow-config-change", "--set", "optim.lr=1e-3"]));
+    let after = jsonl_scalars(&run);
+    let (scalars, texts) = tensorboard_view(&run);
+    assert_eq!(scalars, after, "TensorBoard's view is metrics.jsonl, resumed");
+    let key = ("loss".to_string(), 8);
+    assert_ne!(before[&key], after[&key], "step 8 was trained again");
+    assert_eq!(before[&("loss".to_string(), 4)], after[&("loss".to_string(), 4)], "the kept steps are kept");
+    assert!(texts.contains_key(&("samples/0".to_string(), 8)));
+    assert_eq!(event_file_count(&run), 2, "one event file per session");
+}
+
+fn event_file_count(run: &Path) -> usize {
+    taper_train::tensorboard::event_files(&run.join("tb")).unwrap().len()
 }

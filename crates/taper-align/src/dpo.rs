@@ -14,8 +14,8 @@ use taper_data::chat::ChatTemplate;
 use taper_data::sft::{read_sft, Example};
 use taper_model::lora::LoraConfig;
 use taper_model::{Decoder, Rng, Weights};
-use taper_train::chat::exact_match;
-use taper_train::config::{RecipeConfig, TrainConfig};
+use taper_train::chat::{self, exact_match};
+use taper_train::config::{LogConfig, RecipeConfig, TrainConfig};
 use taper_train::finetune::{self, trainable};
 use taper_train::fingerprint::Fingerprint;
 use taper_train::loop_fields;
@@ -65,6 +65,7 @@ pub struct DpoConfig {
     pub train: TrainConfig,
     pub optim: OptimConfig,
     pub schedule: ScheduleConfig,
+    pub log: LogConfig,
     pub eval: EvalConfig,
 }
 
@@ -80,6 +81,7 @@ impl Default for DpoConfig {
             train: TrainConfig { batch_size: 8, eval_batches: 0, ..TrainConfig::default() },
             optim: OptimConfig { lr: 5e-6, weight_decay: 0.0, ..OptimConfig::default() },
             schedule: ScheduleConfig::default(),
+            log: LogConfig::default(),
             eval: EvalConfig::default(),
         }
     }
@@ -356,6 +358,11 @@ impl Recipe for Dpo {
         Ok(StepReport { tokens: std::mem::take(&mut self.tokens), metrics: Map::new(), device_metrics })
     }
 
+    fn samples(&mut self, _step: u64, prompts: &[String], max_new: usize) -> Result<Vec<(String, String)>> {
+        let src = &self.contents_src;
+        Ok(chat::samples(&self.eval_policy, src, &self.template, prompts, chat::prompts_of(&self.prompts), max_new)?)
+    }
+
     fn evaluate(&mut self, step: u64, obs: &mut dyn Observer) -> Result<Evaluation> {
         if self.eval.is_empty() {
             return Ok(Evaluation::default());
@@ -366,8 +373,8 @@ impl Recipe for Dpo {
             e.loss, e.accuracy, e.margin
         ));
         let mut out = Evaluation::of_loss(e.loss);
-        out.metrics.insert("eval/rewards/accuracy".into(), e.accuracy.into());
-        out.metrics.insert("eval/rewards/margin".into(), e.margin.into());
+        out.metrics.insert("eval/rewards/accuracies".into(), e.accuracy.into());
+        out.metrics.insert("eval/rewards/margins".into(), e.margin.into());
         out.metrics.insert("eval/rewards/chosen".into(), e.chosen.into());
         out.metrics.insert("eval/rewards/rejected".into(), e.rejected.into());
         Ok(out)

@@ -13,7 +13,7 @@ use crate::Result;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use taper_model::lora::LoraConfig;
-use taper_train::config::{RecipeConfig, TrainConfig};
+use taper_train::config::{LogConfig, RecipeConfig, TrainConfig};
 use taper_train::loop_fields;
 use taper_train::observe::{Observer, Summary};
 use taper_train::optim::OptimConfig;
@@ -72,6 +72,7 @@ pub struct GrpoConfig {
     pub train: TrainConfig,
     pub optim: OptimConfig,
     pub schedule: ScheduleConfig,
+    pub log: LogConfig,
 }
 
 impl Default for GrpoConfig {
@@ -88,6 +89,7 @@ impl Default for GrpoConfig {
             train: TrainConfig { batch_size: 32, eval_batches: 0, ..TrainConfig::default() },
             optim: OptimConfig { lr: 1e-5, weight_decay: 0.0, ..OptimConfig::default() },
             schedule: ScheduleConfig::default(),
+            log: LogConfig::default(),
         }
     }
 }
@@ -266,8 +268,8 @@ impl RlAlgorithm for Grpo {
         let (mean, std) = d.stats;
         let (sum, n) = std::mem::take(&mut self.entropy_sums);
         let entropy = d.entropy.unwrap_or(sum / n.max(1.0));
-        let metrics = object(serde_json::json!({"reward": mean, "reward_std": std, "kl": kl, "clip_frac": clip,
-            "entropy": entropy, "response_length": d.sampled.response_length}));
+        let metrics = object(serde_json::json!({"reward": mean, "reward_std": std, "kl": kl, "clip_ratio": clip,
+            "entropy": entropy, "completions/mean_length": d.sampled.response_length}));
         Ok(StepReport { tokens: d.sampled.tokens, metrics, device_metrics: None })
     }
 }

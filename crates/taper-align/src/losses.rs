@@ -227,7 +227,8 @@ pub struct DpoOut {
 
 impl DpoOut {
     /// The names of [`DpoOut::stats`], as TRL logs them.
-    pub const STATS: [&'static str; 4] = ["rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected"];
+    pub const STATS: [&'static str; 4] =
+        ["rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"];
 }
 
 /// The DPO family over per-example sequence log-probs (B,), following TRL's `DPOTrainer.dpo_loss` (0.x; 1.x

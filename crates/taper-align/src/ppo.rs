@@ -20,7 +20,7 @@ use taper_data::packing::Row;
 use taper_dist::Comm;
 use taper_model::lora::LoraConfig;
 use taper_model::Rng;
-use taper_train::config::{RecipeConfig, TrainConfig};
+use taper_train::config::{LogConfig, RecipeConfig, TrainConfig};
 use taper_train::loop_fields;
 use taper_train::observe::{Observer, Summary};
 use taper_train::optim::OptimConfig;
@@ -102,6 +102,7 @@ pub struct PpoConfig {
     pub train: TrainConfig,
     pub optim: OptimConfig,
     pub schedule: ScheduleConfig,
+    pub log: LogConfig,
 }
 
 impl Default for PpoConfig {
@@ -118,6 +119,7 @@ impl Default for PpoConfig {
             train: TrainConfig { batch_size: 8, eval_batches: 0, ..TrainConfig::default() },
             optim: OptimConfig { lr: 1e-5, weight_decay: 0.0, ..OptimConfig::default() },
             schedule: ScheduleConfig::default(),
+            log: LogConfig::default(),
         }
     }
 }
@@ -369,10 +371,11 @@ impl RlAlgorithm for Ppo {
         let st = std::mem::take(&mut self.stats);
         let k = st.micro_batches.max(1.0);
         let (mean, std) = d.stats;
-        let metrics = object(serde_json::json!({"reward": mean, "reward_std": std, "kl": d.batch.kl,
-            "kl_coef": self.kl_coef, "entropy": d.batch.entropy, "policy_loss": st.policy_loss / k,
-            "value_loss": st.value_loss / k, "clip_frac": st.clip / k, "vf_clip_frac": st.vclip / k,
-            "approx_kl": st.approx_kl / k, "response_length": d.sampled.response_length}));
+        let metrics = object(serde_json::json!({"objective/scores": mean, "objective/scores_std": std,
+            "objective/kl": d.batch.kl, "objective/kl_coef": self.kl_coef, "objective/entropy": d.batch.entropy,
+            "loss/policy_avg": st.policy_loss / k, "loss/value_avg": st.value_loss / k,
+            "policy/clipfrac_avg": st.clip / k, "val/clipfrac_avg": st.vclip / k,
+            "policy/approxkl_avg": st.approx_kl / k, "completions/mean_length": d.sampled.response_length}));
         Ok(StepReport { tokens: d.sampled.tokens, metrics, device_metrics: None })
     }
 

@@ -466,6 +466,7 @@ pub struct RlCore {
     pub rollout: RolloutConfig,
     pub seed: u64,
     pub src: Source,
+    pub template: ChatTemplate,
     pub train: Vec<RlPrompt>,
     pub eval: Vec<RlPrompt>,
     pub reward: Reward,
@@ -509,6 +510,12 @@ impl<A: RlAlgorithm> Recipe for Rl<A> {
 
     fn end_step(&mut self, step: u64) -> Result<StepReport> {
         self.algorithm.end_step(step)
+    }
+
+    fn samples(&mut self, _step: u64, prompts: &[String], max_new: usize) -> Result<Vec<(String, String)>> {
+        let c = &self.core;
+        let defaults = c.eval.iter().chain(&c.train).map(|p| p.prompt.clone());
+        Ok(taper_train::chat::samples(&c.frozen, &c.src, &c.template, prompts, defaults, max_new)?)
     }
 
     fn evaluate(&mut self, step: u64, obs: &mut dyn Observer) -> Result<Evaluation> {
@@ -564,7 +571,9 @@ impl RlCore {
         let (params, weights) = trainable(&src, s.lora, s.seed, heads, env.checkpoint)?;
         let names: Vec<&str> = head_names.iter().map(String::as_str).collect();
         let contents = finetune::contents(&src, &template, s.lora, s.init, &names, &[]);
-        let reward = Reward::load(s.reward, &src, template, &env.device)?;
+        // A template of its own (templates are not Clone): the reward model renders with it.
+        let reward_template = taper_train::chat::template_for(s.data.chat_template.as_deref(), &src)?;
+        let reward = Reward::load(s.reward, &src, reward_template, &env.device)?;
         let core = Self {
             policy: Decoder::load(&weights, &src.config)?,
             frozen: Decoder::load(&weights.detached(), &src.config)?,
@@ -573,6 +582,7 @@ impl RlCore {
             rollout: s.rollout.clone(),
             seed: s.seed,
             src,
+            template,
             train,
             eval,
             reward,

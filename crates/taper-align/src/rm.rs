@@ -13,7 +13,7 @@ use taper_data::packing::{collate, Row};
 use taper_data::sft::{EncodeOptions, Example, OnBadRecord, Overflow, SftEncoder};
 use taper_model::lora::LoraConfig;
 use taper_model::{Decoder, Rng, Weights};
-use taper_train::config::{RecipeConfig, TrainConfig};
+use taper_train::config::{LogConfig, RecipeConfig, TrainConfig};
 use taper_train::finetune::{self, trainable_except};
 use taper_train::loop_fields;
 use taper_train::observe::{Observer, Summary};
@@ -55,6 +55,7 @@ pub struct RmConfig {
     pub train: TrainConfig,
     pub optim: OptimConfig,
     pub schedule: ScheduleConfig,
+    pub log: LogConfig,
 }
 
 impl Default for RmConfig {
@@ -69,6 +70,7 @@ impl Default for RmConfig {
             train: TrainConfig { batch_size: 8, eval_batches: 0, ..TrainConfig::default() },
             optim: OptimConfig { lr: 1e-5, weight_decay: 0.0, ..OptimConfig::default() },
             schedule: ScheduleConfig::default(),
+            log: LogConfig::default(),
         }
     }
 }

@@ -56,9 +56,35 @@ enum Cmd {
     Export(ExportArgs),
     /// Describe a model source.
     Info { path: String },
+    /// One chart comparing runs' metrics (from their metrics.jsonl), as PNG or SVG.
+    Plot(PlotArgs),
     /// Time training steps of a pretraining config's model on random tokens: tokens/s, forward,
     /// backward and optimizer ms, GFLOP/s, MFU against a measured GEMM peak, peak RSS.
     Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct PlotArgs {
+    /// Run dirs (each with a metrics.jsonl).
+    #[arg(required = true)]
+    runs: Vec<PathBuf>,
+    /// The chart: a path ending in .png or .svg.
+    #[arg(long)]
+    out: PathBuf,
+    /// Metrics to draw, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "loss")]
+    metric: Vec<String>,
+    /// Trailing moving average over this many points (the raw curve drawn faintly beneath).
+    #[arg(long, default_value_t = 0)]
+    smooth: usize,
+    /// The x axis: "step" or "tokens" (seen).
+    #[arg(long, default_value = "step", value_parser = ["step", "tokens"])]
+    x: String,
+    /// A logarithmic y axis.
+    #[arg(long)]
+    log_y: bool,
+    #[arg(long)]
+    title: Option<String>,
 }
 
 #[derive(Args)]
@@ -337,7 +363,18 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Sample(a) => sample_cmd(a)?,
         Cmd::Info { path } => info_cmd(&path)?,
         Cmd::Bench(a) => bench_cmd(a)?,
+        Cmd::Plot(a) => plot_cmd(a)?,
     }
+    Ok(())
+}
+
+fn plot_cmd(a: PlotArgs) -> Result<()> {
+    use taper_cli::plot::{plot, read_runs, PlotOptions, XAxis};
+    let x = if a.x == "tokens" { XAxis::Tokens } else { XAxis::Step };
+    let series = read_runs(&a.runs, &a.metric, x)?;
+    let opts = PlotOptions { x, log_y: a.log_y, smooth: a.smooth, title: a.title, ..PlotOptions::default() };
+    plot(&series, &a.out, &opts)?;
+    println!("wrote {} ({} curves)", a.out.display(), series.len());
     Ok(())
 }
 

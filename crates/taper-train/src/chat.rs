@@ -6,6 +6,7 @@ use crate::source::Source;
 use crate::{io_err, Result};
 use std::path::Path;
 use taper_data::chat::{ChatTemplate, Message, Role};
+use taper_data::preference::Prompt;
 use taper_data::sft::Example;
 use taper_model::{Decoder, Rng, Sampling};
 
@@ -48,6 +49,29 @@ pub fn stop_ids(src: &Source) -> Vec<u32> {
     stop.sort_unstable();
     stop.dedup();
     stop
+}
+
+/// Greedy answers for the sinks' samples: to the config's `given` prompts, each a user message,
+/// or else to the first of the recipe's held-out prompts, `defaults`.
+pub fn samples(
+    model: &Decoder,
+    src: &Source,
+    template: &ChatTemplate,
+    given: &[String],
+    defaults: impl IntoIterator<Item = Prompt>,
+    max_new: usize,
+) -> Result<Vec<(String, String)>> {
+    let prompts: Vec<Prompt> = match given.is_empty() {
+        false => given.iter().map(|p| Prompt::Chat(vec![Message::new(Role::User, p.as_str())])).collect(),
+        true => defaults.into_iter().take(crate::samples::DEFAULT_PROMPTS).collect(),
+    };
+    let rendered = prompts.iter().map(|p| p.render(template)).collect::<std::result::Result<Vec<_>, _>>()?;
+    crate::samples::continuations(model, &src.tokenizer, &rendered, &stop_ids(src), max_new)
+}
+
+/// The prompts of held-out examples that have one (a prompt and a reference answer).
+pub fn prompts_of(examples: &[Example]) -> impl Iterator<Item = Prompt> + '_ {
+    examples.iter().filter_map(|e| e.split_prompt()).map(|(p, _)| p)
 }
 
 /// Exact match: greedy continuations of each held-out prompt against its reference answer.

@@ -24,6 +24,7 @@ pub struct RunConfig {
     pub train: TrainConfig,
     pub optim: OptimConfig,
     pub schedule: ScheduleConfig,
+    pub log: LogConfig,
     /// Encoder-decoder data and evaluation (`model.kind = "encoder-decoder"`).
     pub seq2seq: Seq2SeqConfig,
 }
@@ -40,6 +41,7 @@ impl Default for RunConfig {
             train: TrainConfig::default(),
             optim: OptimConfig::default(),
             schedule: ScheduleConfig::default(),
+            log: LogConfig::default(),
             seq2seq: Default::default(),
         }
     }
@@ -146,6 +148,31 @@ impl Default for TrainConfig {
     }
 }
 
+/// `[log]`: what a run reports besides `metrics.jsonl`. Changes nothing that is trained, so it
+/// may change on `--resume`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// TensorBoard event files in the run dir's `tb/`: every scalar of `metrics.jsonl`, the
+    /// resolved config and the samples as text, histograms when asked.
+    pub tensorboard: bool,
+    /// Generate from `sample_prompts` every this many steps; 0: at the evaluation steps.
+    pub samples_every: u64,
+    /// Prompts the samples continue (or, for chat recipes, answer); empty: the recipe's own
+    /// choice (the first held-out prompts, or the start of held-out text).
+    pub sample_prompts: Vec<String>,
+    /// New tokens per sample (greedy).
+    pub sample_tokens: usize,
+    /// Histograms of every weight and its gradient every this many steps; 0: never.
+    pub histograms_every: u64,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { tensorboard: true, samples_every: 0, sample_prompts: Vec::new(), sample_tokens: 64, histograms_every: 0 }
+    }
+}
+
 impl TrainConfig {
     /// The last step this invocation runs (`stop_at_step` cuts a run short, schedule unchanged).
     pub fn end_step(&self) -> u64 {
@@ -180,6 +207,7 @@ pub struct Common<'a> {
     pub train: &'a TrainConfig,
     pub optim: &'a OptimConfig,
     pub schedule: &'a ScheduleConfig,
+    pub log: &'a LogConfig,
 }
 
 /// A recipe's config: every section has defaults (so each key can be checked alone), the
@@ -216,6 +244,7 @@ macro_rules! loop_fields {
                 train: &self.train,
                 optim: &self.optim,
                 schedule: &self.schedule,
+                log: &self.log,
             }
         }
     };
@@ -236,6 +265,7 @@ pub fn common_rules(c: &Common) -> Vec<String> {
         r.at_least_one(k, v);
     }
     r.non_negative("train.grad_clip", t.grad_clip);
+    r.at_least_one("log.sample_tokens", c.log.sample_tokens as u64);
     r.unit("train.max_skipped_fraction", t.max_skipped_fraction, true);
     r.extend(c.optim.validate());
     r.extend(c.schedule.validate(t.max_steps));

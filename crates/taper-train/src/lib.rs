@@ -17,6 +17,7 @@ pub mod order;
 pub mod pretrain;
 pub mod rules;
 pub mod run_dir;
+pub mod samples;
 pub mod schedule;
 pub mod scratch;
 pub mod seq2seq;
@@ -24,6 +25,7 @@ pub mod sft;
 pub mod sinks;
 pub mod source;
 pub mod steps;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use config::RunConfig;

@@ -6,7 +6,8 @@
 
 use crate::config::RunConfig;
 use crate::observe::{Observer, Summary};
-use crate::scratch::{self, WindowObjective};
+use crate::samples;
+use crate::scratch::{self, WindowObjective, Windows};
 use crate::trainer::{Evaluation, Micro, RunSpec};
 use crate::{Result, TrainError};
 use candle_core::{DType, Device, Tensor};
@@ -171,6 +172,32 @@ pub fn mlm_loss(model: &Bert, x: &Tensor, y: &Tensor, rng: Option<&mut Rng>) -> 
 }
 
 impl WindowObjective for Mlm {
+    /// The prompts (by default the start of the first held-out windows), masked as in
+    /// training with fixed streams, and the model's guess at every masked position.
+    fn samples(&mut self, windows: &Windows, prompts: &[String], _max_new: usize) -> Result<Vec<(String, String)>> {
+        let tok = &windows.tokenizer;
+        let max = self.eval_model.config().block_size;
+        let inputs: Vec<Vec<u32>> = match prompts.is_empty() {
+            true => (0..samples::DEFAULT_PROMPTS as u64)
+                .map(|i| windows.val.batch(i, 0).inputs.iter().copied().take(32.min(max)).collect())
+                .collect(),
+            false => prompts
+                .iter()
+                .map(|p| Ok(tokenizer::encode(tok, p.as_str(), false)?.get_ids().iter().copied().take(max).collect()))
+                .collect::<Result<_>>()?,
+        };
+        let mut out = Vec::new();
+        for (i, ids) in inputs.iter().enumerate().filter(|(_, ids)| !ids.is_empty()) {
+            let (masked, labels) = self.masker.mask(ids, &mut Masker::rng(self.seed, EVAL_STEP, 1 << 32 | i as u64));
+            let x = Tensor::from_slice(&masked, (1, masked.len()), self.eval_model.device())?;
+            let guess: Vec<u32> = self.eval_model.forward(&x, None, None, None)?.squeeze(0)?.argmax(1)?.to_vec1()?;
+            let filled: Vec<u32> = (0..ids.len()).map(|j| if labels[j] >= 0 { guess[j] } else { masked[j] }).collect();
+            let (shown, answer) = (tokenizer::decode(tok, &masked)?, tokenizer::decode(tok, &filled)?);
+            out.push((format!("samples/{i}"), samples::markdown(&shown, &answer)));
+        }
+        Ok(out)
+    }
+
     fn loss(&mut self, batch: &Batch, at: Micro, rng: Option<&mut Rng>) -> Result<Tensor> {
         let mut masks = Masker::rng(self.seed, at.step, at.slot() as u64);
         let (x, y) = self.masker.batch_tensors(batch, &mut masks, self.model.device())?;

@@ -4,7 +4,8 @@
 
 use crate::config::RunConfig;
 use crate::observe::{Observer, Summary};
-use crate::scratch::{self, WindowObjective};
+use crate::samples;
+use crate::scratch::{self, WindowObjective, Windows};
 use crate::trainer::{Evaluation, Micro, RunSpec};
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
@@ -39,6 +40,21 @@ pub fn clm_loss(model: &Decoder, x: &Tensor, y: &Tensor, rng: Option<&mut Rng>) 
 }
 
 impl WindowObjective for Clm {
+    /// Continuations of the prompts; by default of the first held-out windows' first tokens.
+    fn samples(&mut self, windows: &Windows, prompts: &[String], max_new: usize) -> Result<Vec<(String, String)>> {
+        let prompts = match prompts.is_empty() {
+            false => prompts.to_vec(),
+            true => (0..samples::DEFAULT_PROMPTS as u64)
+                .map(|i| {
+                    let w = windows.val.batch(i, 0);
+                    let head = &w.inputs[..w.seq.min(16).min(w.inputs.len())];
+                    taper_data::tokenizer::decode(&windows.tokenizer, head).map_err(Into::into)
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
+        samples::continuations(&self.eval_model, &windows.tokenizer, &prompts, &[], max_new)
+    }
+
     fn loss(&mut self, batch: &Batch, _at: Micro, rng: Option<&mut Rng>) -> Result<Tensor> {
         let (x, y) = batch_tensors(batch, self.model.device())?;
         clm_loss(&self.model, &x, &y, rng)

@@ -143,6 +143,11 @@ pub trait WindowObjective {
     fn loss(&mut self, batch: &Batch, at: Micro, rng: Option<&mut Rng>) -> Result<Tensor>;
     /// The held-out evaluation over the first `n` validation batches of `val`.
     fn evaluate(&mut self, val: &WindowSampler, n: usize, step: u64, obs: &mut dyn Observer) -> Result<Evaluation>;
+    /// Samples for the sinks (see [`crate::trainer::Recipe::samples`]); `windows` gives the
+    /// default prompts.
+    fn samples(&mut self, _windows: &Windows, _prompts: &[String], _max_new: usize) -> Result<Vec<(String, String)>> {
+        Ok(Vec::new())
+    }
 }
 
 /// Trains the objective `make` builds (over the run's weights) on windows of the config's
@@ -199,5 +204,9 @@ impl<O: WindowObjective> Recipe for OnWindows<O> {
 
     fn evaluate(&mut self, step: u64, obs: &mut dyn Observer) -> Result<Evaluation> {
         self.objective.evaluate(&self.windows.val, self.eval_batches, step, obs)
+    }
+
+    fn samples(&mut self, _step: u64, prompts: &[String], max_new: usize) -> Result<Vec<(String, String)>> {
+        self.objective.samples(&self.windows, prompts, max_new)
     }
 }

@@ -7,6 +7,7 @@ use crate::checkpoint::Contents;
 use crate::config::{RunConfig, Seq2SeqConfig};
 use crate::observe::{Observer, Summary};
 use crate::order::epoch_pick;
+use crate::samples;
 use crate::scratch::{self, resolve_vocab};
 use crate::source::Source;
 use crate::trainer::{self, Built, Evaluation, Micro, Recipe, RunSpec, StepReport};
@@ -206,6 +207,7 @@ pub fn pretrain(cfg: RunConfig, run: RunSpec, obs: &mut dyn Observer) -> Result<
             eval_batches: cfg.train.eval_batches,
             dropout: cfg.model.dropout > 0.0,
             tokens: 0,
+            tokenizer: tok,
         };
         Ok(Built {
             recipe,
@@ -233,6 +235,7 @@ struct Seq2SeqRecipe {
     eval_batches: usize,
     dropout: bool,
     tokens: u64,
+    tokenizer: Tokenizer,
 }
 
 /// Pairs decoded at once for exact match.
@@ -248,6 +251,36 @@ impl Recipe for Seq2SeqRecipe {
         self.tokens += b.target_tokens as u64;
         let mut rng = at.dropout_rng(self.seed);
         batch_loss(&self.model, &b, self.settings.label_smoothing, self.dropout.then_some(&mut rng))
+    }
+
+    /// Greedy outputs for the prompts as sources, by default the first held-out sources.
+    fn samples(&mut self, _step: u64, prompts: &[String], max_new: usize) -> Result<Vec<(String, String)>> {
+        let sources: Vec<Vec<u32>> = match prompts.is_empty() {
+            true => self.val.iter().take(samples::DEFAULT_PROMPTS).map(|e| e.source.clone()).collect(),
+            false => prompts
+                .iter()
+                .map(|p| {
+                    let mut ids = tokenizer::encode(&self.tokenizer, p.as_str(), false)?.get_ids().to_vec();
+                    ids.truncate(self.eval_model.config().block_size - 1);
+                    ids.push(self.ids.eos);
+                    Ok(ids)
+                })
+                .collect::<Result<_>>()?,
+        };
+        let o = DecodeOptions { max_new_tokens: max_new, ..self.decode };
+        let mut out = Vec::new();
+        for (i, s) in sources.iter().enumerate() {
+            let n = s.len();
+            let input = Tensor::from_slice(s, (1, n), self.eval_model.device())?;
+            let keep = Tensor::ones((1, n), DType::U32, self.eval_model.device())?;
+            let mut ids = self.eval_model.greedy(&input, &keep, &o)?.pop().unwrap_or_default();
+            ids.retain(|&t| t != self.ids.eos);
+            let source: Vec<u32> = s.iter().copied().filter(|&t| t != self.ids.eos).collect();
+            let (text, output) =
+                (tokenizer::decode(&self.tokenizer, &source)?, tokenizer::decode(&self.tokenizer, &ids)?);
+            out.push((format!("samples/{i}"), samples::markdown(&text, &output)));
+        }
+        Ok(out)
     }
 
     fn end_step(&mut self, _step: u64) -> Result<StepReport> {

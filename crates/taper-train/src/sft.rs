@@ -1,8 +1,8 @@
 //! The SFT recipe, top to bottom: a model source, chat data rendered with its template and
 //! masked to the responses, packed rows, full or LoRA fine-tuning, exact-match evaluation.
 
-use crate::chat::{exact_match, template_for};
-use crate::config::{RecipeConfig, TrainConfig};
+use crate::chat::{self, exact_match, template_for};
+use crate::config::{LogConfig, RecipeConfig, TrainConfig};
 use crate::finetune::{self, trainable};
 use crate::loop_fields;
 use crate::observe::{Observer, Summary};
@@ -88,6 +88,7 @@ pub struct SftConfig {
     pub train: TrainConfig,
     pub optim: OptimConfig,
     pub schedule: ScheduleConfig,
+    pub log: LogConfig,
     pub eval: EvalConfig,
 }
 
@@ -102,6 +103,7 @@ impl Default for SftConfig {
             train: TrainConfig { eval_batches: 0, ..TrainConfig::default() },
             optim: OptimConfig::default(),
             schedule: ScheduleConfig::default(),
+            log: LogConfig::default(),
             eval: EvalConfig::default(),
         }
     }
@@ -304,6 +306,17 @@ impl Recipe for Sft {
 
     fn end_step(&mut self, _step: u64) -> Result<StepReport> {
         Ok(StepReport { tokens: std::mem::take(&mut self.tokens), ..Default::default() })
+    }
+
+    fn samples(&mut self, _step: u64, prompts: &[String], max_new: usize) -> Result<Vec<(String, String)>> {
+        chat::samples(
+            &self.eval_model,
+            &self.src,
+            &self.template,
+            prompts,
+            chat::prompts_of(&self.eval_examples),
+            max_new,
+        )
     }
 
     fn evaluate(&mut self, _step: u64, _obs: &mut dyn Observer) -> Result<Evaluation> {

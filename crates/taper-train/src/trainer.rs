@@ -16,13 +16,13 @@
 //! 5. the recipe's end-of-run evaluation and the summary.
 
 use crate::checkpoint::{self, Checkpoint, ConfigChange, Contents, TrainerState, FORMAT_VERSION};
-use crate::config::RecipeConfig;
+use crate::config::{LogConfig, RecipeConfig};
 use crate::data_parallel::{self, Sharded, Updater};
 use crate::device::select_device;
 use crate::observe::{Observer, RunInfo, StepLog, Summary};
-use crate::optim::Optimizer;
+use crate::optim::{Optimizer, Param};
 use crate::run_dir;
-use crate::sinks::{Jsonl, Sink};
+use crate::sinks::{Jsonl, Sink, TensorBoard};
 use crate::steps::{accumulate, guarded_update, Guard};
 use crate::{io_err, Result, TrainError};
 use candle_core::{Device, Tensor, Var};
@@ -238,6 +238,18 @@ pub trait Recipe {
         Ok(())
     }
 
+    /// Greedy generations from `prompts` (the config's `log.sample_prompts`; empty: the
+    /// recipe's own choice) of up to `max_new` tokens each, as (tag, text) for the sinks. A
+    /// recipe that generates nothing (a reward model) returns none.
+    fn samples(
+        &mut self,
+        _step: u64,
+        _prompts: &[String],
+        _max_new: usize,
+    ) -> std::result::Result<Vec<(String, String)>, Self::Error> {
+        Ok(Vec::new())
+    }
+
     /// After the last step of a run: an evaluation written as a line of its own.
     fn finish(
         &mut self,
@@ -260,6 +272,7 @@ const FREE_ON_RESUME: &[&str] = &[
     "train.keep_checkpoints",
     "train.stop_at_step",
     "train.on_nonfinite",
+    "log.",
 ];
 
 /// Runs the recipe `build` makes under the config `cfg` in `run`, from the checkpoint it
@@ -326,6 +339,7 @@ where
     let n_params: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
     let c = cfg.common();
     let (seed, tc, schedule, peak_lr) = (c.seed, c.train.clone(), c.schedule.clone(), c.optim.lr);
+    let log = c.log.clone();
     let mut opt = match tc.shard_optimizer && world > 1 {
         true => Updater::Sharded(Box::new(Sharded::new(c.optim.clone(), params, comm.clone())?)),
         false => Updater::Plain(Optimizer::new(c.optim.clone(), params)?),
@@ -370,6 +384,9 @@ where
         let cfg_path = run_dir.join("config.toml");
         std::fs::write(&cfg_path, &cfg_toml).map_err(io_err(&cfg_path))?;
         sinks.push(Box::new(Jsonl::open(&run_dir, step)?));
+        if log.tensorboard {
+            sinks.push(Box::new(TensorBoard::open(&run_dir, step, &cfg_toml)?));
+        }
         sinks.extend(extra_sinks);
     }
     if !changes.is_empty() {
@@ -400,6 +417,18 @@ where
         history: &history,
         world,
     };
+    let samples_due = |step: u64| match log.samples_every {
+        0 => tc.eval_due(step),
+        every => step.is_multiple_of(every) || step == tc.end_step(),
+    };
+    if main && step == 0 && !sinks.is_empty() {
+        // What the model makes of the prompts before training: the baseline of the samples.
+        for (tag, text) in recipe.samples(0, &log.sample_prompts, log.sample_tokens)? {
+            for s in &mut sinks {
+                s.text(0, &tag, &text)?;
+            }
+        }
+    }
     if step == 0 && recipe.evaluates_at_start() {
         if main {
             let e = recipe.evaluate(0, obs)?;
@@ -429,6 +458,12 @@ where
             })?;
             // The gradient seam: the update's gradients, complete across the replicas.
             let grads = data_parallel::reduce(&*comm, opt.plan(), &mut loss, grads)?;
+            // A sharded optimizer's rank holds a slice of the gradients: weights only then.
+            if let (true, data_parallel::Gradients::Full(g)) =
+                (main && histograms_due(&log, step + 1) && update + 1 == plan.updates, &grads)
+            {
+                histograms(&mut sinks, step + 1, "grads", opt.params(), g)?;
+            }
             let norm = guarded_update(&mut opt, grads, &loss, lr, &tc, step, &mut skipped, &mut guard, obs)?;
             loss_sum = Some(add(loss_sum, loss)?);
             norm_sum = Some(add(norm_sum, norm)?);
@@ -484,6 +519,17 @@ where
             obs.step(&log);
             (window, window_tokens) = (Instant::now(), 0);
         }
+        if main && histograms_due(&log, step) {
+            let weights: Vec<Tensor> = opt.params().iter().map(|p| p.var.as_tensor().clone()).collect();
+            histograms(&mut sinks, step, "weights", opt.params(), &weights)?;
+        }
+        if main && samples_due(step) && !sinks.is_empty() {
+            for (tag, text) in recipe.samples(step, &log.sample_prompts, log.sample_tokens)? {
+                for s in &mut sinks {
+                    s.text(step, &tag, &text)?;
+                }
+            }
+        }
         if tc.checkpoint_due(step) {
             // Nothing non-finite is saved.
             guard.check()?;
@@ -525,6 +571,22 @@ where
         elapsed_s: started.elapsed().as_secs_f64(),
         checkpoint: last_ck,
     })
+}
+
+fn histograms_due(log: &LogConfig, step: u64) -> bool {
+    log.histograms_every > 0 && step.is_multiple_of(log.histograms_every)
+}
+
+/// One histogram per parameter, `<kind>/<name>`: read back, at the steps asked for only.
+fn histograms(sinks: &mut [Box<dyn Sink>], step: u64, kind: &str, params: &[Param], values: &[Tensor]) -> Result<()> {
+    for (p, t) in params.iter().zip(values) {
+        let v = host::values(t)?;
+        let v: Vec<f32> = v.into_iter().map(|x| x as f32).collect();
+        for s in sinks.iter_mut() {
+            s.histogram(step, &format!("{kind}/{}", p.name), &v)?;
+        }
+    }
+    Ok(())
 }
 
 /// Moves a report's device metrics into its metrics, reading them.
