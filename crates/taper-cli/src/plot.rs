@@ -7,7 +7,7 @@
 //! `include_bytes!` path in [`FONT_BYTES`] has to follow the font.
 //!
 //! Data handling, in order: points whose x or y is NaN or infinite are dropped, each series is sorted by x, the
-//! optional trailing moving average is taken, and on a log-scale y axis points with y <= 0 are dropped. With
+//! optional trailing moving average is taken (on series of at least 4N points), and on a log-scale y axis points with y <= 0 are dropped. With
 //! smoothing on, the raw curve is still drawn, faintly (25% opacity, 1 px), in the series' colour under the smoothed
 //! one, so spikes that the average hides stay visible; the axis ranges cover both, the legend shows the smoothed line.
 //!
@@ -56,6 +56,8 @@ const MIN_SIZE: (u32, u32) = (200, 150);
 const MAX_SIDE: u32 = 16_384;
 /// Requested number of labelled ticks per axis; the y label area is sized from the labels this produces.
 const X_LABELS: usize = 8;
+/// Smoothing over N points applies to series of at least this many times N points.
+const SPARSE: usize = 4;
 const Y_LABELS: usize = 8;
 
 /// One curve: the values of one metric of one run.
@@ -446,7 +448,9 @@ fn prepare(series: &[Series], opts: &PlotOptions) -> Result<Chart, PlotError> {
         had_finite |= !raw.is_empty();
         // Logs of resumed runs can arrive out of order; the average and the line both assume x order.
         raw.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let mut smoothed = (opts.smooth > 1).then(|| {
+        // A sparse series (an eval metric beside per-step losses) is drawn as it is: averaging
+        // a handful of evaluations over N of them would pull its end far from its last value.
+        let mut smoothed = (opts.smooth > 1 && raw.len() >= SPARSE * opts.smooth).then(|| {
             let ys: Vec<f64> = raw.iter().map(|p| p.1).collect();
             raw.iter().zip(moving_average(&ys, opts.smooth)).map(|(p, y)| (p.0, y)).collect::<Vec<_>>()
         });
