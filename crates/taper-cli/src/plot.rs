@@ -853,12 +853,22 @@ mod tests {
         let s = Series {
             run: "r".into(),
             metric: "loss".into(),
-            points: vec![(2.0, 3.0), (0.0, 1.0), (1.0, f64::NAN), (1.5, 2.0), (f64::INFINITY, 9.0)],
+            points: vec![(2.0, 3.0), (0.0, 1.0), (1.0, f64::NAN), (1.5, 2.0), (f64::INFINITY, 9.0)]
+                .into_iter()
+                .chain((3..8).map(|x| (f64::from(x), f64::from(x) + 1.0)))
+                .collect(),
         };
-        let chart = prepare(&[s], &PlotOptions { smooth: 2, ..PlotOptions::default() }).unwrap();
+        let chart = prepare(std::slice::from_ref(&s), &PlotOptions { smooth: 2, ..PlotOptions::default() }).unwrap();
         let line = &chart.lines[0];
-        assert_eq!(line.raw, vec![(0.0, 1.0), (1.5, 2.0), (2.0, 3.0)]);
-        assert_eq!(line.smoothed.as_deref(), Some(&[(0.0, 1.0), (1.5, 1.5), (2.0, 2.5)][..]));
+        let xs = [0.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0];
+        assert_eq!(line.raw, xs.iter().zip(1..).map(|(&x, y)| (x, f64::from(y))).collect::<Vec<_>>());
+        let want: Vec<(f64, f64)> =
+            xs.iter().zip([1.0, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5]).map(|(&x, y)| (x, y)).collect();
+        assert_eq!(line.smoothed.as_deref(), Some(&want[..]));
+        // Fewer than 4N points (evaluations beside per-step losses): drawn unsmoothed.
+        let sparse = Series { points: s.points[..5].to_vec(), ..s };
+        let chart = prepare(&[sparse], &PlotOptions { smooth: 2, ..PlotOptions::default() }).unwrap();
+        assert_eq!(chart.lines[0].smoothed, None);
     }
 
     #[test]
