@@ -31,6 +31,8 @@ import re
 import sys
 
 SPLITS = {"hellaswag": "validation", "piqa": "validation", "arc_easy": "test", "arc_challenge": "test"}
+# The HF repo allenai/ai2_arc holds both ARC sets, each in a folder of this name.
+SUBSETS = {"arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge"}
 
 
 def hellaswag_preprocess(text):
@@ -68,8 +70,9 @@ def arc(doc):
 CONVERT = {"hellaswag": hellaswag, "piqa": piqa, "arc_easy": arc, "arc_challenge": arc}
 
 
-def read_rows(src, split):
-    """Rows of the split from a save_to_disk dir, or from parquet / jsonl / json files."""
+def read_rows(src, split, subset=None):
+    """Rows of the split from a save_to_disk dir, or from parquet / jsonl / json files (of the
+    `subset` folder when the dir has one)."""
     src = pathlib.Path(src)
     if src.is_dir() and ((src / "dataset_dict.json").exists() or (src / "dataset_info.json").exists()):
         import datasets
@@ -81,6 +84,8 @@ def read_rows(src, split):
         return [dict(r) for r in d]
     if src.is_dir():
         files = sorted(p for p in src.rglob("*") if p.suffix in (".parquet", ".jsonl", ".json"))
+        if subset and any(subset in p.parts for p in files):
+            files = [p for p in files if subset in p.parts]
         named = [p for p in files if split in p.name or (split == "validation" and "val" in p.name)]
         files = named or files
     elif src.exists():
@@ -139,7 +144,7 @@ def main():
         docs = shakespeare(a.src, a.limit or 1000, a.seed)
     else:
         split = a.split or SPLITS[a.task]
-        rows = read_rows(a.src, split)
+        rows = read_rows(a.src, split, SUBSETS.get(a.task))
         if a.limit:
             rows = rows[: a.limit]
         docs = []
