@@ -150,3 +150,56 @@ fn training_logs_task_accuracy_at_its_evaluations() {
         &["bad.toml:", "eval.tasks: ", "gone.jsonl: no such file"],
     );
 }
+
+/// The first `n` lines of a file of the repository's data, as a file of the test's own.
+fn head(d: &Path, rel: &str, n: usize) -> PathBuf {
+    let text = std::fs::read_to_string(root().join("data").join(rel)).unwrap();
+    let p = d.join(rel.replace('/', "-"));
+    std::fs::write(&p, text.lines().take(n).collect::<Vec<_>>().join("\n") + "\n").unwrap();
+    p
+}
+
+/// SFT, DPO and GRPO score `eval.tasks` with the model being trained: the last evaluation's
+/// figures are those of `taper eval --task` on the run's final checkpoint.
+#[test]
+fn fine_tuning_recipes_score_tasks_with_the_trained_model() {
+    let d = scratch("mc-finetune");
+    let task = fixtures().join("tiny.jsonl");
+    let grpo = "[grpo]\ngroup_size = 2\nprompts_per_step = 2\n[rollout]\nmax_new_tokens = 4\n";
+    let runs = [
+        ("sft", head(&d, "sft-words/train.jsonl", 16), ""),
+        ("dpo", head(&d, "pref-words/train.jsonl", 16), ""),
+        ("grpo", head(&d, "sft-words/train.jsonl", 16), grpo),
+    ];
+    for (cmd, train_file, extra) in runs {
+        let cfg = d.join(format!("{cmd}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "seed = 1\ndevice = \"cpu\"\ninit = {:?}\n[data]\ntrain = [{train_file:?}]\nchat_template = \"chatml\"\n\
+                 [train]\nmax_steps = 2\nbatch_size = 2\nlog_every = 1\neval_every = 1\n[optim]\nlr = 1e-2\n\
+                 [eval]\ntasks = [{task:?}]\n{extra}",
+                root().join("crates/taper-model/tests/fixtures/hf/llama")
+            ),
+        )
+        .unwrap();
+        let run = d.join(cmd);
+        ok(train(cmd, &cfg, &run, &[]));
+        let evals: Vec<_> = metrics(&run).into_iter().filter(|m| m.get("tasks/tiny/acc").is_some()).collect();
+        assert_eq!(evals.iter().map(|m| m["step"].as_u64().unwrap()).collect::<Vec<_>>(), vec![1, 2], "{cmd}");
+        let out_json = d.join(format!("{cmd}-scores.json"));
+        ok(taper()
+            .args(["eval", "--model"])
+            .arg(&run)
+            .arg("--task")
+            .arg(&task)
+            .arg("--output")
+            .arg(&out_json)
+            .output()
+            .unwrap());
+        let t = &serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&out_json).unwrap()).unwrap()
+            ["tasks"][0];
+        assert_eq!(evals[1]["tasks/tiny/acc"], t["acc"], "{cmd}");
+        assert_eq!(evals[1]["tasks/tiny/acc_norm"], t["acc_norm"], "{cmd}");
+    }
+}
