@@ -78,6 +78,10 @@ fn bad_task_files_and_flags_are_refused_with_one_line() {
             "empty.jsonl:1: choices is empty".into(),
         ),
         (write("nokey.jsonl", r#"{"choices": ["b"], "label": 0}"#), "nokey.jsonl:1: missing key `context`".into()),
+        (
+            write("blank.jsonl", &format!("{good}\n{}\n", r#"{"context": " \n", "choices": ["b"], "label": 0}"#)),
+            "blank.jsonl:2: context \" \\n\": only whitespace".into(),
+        ),
     ];
     for (path, needle) in cases {
         fails_once(

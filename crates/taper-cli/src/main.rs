@@ -43,7 +43,8 @@ enum Cmd {
     Ppo(TrainArgs),
     /// GRPO: group-relative policy optimisation against a reward model or a verifiable reward.
     Grpo(TrainArgs),
-    /// Loss, perplexity and exact match of a model source on SFT-format data.
+    /// Loss, perplexity and exact match of a model source on SFT-format data (--data), or
+    /// multiple-choice acc and acc_norm as lm-evaluation-harness scores them (--task).
     Eval(EvalArgs),
     /// Generate text from any model source; for an encoder, fill the prompt's mask tokens.
     Generate(GenerateArgs),

@@ -25,6 +25,8 @@ pub struct Question {
     pub context: String,
     pub choices: Vec<String>,
     pub label: usize,
+    /// Its line in the task file, for errors.
+    pub line: usize,
 }
 
 /// A task: its name (the file stem, as metrics name it) and its questions.
@@ -80,7 +82,7 @@ fn parse_question(path: &Path, line: usize, text: &str) -> Result<Question> {
         None => return Err(bad_line(path, line, "missing key `label`")),
     };
     let id = o.get("id").cloned().unwrap_or_else(|| Value::from(line));
-    Ok(Question { id, context, choices, label })
+    Ok(Question { id, context, choices, label, line })
 }
 
 /// Reads a task file; the first bad line is an error naming it. Blank lines are skipped.
@@ -296,12 +298,17 @@ pub fn summarise(task: &str, scored: Vec<Scored>) -> TaskResult {
     }
 }
 
-/// Scores `questions` (every choice of several questions in each padded forward).
-pub fn score_questions(m: &McModel, questions: &[Question], batch_size: usize) -> Result<Vec<Scored>> {
+/// Scores `questions` of the task file `path` (every choice of several questions in each padded
+/// forward); a question the model cannot score is an error naming its line.
+pub fn score_questions(m: &McModel, path: &Path, questions: &[Question], batch_size: usize) -> Result<Vec<Scored>> {
+    let max_len = m.model.config().block_size;
     let mut requests = Vec::new();
     for q in questions {
         for c in &q.choices {
-            requests.push(request(m.tokenizer, m.prefix_id, &q.context, &format!("{TARGET_DELIMITER}{c}"))?);
+            let r = request(m.tokenizer, m.prefix_id, &q.context, &format!("{TARGET_DELIMITER}{c}"))
+                .and_then(|r| model_input(&r, max_len).map(|_| r))
+                .map_err(|e| bad_line(path, q.line, e.to_string()))?;
+            requests.push(r);
         }
     }
     let lls = loglikelihoods(m.model, &requests, batch_size)?;
@@ -319,7 +326,7 @@ pub fn score_questions(m: &McModel, questions: &[Question], batch_size: usize) -
 /// Scores the first `limit` questions of a task (0 = all).
 pub fn score_task(m: &McModel, task: &Task, batch_size: usize, limit: usize) -> Result<TaskResult> {
     let n = if limit == 0 { task.questions.len() } else { limit.min(task.questions.len()) };
-    let scored = score_questions(m, &task.questions[..n], batch_size)?;
+    let scored = score_questions(m, &task.path, &task.questions[..n], batch_size)?;
     Ok(summarise(&task.name, scored))
 }
 
@@ -391,6 +398,7 @@ mod tests {
             context: "c".into(),
             choices: choices.iter().map(|s| s.to_string()).collect(),
             label,
+            line: 1,
         }
     }
 
