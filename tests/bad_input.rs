@@ -744,3 +744,39 @@ fn chat_tuned_runs_stop_at_the_end_of_turn() {
     let eos = file.kvs.iter().find(|(k, _)| k == "tokenizer.ggml.eos_token_id").unwrap().1.as_u64();
     assert_eq!(eos, Some(eot));
 }
+
+/// `eval.tasks` names task files that exist, for every recipe that evaluates a decoder on
+/// them; an encoder has no such evaluation.
+#[test]
+fn eval_tasks_must_exist_and_need_a_decoder() {
+    let d = scratch("eval-tasks");
+    let task = root().join("crates/taper-train/tests/fixtures/mc/tiny.jsonl");
+    let gone = d.join("gone.jsonl");
+    let configs = recipe_configs(&d);
+    let run = d.join("run");
+    for i in [0, 3, 5, 6, 7] {
+        let (cmd, what, text) = &configs[i];
+        let cfg = d.join(format!("{i}.toml"));
+        std::fs::write(&cfg, text).unwrap();
+        let set = format!("eval.tasks=[{gone:?}]");
+        let err = fails_once(
+            train(cmd, &cfg, &run, &["--set", &set]),
+            &[&format!("eval.tasks: {}: no such file", gone.display())],
+        );
+        assert!(!run.join("config.toml").exists(), "{what}: a run dir was written ({err})");
+        // Two files of one stem would log under the same metric names.
+        let other = d.join(format!("copy-{i}")).join("tiny.jsonl");
+        std::fs::create_dir_all(other.parent().unwrap()).unwrap();
+        std::fs::copy(&task, &other).unwrap();
+        let set = format!("eval.tasks=[{task:?}, {other:?}]");
+        fails_once(train(cmd, &cfg, &run, &["--set", &set]), &["another task file has the stem \"tiny\""]);
+    }
+    let (cmd, _, text) = &configs[1];
+    let cfg = d.join("mlm.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let set = format!("eval.tasks=[{task:?}]");
+    fails_once(
+        train(cmd, &cfg, &run, &["--set", &set]),
+        &["eval.tasks: multiple-choice tasks are scored by a decoder"],
+    );
+}

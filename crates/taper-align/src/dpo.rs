@@ -19,6 +19,7 @@ use taper_train::config::{LogConfig, RecipeConfig, TrainConfig};
 use taper_train::finetune::{self, trainable};
 use taper_train::fingerprint::Fingerprint;
 use taper_train::loop_fields;
+use taper_train::multiple_choice::{prefix_id, McModel, TaskEval};
 use taper_train::observe::{Observer, Summary};
 use taper_train::optim::OptimConfig;
 use taper_train::order::epoch_pick;
@@ -109,6 +110,7 @@ impl RecipeConfig for DpoConfig {
         if let Some(l) = &self.lora {
             e.extend(l.validate());
         }
+        e.extend(taper_train::multiple_choice::validate_paths("eval.tasks", &self.eval.tasks));
         e.into_vec()
     }
 
@@ -269,7 +271,11 @@ pub fn dpo(cfg: DpoConfig, run: RunSpec, obs: &mut dyn Observer) -> Result<Summa
         } else {
             None
         };
+        let tasks = TaskEval::load(&cfg.eval.tasks)?;
+        let prefix_id = if tasks.is_empty() { 0 } else { prefix_id(&src)? };
         let recipe = Dpo {
+            tasks,
+            prefix_id,
             policy: Decoder::load(&weights, &src.config)?,
             eval_policy: Decoder::load(&weights.detached(), &src.config)?,
             reference,
@@ -296,6 +302,9 @@ pub fn dpo(cfg: DpoConfig, run: RunSpec, obs: &mut dyn Observer) -> Result<Summa
 }
 
 struct Dpo {
+    /// `eval.tasks`, scored by the policy at each evaluation.
+    tasks: TaskEval,
+    prefix_id: u32,
     policy: Decoder,
     eval_policy: Decoder,
     reference: Decoder,
@@ -364,19 +373,22 @@ impl Recipe for Dpo {
     }
 
     fn evaluate(&mut self, step: u64, obs: &mut dyn Observer) -> Result<Evaluation> {
-        if self.eval.is_empty() {
-            return Ok(Evaluation::default());
+        let mut out = Evaluation::default();
+        if !self.eval.is_empty() {
+            let e = eval_pairs(&self.eval_policy, &self.reference, &self.eval, &self.settings, self.pad, self.batch)?;
+            obs.message(&format!(
+                "step {step}: held-out pairs loss {:.4}, reward accuracy {:.3}, margin {:.3}",
+                e.loss, e.accuracy, e.margin
+            ));
+            out = Evaluation::of_loss(e.loss);
+            out.metrics.insert("eval/rewards/accuracies".into(), e.accuracy.into());
+            out.metrics.insert("eval/rewards/margins".into(), e.margin.into());
+            out.metrics.insert("eval/rewards/chosen".into(), e.chosen.into());
+            out.metrics.insert("eval/rewards/rejected".into(), e.rejected.into());
         }
-        let e = eval_pairs(&self.eval_policy, &self.reference, &self.eval, &self.settings, self.pad, self.batch)?;
-        obs.message(&format!(
-            "step {step}: held-out pairs loss {:.4}, reward accuracy {:.3}, margin {:.3}",
-            e.loss, e.accuracy, e.margin
-        ));
-        let mut out = Evaluation::of_loss(e.loss);
-        out.metrics.insert("eval/rewards/accuracies".into(), e.accuracy.into());
-        out.metrics.insert("eval/rewards/margins".into(), e.margin.into());
-        out.metrics.insert("eval/rewards/chosen".into(), e.chosen.into());
-        out.metrics.insert("eval/rewards/rejected".into(), e.rejected.into());
+        let m =
+            McModel { model: &self.eval_policy, tokenizer: &self.contents_src.tokenizer, prefix_id: self.prefix_id };
+        self.tasks.add_metrics(&m, &mut out.metrics)?;
         Ok(out)
     }
 

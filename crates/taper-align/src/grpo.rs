@@ -13,7 +13,7 @@ use crate::Result;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use taper_model::lora::LoraConfig;
-use taper_train::config::{LogConfig, RecipeConfig, TrainConfig};
+use taper_train::config::{LogConfig, RecipeConfig, TasksConfig, TrainConfig};
 use taper_train::loop_fields;
 use taper_train::observe::{Observer, Summary};
 use taper_train::optim::OptimConfig;
@@ -73,6 +73,7 @@ pub struct GrpoConfig {
     pub optim: OptimConfig,
     pub schedule: ScheduleConfig,
     pub log: LogConfig,
+    pub eval: TasksConfig,
 }
 
 impl Default for GrpoConfig {
@@ -90,6 +91,7 @@ impl Default for GrpoConfig {
             optim: OptimConfig { lr: 1e-5, weight_decay: 0.0, ..OptimConfig::default() },
             schedule: ScheduleConfig::default(),
             log: LogConfig::default(),
+            eval: TasksConfig::default(),
         }
     }
 }
@@ -102,6 +104,7 @@ impl RecipeConfig for GrpoConfig {
     fn validate(&self) -> Vec<String> {
         let mut e = Rules::new();
         e.required("init", &self.init, "the policy to start from");
+        e.extend(taper_train::multiple_choice::validate_paths("eval.tasks", &self.eval.tasks));
         e.extend(self.data.validate());
         e.extend(self.rollout.validate());
         e.extend(self.reward.validate());
@@ -132,7 +135,7 @@ impl RecipeConfig for GrpoConfig {
     }
 
     fn free_on_resume(&self) -> &'static [&'static str] {
-        &["data.eval", "rollout.eval_samples"]
+        &["data.eval", "rollout.eval_samples", "eval."]
     }
 }
 
@@ -146,6 +149,7 @@ pub fn grpo(cfg: GrpoConfig, run: RunSpec, obs: &mut dyn Observer) -> Result<Sum
             reward: &cfg.reward,
             lora: cfg.lora.as_ref(),
             seed: cfg.seed,
+            tasks: &cfg.eval.tasks,
         };
         let (core, params, contents) = RlCore::build(s, |_, _| Ok(Vec::new()), env)?;
         let vocab_size = core.src.config.vocab_size;

@@ -20,7 +20,7 @@ use taper_data::packing::Row;
 use taper_dist::Comm;
 use taper_model::lora::LoraConfig;
 use taper_model::Rng;
-use taper_train::config::{LogConfig, RecipeConfig, TrainConfig};
+use taper_train::config::{LogConfig, RecipeConfig, TasksConfig, TrainConfig};
 use taper_train::loop_fields;
 use taper_train::observe::{Observer, Summary};
 use taper_train::optim::OptimConfig;
@@ -103,6 +103,7 @@ pub struct PpoConfig {
     pub optim: OptimConfig,
     pub schedule: ScheduleConfig,
     pub log: LogConfig,
+    pub eval: TasksConfig,
 }
 
 impl Default for PpoConfig {
@@ -120,6 +121,7 @@ impl Default for PpoConfig {
             optim: OptimConfig { lr: 1e-5, weight_decay: 0.0, ..OptimConfig::default() },
             schedule: ScheduleConfig::default(),
             log: LogConfig::default(),
+            eval: TasksConfig::default(),
         }
     }
 }
@@ -132,6 +134,7 @@ impl RecipeConfig for PpoConfig {
     fn validate(&self) -> Vec<String> {
         let mut e = Rules::new();
         e.required("init", &self.init, "the policy to start from");
+        e.extend(taper_train::multiple_choice::validate_paths("eval.tasks", &self.eval.tasks));
         e.extend(self.data.validate());
         e.extend(self.rollout.validate());
         e.extend(self.reward.validate());
@@ -170,7 +173,7 @@ impl RecipeConfig for PpoConfig {
     }
 
     fn free_on_resume(&self) -> &'static [&'static str] {
-        &["data.eval", "rollout.eval_samples"]
+        &["data.eval", "rollout.eval_samples", "eval."]
     }
 }
 
@@ -263,6 +266,7 @@ pub fn ppo(cfg: PpoConfig, run: RunSpec, obs: &mut dyn Observer) -> Result<Summa
             reward: &cfg.reward,
             lora: cfg.lora.as_ref(),
             seed,
+            tasks: &cfg.eval.tasks,
         };
         let (core, params, contents) = RlCore::build(s, heads, env)?;
         let head_of = |name: &str| params.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_tensor().clone());

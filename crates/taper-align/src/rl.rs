@@ -20,6 +20,7 @@ use taper_model::{nn, Decoder, Rng, Sampling, Weights};
 use taper_train::chat::stop_ids;
 use taper_train::checkpoint::Contents;
 use taper_train::finetune::{self, trainable};
+use taper_train::multiple_choice::{prefix_id, McModel, TaskEval};
 use taper_train::observe::Observer;
 use taper_train::order::epoch_pick;
 use taper_train::rules::Rules;
@@ -454,6 +455,8 @@ pub struct RlSettings<'a> {
     pub reward: &'a RewardSpec,
     pub lora: Option<&'a LoraConfig>,
     pub seed: u64,
+    /// `eval.tasks`: multiple-choice task files scored by the policy at each evaluation.
+    pub tasks: &'a [String],
 }
 
 /// What both RL recipes hold: the policy being trained, its detached twin (rollouts and old
@@ -473,6 +476,9 @@ pub struct RlCore {
     pub pad: u32,
     /// The replicas: each samples its share of a step's prompts.
     pub comm: Rc<dyn Comm>,
+    pub tasks: TaskEval,
+    /// lm_eval's empty-context token for the tasks.
+    pub prefix_id: u32,
 }
 
 /// What an RL algorithm (PPO, GRPO) supplies over the rollouts, reward and evaluation it
@@ -574,7 +580,11 @@ impl RlCore {
         // A template of its own (templates are not Clone): the reward model renders with it.
         let reward_template = taper_train::chat::template_for(s.data.chat_template.as_deref(), &src)?;
         let reward = Reward::load(s.reward, &src, reward_template, &env.device)?;
+        let tasks = TaskEval::load(s.tasks)?;
+        let prefix_id = if tasks.is_empty() { 0 } else { prefix_id(&src)? };
         let core = Self {
+            tasks,
+            prefix_id,
             policy: Decoder::load(&weights, &src.config)?,
             frozen: Decoder::load(&weights.detached(), &src.config)?,
             reference: Decoder::load(&Weights::new(src.weights.clone()).detached(), &src.config)?,
@@ -626,13 +636,14 @@ impl RlCore {
     /// The held-out evaluation at `step`: greedy and sampled rewards reported, the sampled
     /// mean reward (or the greedy one) as the score.
     pub fn evaluate(&self, step: u64, obs: &mut dyn Observer) -> Result<Evaluation> {
-        if self.eval.is_empty() {
-            return Ok(Evaluation::default());
+        let (mut metrics, mut score) = (Map::new(), None);
+        if !self.eval.is_empty() {
+            let e = evaluate(&self.frozen, &self.src, &self.eval, &self.reward, &self.rollout, self.pad)?;
+            e.report(step, &mut metrics, obs);
+            score = Some(e.sampled_reward.unwrap_or(e.greedy_reward));
         }
-        let e = evaluate(&self.frozen, &self.src, &self.eval, &self.reward, &self.rollout, self.pad)?;
-        let mut metrics = Map::new();
-        e.report(step, &mut metrics, obs);
-        let score = Some(e.sampled_reward.unwrap_or(e.greedy_reward));
+        let m = McModel { model: &self.frozen, tokenizer: &self.src.tokenizer, prefix_id: self.prefix_id };
+        self.tasks.add_metrics(&m, &mut metrics)?;
         Ok(Evaluation { loss: None, score, metrics, samples: Vec::new() })
     }
 }

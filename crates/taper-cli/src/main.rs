@@ -15,7 +15,7 @@ use taper_train::config::RecipeConfig;
 use taper_train::device::select_device;
 use taper_train::observe::{Observer, RunInfo, StepLog, Summary};
 use taper_train::trainer::{Resume, RunSpec};
-use taper_train::{checkpoint, source};
+use taper_train::{checkpoint, multiple_choice, source};
 
 #[derive(Parser)]
 #[command(name = "taper", version, about = "Train transformer language models in Rust")]
@@ -43,7 +43,8 @@ enum Cmd {
     Ppo(TrainArgs),
     /// GRPO: group-relative policy optimisation against a reward model or a verifiable reward.
     Grpo(TrainArgs),
-    /// Loss, perplexity and exact match of a model source on SFT-format data.
+    /// Loss, perplexity and exact match of a model source on SFT-format data (--data), or
+    /// multiple-choice acc and acc_norm as lm-evaluation-harness scores them (--task).
     Eval(EvalArgs),
     /// Generate text from any model source; for an encoder, fill the prompt's mask tokens.
     Generate(GenerateArgs),
@@ -111,15 +112,26 @@ struct EvalArgs {
     /// A model source: checkpoint, run dir, HF model dir or hf://Org/Name[@rev].
     #[arg(long)]
     model: String,
-    /// JSONL files in TRL's formats (messages, prompt/completion, text).
-    #[arg(long, required = true)]
+    /// JSONL files in TRL's formats (messages, prompt/completion, text): loss, perplexity
+    /// and exact match.
+    #[arg(long)]
     data: Vec<String>,
+    /// Multiple-choice task files (JSONL: context, choices, label, optional id): acc and
+    /// acc_norm as lm-evaluation-harness computes them.
+    #[arg(long)]
+    task: Vec<PathBuf>,
+    /// Continuations scored per padded forward (--task).
+    #[arg(long, default_value_t = 16, value_parser = at_least_one)]
+    batch_size: usize,
+    /// With --task: per-question log-likelihoods and the summary as JSON.
+    #[arg(long)]
+    output: Option<PathBuf>,
     /// "chatml" or a template file; default: the model's own.
     #[arg(long)]
     chat_template: Option<String>,
     #[arg(long, default_value_t = 32, value_parser = at_least_one)]
     max_new_tokens: usize,
-    /// Score at most this many examples for exact match (0 = all).
+    /// Score at most this many examples for exact match, or questions per task (0 = all).
     #[arg(long, default_value_t = 0)]
     limit: usize,
     #[arg(long, default_value = "cpu")]
@@ -504,8 +516,20 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
 }
 
 fn eval_cmd(a: EvalArgs) -> Result<()> {
+    match (a.data.is_empty(), a.task.is_empty()) {
+        (true, true) => bail!("taper eval: give --data (loss and exact match) or --task (multiple choice)"),
+        (false, false) => bail!("taper eval: give --data or --task, not both"),
+        _ => {}
+    }
+    if a.output.is_some() && a.task.is_empty() {
+        bail!("taper eval: --output is for --task");
+    }
+    let tasks = a.task.iter().map(|p| multiple_choice::load_task(p)).collect::<Result<Vec<_>, _>>()?;
     let device = select_device(&a.device)?;
     let src = source::load(&a.model, &device)?;
+    if !tasks.is_empty() {
+        return eval_tasks(&a, &src, &tasks);
+    }
     let mut obs = Progress::new();
     let r = taper_train::sft::evaluate_source(
         &src,
@@ -520,6 +544,32 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
     println!("perplexity      {:.3}", r.perplexity);
     if let Some((hits, n)) = r.exact_match {
         println!("exact match     {hits}/{n} = {:.1}%", 100.0 * hits as f64 / n.max(1) as f64);
+    }
+    Ok(())
+}
+
+/// `taper eval --task`: each task's acc and acc_norm, and with --output every question's scores.
+fn eval_tasks(a: &EvalArgs, src: &source::Source, tasks: &[multiple_choice::Task]) -> Result<()> {
+    src.expect_kind(ModelKind::Decoder)?;
+    let model = Decoder::load(&Weights::new(src.weights.clone()).detached(), &src.config)?;
+    let m = multiple_choice::McModel {
+        model: &model,
+        tokenizer: &src.tokenizer,
+        prefix_id: multiple_choice::prefix_id(src)?,
+    };
+    let mut results = Vec::new();
+    for t in tasks {
+        let r = multiple_choice::score_task(&m, t, a.batch_size, a.limit)?;
+        let pm = |e: Option<f64>| e.map(|e| format!(" ± {e:.4}")).unwrap_or_default();
+        println!("{}  ({} questions)", r.task, r.questions);
+        println!("  acc       {:.4}{}", r.acc, pm(r.acc_stderr));
+        println!("  acc_norm  {:.4}{}", r.acc_norm, pm(r.acc_norm_stderr));
+        results.push(r);
+    }
+    if let Some(out) = &a.output {
+        let json = serde_json::json!({ "model": a.model, "tasks": results });
+        std::fs::write(out, serde_json::to_string_pretty(&json)? + "\n")
+            .with_context(|| format!("writing {}", out.display()))?;
     }
     Ok(())
 }

@@ -27,6 +27,16 @@ pub struct RunConfig {
     pub log: LogConfig,
     /// Encoder-decoder data and evaluation (`model.kind = "encoder-decoder"`).
     pub seq2seq: Seq2SeqConfig,
+    pub eval: TasksConfig,
+}
+
+/// `[eval]` of pretraining: multiple-choice tasks scored at every evaluation (decoders).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TasksConfig {
+    /// Task files (JSONL: context, choices, label), logged as `tasks/<file stem>/acc` and
+    /// `tasks/<file stem>/acc_norm`.
+    pub tasks: Vec<String>,
 }
 
 impl Default for RunConfig {
@@ -43,6 +53,7 @@ impl Default for RunConfig {
             schedule: ScheduleConfig::default(),
             log: LogConfig::default(),
             seq2seq: Default::default(),
+            eval: TasksConfig::default(),
         }
     }
 }
@@ -319,6 +330,10 @@ impl RecipeConfig for RunConfig {
             }
         }
         e.open_unit("data.val_fraction", d.val_fraction, false);
+        if !self.eval.tasks.is_empty() && self.model.kind != taper_model::ModelKind::Decoder {
+            e.push("eval.tasks: multiple-choice tasks are scored by a decoder (model.kind = \"decoder\")");
+        }
+        e.extend(crate::multiple_choice::validate_paths("eval.tasks", &self.eval.tasks));
         if d.tokenizer == "bpe" {
             e.at_least_one("data.tokenizer_vocab_size", d.tokenizer_vocab_size as u64);
         }
@@ -326,7 +341,7 @@ impl RecipeConfig for RunConfig {
     }
 
     fn free_on_resume(&self) -> &'static [&'static str] {
-        &["seq2seq.eval_examples", "seq2seq.beams", "seq2seq.length_penalty"]
+        &["seq2seq.eval_examples", "seq2seq.beams", "seq2seq.length_penalty", "eval."]
     }
 
     fn adopt_derived(&mut self, saved: &Self) {

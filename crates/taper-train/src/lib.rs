@@ -11,6 +11,7 @@ pub mod fill_mask;
 pub mod finetune;
 pub mod fingerprint;
 pub mod mlm;
+pub mod multiple_choice;
 pub mod observe;
 pub mod optim;
 pub mod order;
@@ -51,6 +52,9 @@ pub enum TrainError {
          the run did not train as configured (its checkpoints are kept; lower optim.lr, or raise the limit)"
     )]
     TooManySkipped { skipped: u64, updates: u64, limit: f64 },
+    /// A bad line of an input file (a multiple-choice task), named by file and line.
+    #[error("{path}:{line}: {reason}")]
+    BadRecord { path: String, line: usize, reason: String },
     #[error("{path}: {err}")]
     Io { path: String, err: std::io::Error },
     #[error("{0}")]

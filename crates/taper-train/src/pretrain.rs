@@ -3,19 +3,37 @@
 //! held-out loss on fixed validation windows.
 
 use crate::config::RunConfig;
+use crate::multiple_choice::{McModel, TaskEval};
 use crate::observe::{Observer, Summary};
 use crate::samples;
 use crate::scratch::{self, WindowObjective, Windows};
 use crate::trainer::{Evaluation, Micro, RunSpec};
-use crate::Result;
+use crate::{Result, TrainError};
 use candle_core::{DType, Device, Tensor};
 use taper_data::{Batch, WindowSampler};
 use taper_model::{Decoder, Rng};
 
 /// Trains a decoder from scratch on the config's data.
 pub fn pretrain(cfg: RunConfig, run: RunSpec, obs: &mut dyn Observer) -> Result<Summary> {
-    scratch::train_on_windows(cfg, run, obs, |cfg, _, w| {
-        Ok(Clm { model: Decoder::load(w, &cfg.model)?, eval_model: Decoder::load(&w.detached(), &cfg.model)? })
+    scratch::train_on_windows(cfg, run, obs, |cfg, windows, w| {
+        let tasks = TaskEval::load(&cfg.eval.tasks)?;
+        // lm_eval's empty-context token: taper's tokenizers have no BOS, so their EOS.
+        let prefix_id = match taper_data::tokenizer::eos_id(&windows.tokenizer) {
+            Some(id) => id,
+            None if tasks.is_empty() => 0,
+            None => {
+                return Err(TrainError::Invalid(
+                    "eval.tasks: the tokenizer has no end-of-text token to stand for an empty context".into(),
+                ))
+            }
+        };
+        Ok(Clm {
+            model: Decoder::load(w, &cfg.model)?,
+            eval_model: Decoder::load(&w.detached(), &cfg.model)?,
+            tasks,
+            tokenizer: windows.tokenizer.clone(),
+            prefix_id,
+        })
     })
 }
 
@@ -24,6 +42,10 @@ struct Clm {
     model: Decoder,
     /// The same weights, detached: evaluation records no graph.
     eval_model: Decoder,
+    /// `eval.tasks`, scored at each evaluation.
+    tasks: TaskEval,
+    tokenizer: tokenizers::Tokenizer,
+    prefix_id: u32,
 }
 
 /// Batch (B, T) ids and (B*T,) next-token targets as tensors.
@@ -67,7 +89,10 @@ impl WindowObjective for Clm {
             let (x, y) = batch_tensors(&val.batch(i as u64, 0), self.eval_model.device())?;
             total += clm_loss(&self.eval_model, &x, &y, None)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         }
-        Ok(Evaluation::of_loss(total / n as f64))
+        let mut e = Evaluation::of_loss(total / n as f64);
+        let m = McModel { model: &self.eval_model, tokenizer: &self.tokenizer, prefix_id: self.prefix_id };
+        self.tasks.add_metrics(&m, &mut e.metrics)?;
+        Ok(e)
     }
 }
 

@@ -5,6 +5,7 @@ use crate::chat::{self, exact_match, template_for};
 use crate::config::{LogConfig, RecipeConfig, TrainConfig};
 use crate::finetune::{self, trainable};
 use crate::loop_fields;
+use crate::multiple_choice::{prefix_id, McModel, TaskEval};
 use crate::observe::{Observer, Summary};
 use crate::optim::OptimConfig;
 use crate::order::epoch_pick;
@@ -67,11 +68,14 @@ pub struct EvalConfig {
     pub max_new_tokens: usize,
     /// Held-out examples scored for exact match (0 = all).
     pub max_examples: usize,
+    /// Multiple-choice task files scored at every evaluation, logged as
+    /// `tasks/<file stem>/acc` and `tasks/<file stem>/acc_norm`.
+    pub tasks: Vec<String>,
 }
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        Self { max_new_tokens: 32, max_examples: 0 }
+        Self { max_new_tokens: 32, max_examples: 0, tasks: Vec::new() }
     }
 }
 
@@ -125,6 +129,7 @@ impl RecipeConfig for SftConfig {
         if let Some(l) = &self.lora {
             e.extend(l.validate());
         }
+        e.extend(crate::multiple_choice::validate_paths("eval.tasks", &self.eval.tasks));
         e.into_vec()
     }
 
@@ -250,7 +255,11 @@ pub fn sft(cfg: SftConfig, run: RunSpec, obs: &mut dyn Observer) -> Result<Summa
         }
         let (params, weights) = trainable(&src, cfg.lora.as_ref(), cfg.seed, Vec::new(), env.checkpoint)?;
         let contents = finetune::contents(&src, &template, cfg.lora.as_ref(), &cfg.init, &[], &[]);
+        let tasks = TaskEval::load(&cfg.eval.tasks)?;
+        let prefix_id = if tasks.is_empty() { 0 } else { prefix_id(&src)? };
         let recipe = Sft {
+            tasks,
+            prefix_id,
             model: Decoder::load(&weights, &src.config)?,
             eval_model: Decoder::load(&weights.detached(), &src.config)?,
             dropout: finetune::uses_dropout(&src, cfg.lora.as_ref()),
@@ -272,6 +281,9 @@ pub fn sft(cfg: SftConfig, run: RunSpec, obs: &mut dyn Observer) -> Result<Summa
 }
 
 struct Sft {
+    /// `eval.tasks`, scored at each evaluation.
+    tasks: TaskEval,
+    prefix_id: u32,
     model: Decoder,
     eval_model: Decoder,
     src: Source,
@@ -320,10 +332,13 @@ impl Recipe for Sft {
     }
 
     fn evaluate(&mut self, _step: u64, _obs: &mut dyn Observer) -> Result<Evaluation> {
-        if self.eval_batches.is_empty() {
-            return Ok(Evaluation::default());
-        }
-        Ok(Evaluation::of_loss(eval_loss(&self.eval_model, &self.eval_batches, self.eval_model.device())?))
+        let mut e = match self.eval_batches.is_empty() {
+            true => Evaluation::default(),
+            false => Evaluation::of_loss(eval_loss(&self.eval_model, &self.eval_batches, self.eval_model.device())?),
+        };
+        let m = McModel { model: &self.eval_model, tokenizer: &self.src.tokenizer, prefix_id: self.prefix_id };
+        self.tasks.add_metrics(&m, &mut e.metrics)?;
+        Ok(e)
     }
 
     fn finish(&mut self, _step: u64, obs: &mut dyn Observer) -> Result<Option<Map<String, Value>>> {
