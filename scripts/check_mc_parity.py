@@ -8,7 +8,7 @@ within --tol (1e-4). lm_eval reads the JSONL through a task YAML written to a te
 default target_delimiter " "), and its logged requests are checked to be the task's context and
 " " + choice, so both sides scored the same strings.
 
-    /work/venvs/lmeval/bin/python scripts/check_mc_parity.py --model DIR --task FILE.jsonl \\
+    ~/.venvs/lmeval/bin/python scripts/check_mc_parity.py --model DIR --task FILE.jsonl \\
         [--limit 200] [--taper target/release/taper]
 
 Exit status 0 when everything matches, 1 otherwise.
