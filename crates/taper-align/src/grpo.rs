@@ -6,8 +6,8 @@
 
 use crate::losses::{group_advantages, grpo_loss};
 use crate::rl::{
-    entropy_sum, mean_entropy, mean_std_across, minibatch_rules, object, response_mask, token_forward, Minibatches,
-    PromptDataConfig, RewardSpec, Rl, RlAlgorithm, RlCore, RlSettings, RolloutConfig, Sampled,
+    entropy_sum, mean_entropy, mean_std_across, minibatch_rules, object, response_mask, rl_settings, token_forward,
+    Minibatches, PromptDataConfig, RewardSpec, Rl, RlAlgorithm, RlCore, RolloutConfig, Sampled,
 };
 use crate::Result;
 use candle_core::Tensor;
@@ -103,11 +103,7 @@ impl RecipeConfig for GrpoConfig {
 
     fn validate(&self) -> Vec<String> {
         let mut e = Rules::new();
-        e.required("init", &self.init, "the policy to start from");
-        e.extend(taper_train::multiple_choice::validate_paths("eval.tasks", &self.eval.tasks));
-        e.extend(self.data.validate());
-        e.extend(self.rollout.validate());
-        e.extend(self.reward.validate());
+        e.extend(rl_settings!(self).validate("grpo", &self.train));
         let g = &self.grpo;
         if g.group_size < 2 {
             e.push(format!(
@@ -122,15 +118,6 @@ impl RecipeConfig for GrpoConfig {
         e.one_of("grpo.normalize", &g.normalize, &["token", "sequence"]);
         e.non_negative("grpo.beta", g.beta);
         e.positive("grpo.clip_eps", g.clip_eps);
-        if self.train.eval_batches > 0 {
-            e.push(format!(
-                "train.eval_batches = {}: grpo evaluates every prompt of data.eval; leave it unset",
-                self.train.eval_batches
-            ));
-        }
-        if let Some(l) = &self.lora {
-            e.extend(l.validate());
-        }
         e.into_vec()
     }
 
@@ -142,15 +129,7 @@ impl RecipeConfig for GrpoConfig {
 /// Trains the policy `cfg.init` with GRPO against the configured reward.
 pub fn grpo(cfg: GrpoConfig, run: RunSpec, obs: &mut dyn Observer) -> Result<Summary> {
     trainer::train(cfg, run, obs, |cfg, env| {
-        let s = RlSettings {
-            init: &cfg.init,
-            data: &cfg.data,
-            rollout: &cfg.rollout,
-            reward: &cfg.reward,
-            lora: cfg.lora.as_ref(),
-            seed: cfg.seed,
-            tasks: &cfg.eval.tasks,
-        };
+        let s = rl_settings!(cfg);
         let (core, params, contents) = RlCore::build(s, |_, _| Ok(Vec::new()), env)?;
         let vocab_size = core.src.config.vocab_size;
         let algorithm = Grpo {

@@ -10,8 +10,8 @@
 
 use crate::losses::{gae, kl_per_token, ppo_policy_loss, ppo_value_loss, KlEstimator};
 use crate::rl::{
-    mean_entropy, mean_std_across, minibatch_rules, object, sum_across, token_forward, whiten_across, Minibatches,
-    PromptDataConfig, RewardSpec, Rl, RlAlgorithm, RlCore, RlSettings, RolloutConfig, Sampled, TokenOut,
+    mean_entropy, mean_std_across, minibatch_rules, object, rl_settings, sum_across, token_forward, whiten_across,
+    Minibatches, PromptDataConfig, RewardSpec, Rl, RlAlgorithm, RlCore, RolloutConfig, Sampled, TokenOut,
 };
 use crate::Result;
 use candle_core::{Device, Tensor, D};
@@ -133,11 +133,7 @@ impl RecipeConfig for PpoConfig {
 
     fn validate(&self) -> Vec<String> {
         let mut e = Rules::new();
-        e.required("init", &self.init, "the policy to start from");
-        e.extend(taper_train::multiple_choice::validate_paths("eval.tasks", &self.eval.tasks));
-        e.extend(self.data.validate());
-        e.extend(self.rollout.validate());
-        e.extend(self.reward.validate());
+        e.extend(rl_settings!(self).validate("ppo", &self.train));
         let p = &self.ppo;
         e.at_least_one("ppo.rollouts_per_step", p.rollouts_per_step as u64);
         e.at_least_one("ppo.epochs", p.epochs as u64);
@@ -159,15 +155,6 @@ impl RecipeConfig for PpoConfig {
         if let Some(a) = p.adaptive_kl {
             e.positive("ppo.adaptive_kl.target", a.target);
             e.positive("ppo.adaptive_kl.horizon", a.horizon);
-        }
-        if self.train.eval_batches > 0 {
-            e.push(format!(
-                "train.eval_batches = {}: ppo evaluates every prompt of data.eval; leave it unset",
-                self.train.eval_batches
-            ));
-        }
-        if let Some(l) = &self.lora {
-            e.extend(l.validate());
         }
         e.into_vec()
     }
@@ -259,15 +246,7 @@ pub fn ppo(cfg: PpoConfig, run: RunSpec, obs: &mut dyn Observer) -> Result<Summa
                 (V_BIAS.to_string(), Tensor::zeros(1, candle_core::DType::F32, dev)?),
             ])
         };
-        let s = RlSettings {
-            init: &cfg.init,
-            data: &cfg.data,
-            rollout: &cfg.rollout,
-            reward: &cfg.reward,
-            lora: cfg.lora.as_ref(),
-            seed,
-            tasks: &cfg.eval.tasks,
-        };
+        let s = rl_settings!(cfg);
         let (core, params, contents) = RlCore::build(s, heads, env)?;
         let head_of = |name: &str| params.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_tensor().clone());
         let (vw, vb) = (head_of(V_HEAD).expect("trainable"), head_of(V_BIAS).expect("trainable"));

@@ -459,6 +459,46 @@ pub struct RlSettings<'a> {
     pub tasks: &'a [String],
 }
 
+/// The [`RlSettings`] of a PPO or GRPO config, whose shared sections go by the same names.
+macro_rules! rl_settings {
+    ($cfg:expr) => {
+        $crate::rl::RlSettings {
+            init: &$cfg.init,
+            data: &$cfg.data,
+            rollout: &$cfg.rollout,
+            reward: &$cfg.reward,
+            lora: $cfg.lora.as_ref(),
+            seed: $cfg.seed,
+            tasks: &$cfg.eval.tasks,
+        }
+    };
+}
+pub(crate) use rl_settings;
+
+impl RlSettings<'_> {
+    /// The rules PPO and GRPO share: a policy to start from, valid prompt data, rollouts,
+    /// reward, `eval.tasks` and LoRA, and no `train.eval_batches` (every held-out prompt is
+    /// evaluated).
+    pub fn validate(&self, recipe: &str, train: &taper_train::config::TrainConfig) -> Vec<String> {
+        let mut e = Rules::new();
+        e.required("init", self.init, "the policy to start from");
+        e.extend(taper_train::multiple_choice::validate_paths("eval.tasks", self.tasks));
+        e.extend(self.data.validate());
+        e.extend(self.rollout.validate());
+        e.extend(self.reward.validate());
+        if train.eval_batches > 0 {
+            e.push(format!(
+                "train.eval_batches = {}: {recipe} evaluates every prompt of data.eval; leave it unset",
+                train.eval_batches
+            ));
+        }
+        if let Some(l) = self.lora {
+            e.extend(l.validate());
+        }
+        e.into_vec()
+    }
+}
+
 /// What both RL recipes hold: the policy being trained, its detached twin (rollouts and old
 /// log-probs record no graph), the frozen reference, the prompts, the reward and how to sample.
 pub struct RlCore {

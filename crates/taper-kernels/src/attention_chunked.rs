@@ -13,11 +13,9 @@
 //! The masks are built on the device from the options (comparisons of position ranges, and of
 //! the (B, T) padding and segment ids) and cached, so the layers of one forward share them.
 
-use crate::attention::{AttentionError, AttnOpts};
+use crate::attention_opts::{AttnOpts, Result};
 use candle_core::{DType, Device, Tensor, D};
 use std::sync::Mutex;
-
-type Result<T> = std::result::Result<T, AttentionError>;
 
 /// At most this many score elements (B·Hq·rows·Tk) in flight per chunk: 16 MB in f32.
 const CHUNK_ELEMS: usize = 1 << 22;

@@ -6,6 +6,7 @@
 mod act;
 mod attention;
 mod attention_chunked;
+mod attention_opts;
 mod float;
 mod linear;
 mod linear_loss;
@@ -21,8 +22,8 @@ mod softmax;
 pub use act::{gelu_erf, gelu_tanh, swiglu};
 pub use attention::{
     attention, attention_bias, attention_bthd, attention_composed, attention_packed, attention_packed_rope,
-    AttentionError, AttnOpts,
 };
+pub use attention_opts::{AttentionError, AttnOpts};
 pub use linear::{linear, linear_composed, linear_gelu};
 pub use linear_loss::linear_cross_entropy;
 pub use linear_loss_chunked::linear_cross_entropy_chunked;

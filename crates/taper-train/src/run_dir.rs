@@ -3,11 +3,32 @@
 //! deleted), and a resume from an older checkpoint keeping the newer ones in a branch folder.
 
 use crate::checkpoint;
-use crate::trainer::Resume;
 use crate::{io_err, Result, TrainError};
 use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
+
+/// Which checkpoint of the run dir a run starts from (`--resume`, `--resume CKPT`, or none).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resume {
+    No,
+    /// The newest checkpoint in the run dir.
+    Latest,
+    Dir(PathBuf),
+}
+
+impl Resume {
+    /// The checkpoint to resume from, if any.
+    pub fn dir(&self, ck_root: &Path) -> Result<Option<PathBuf>> {
+        Ok(match self {
+            Resume::No => None,
+            Resume::Latest => Some(checkpoint::latest(ck_root)?.ok_or_else(|| {
+                TrainError::Invalid(format!("--resume: no complete checkpoint in {}", ck_root.display()))
+            })?),
+            Resume::Dir(d) => Some(checkpoint::resolve(d)?),
+        })
+    }
+}
 
 /// The run dir's lock file; the lock is released when the process ends, however it ends.
 pub const LOCK_FILE: &str = ".lock";

@@ -22,6 +22,7 @@ use crate::device::select_device;
 use crate::observe::{Observer, RunInfo, StepLog, Summary};
 use crate::optim::{Optimizer, Param};
 use crate::run_dir;
+pub use crate::run_dir::Resume;
 use crate::sinks::{Jsonl, Sink, TensorBoard};
 use crate::steps::{accumulate, guarded_update, Guard};
 use crate::{io_err, Result, TrainError};
@@ -48,27 +49,6 @@ pub struct RunSpec {
 impl RunSpec {
     pub fn new(dir: impl Into<PathBuf>, resume: Resume) -> Self {
         Self { dir: dir.into(), resume, overwrite: false, allow_config_change: false, seams: Seams::default() }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum Resume {
-    No,
-    /// The newest checkpoint in the run dir.
-    Latest,
-    Dir(PathBuf),
-}
-
-impl Resume {
-    /// The checkpoint to resume from, if any.
-    pub fn dir(&self, ck_root: &Path) -> Result<Option<PathBuf>> {
-        Ok(match self {
-            Resume::No => None,
-            Resume::Latest => Some(checkpoint::latest(ck_root)?.ok_or_else(|| {
-                TrainError::Invalid(format!("--resume: no complete checkpoint in {}", ck_root.display()))
-            })?),
-            Resume::Dir(d) => Some(checkpoint::resolve(d)?),
-        })
     }
 }
 
