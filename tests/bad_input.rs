@@ -77,8 +77,9 @@ fn recipe_configs(d: &Path) -> Vec<(&'static str, &'static str, String)> {
 #[test]
 fn every_recipe_refuses_bad_loop_settings() {
     let d = scratch("bad-loop");
-    let cases: [(&str, &str); 7] = [
+    let cases: [(&str, &str); 8] = [
         ("train.log_every=0", "train.log_every = 0: must be at least 1"),
+        ("train.keep_checkpoints=0", "train.keep_checkpoints = 0: must be at least 1"),
         ("train.eval_every=0", "train.eval_every = 0: must be at least 1"),
         ("train.grad_accum_steps=0", "train.grad_accum_steps = 0: must be at least 1"),
         ("train.batch_size=0", "train.batch_size = 0: must be at least 1"),
@@ -462,6 +463,12 @@ fn resume_says_what_changed() {
         train("sft", &sft, &run, &["--resume"]),
         &["saved by `taper pretrain`, and this is `taper sft`", "init"],
     );
+    // A bad value given on resume is refused before config.toml is rewritten, so the next plain
+    // --resume still reads the good one.
+    fails_once(
+        train("pretrain", &cfg, &run, &["--resume", "--set", "train.log_every=0"]),
+        &["train.log_every = 0: must be at least 1"],
+    );
     assert!(snapshot(&run) == before, "a refused resume changed the run dir");
     let out = ok(train("pretrain", &cfg, &run, &["--resume", "--allow-config-change", "--set", "train.batch_size=3"]));
     assert!(
@@ -629,6 +636,15 @@ fn missing_empty_or_malformed_inputs() {
         let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
         fails_once(taper().current_dir(&d).args(args).output().unwrap(), &needles);
     }
+    // A hub model that cannot be had is called a model, with the reason.
+    let hub = taper()
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", d.join("hf-home"))
+        .args(["info", "hf://someorg/no-such-model"])
+        .output()
+        .unwrap();
+    let err = fails_once(hub, &["model hf://someorg/no-such-model@main", "not in the HF cache"]);
+    assert!(!err.contains("dataset"), "{err}");
     // An empty evaluation set and an empty text to score are named, not reported as loss 0.
     let blank = d.join("blank.jsonl");
     std::fs::write(&blank, "\n\n").unwrap();
@@ -779,4 +795,65 @@ fn eval_tasks_must_exist_and_need_a_decoder() {
         train(cmd, &cfg, &run, &["--set", &set]),
         &["eval.tasks: multiple-choice tasks are scored by a decoder"],
     );
+}
+
+/// A LoRA run resumes only with its own adapter shape and data, and says which key differs; a
+/// reward model names an empty text by its line instead of failing inside a tensor op.
+#[test]
+fn lora_resume_and_reward_model_inputs() {
+    let d = scratch("lora-rm");
+    let base = d.join("base");
+    // Pairs need a longer context than the tiny model's.
+    ok(train("pretrain", &tiny_config(&d, 2), &base, &["--set", "model.block_size=96"]));
+    let (sft_data, pairs) = (root().join("data/sft-words/train.jsonl"), root().join("data/pref-words/train.jsonl"));
+    let sft = d.join("lora.toml");
+    std::fs::write(
+        &sft,
+        format!(
+            "device = \"cpu\"\ninit = {base:?}\n[data]\ntrain = [{sft_data:?}]\nchat_template = \"chatml\"\n\
+             [lora]\nr = 4\n[train]\nmax_steps = 4\nstop_at_step = 2\nbatch_size = 2\n"
+        ),
+    )
+    .unwrap();
+    let run = d.join("lora");
+    ok(train("sft", &sft, &run, &[]));
+    let before = snapshot(&run);
+    fails_once(
+        train("sft", &sft, &run, &["--resume", "--set", "lora.r=8"]),
+        &["lora.r: 4 -> 8", "--allow-config-change"],
+    );
+    fails_once(
+        train("sft", &sft, &run, &["--resume", "--allow-config-change", "--set", "lora.r=8"]),
+        &["cannot change the model or what it starts from", "lora.r: 4 -> 8"],
+    );
+    let set = format!("data.train=[{sft_data:?}, {sft_data:?}]");
+    fails_once(train("sft", &sft, &run, &["--resume", "--set", &set]), &["data.train: [", "--allow-config-change"]);
+    assert!(snapshot(&run) == before, "a refused resume changed the run dir");
+    ok(train("sft", &sft, &run, &["--resume"]));
+
+    let rm_cfg = d.join("rm.toml");
+    std::fs::write(
+        &rm_cfg,
+        format!(
+            "device = \"cpu\"\ninit = {base:?}\n[data]\ntrain = [{pairs:?}]\nchat_template = \"chatml\"\n\
+             [train]\nmax_steps = 1\nbatch_size = 2\n"
+        ),
+    )
+    .unwrap();
+    let rm = d.join("rm");
+    ok(train("rm", &rm_cfg, &rm, &[]));
+    let texts = d.join("texts.jsonl");
+    std::fs::write(&texts, "{\"text\": \"a b c\"}\n{\"text\": \"\"}\n").unwrap();
+    let out = taper()
+        .arg("score")
+        .arg("--model")
+        .arg(&rm)
+        .arg("--input")
+        .arg(&texts)
+        .arg("--out")
+        .arg(d.join("o"))
+        .output()
+        .unwrap();
+    let err = fails_once(out, &["texts.jsonl:2: the text is empty"]);
+    assert!(!err.contains("narrow"), "{err}");
 }

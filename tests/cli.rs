@@ -555,6 +555,15 @@ fn reward_model_and_dpo_tiny_runs_resume_and_bad_pairs() {
     assert!(log.contains("\"eval/accuracy\"") && log.contains("\"margin\""), "{log}");
     let ck = std::fs::read(rm.join("checkpoints/step_00000004/model.safetensors")).unwrap();
     assert!(safetensors::SafeTensors::deserialize(&ck).unwrap().names().contains(&"score.weight"));
+    // Stopped at step 2 and resumed, it is the uninterrupted run, bit for bit.
+    let rm_split = d.join("rm-split");
+    let rm_run = |extra: &[&str]| {
+        taper().arg("rm").arg("--config").arg(&rm_cfg).arg("--run-dir").arg(&rm_split).args(extra).output().unwrap()
+    };
+    ok(rm_run(&["--set", "train.stop_at_step=2"]));
+    ok(rm_run(&["--resume"]));
+    assert_eq!(losses(&rm), losses(&rm_split));
+    assert!(std::fs::read(rm_split.join("checkpoints/step_00000004/model.safetensors")).unwrap() == ck);
 
     // Another round from that reward model goes on with its head: one Adam step moves no
     // element by more than the learning rate (a fresh normal(0, 0.02) head would).
