@@ -293,6 +293,7 @@ struct GenerateArgs {
 }
 
 fn main() {
+    keep_candle_pool_off_the_cores();
     // A panic is a bug, but the user still gets one line, not a backtrace.
     std::panic::set_hook(Box::new(|info| {
         eprintln!("error: internal error: {info}");
@@ -327,6 +328,24 @@ fn main() {
             eprintln!("error: {line}");
         }
         std::process::exit(1);
+    }
+}
+
+/// Gives candle's element-wise thread pool one thread unless `CANDLE_NUM_THREADS` says otherwise.
+///
+/// candle runs element-wise ops of 64K elements and more on a pool of its own, beside the rayon
+/// pool that carries the GEMMs and taper's kernels; its workers spin about a millisecond after
+/// every op before they park, so on a CPU they hold the cores the next GEMM is about to use (half
+/// the samples of a shakespeare-char step were in that spin and its barrier). taper's heavy
+/// element-wise work is in its own kernels on rayon, so candle's few remaining ops lose little
+/// by running on the calling thread: the shakespeare-char step went from 63 to 51 ms and the
+/// reference bench config from 1416-1470 to 1539-1666 tokens/s, with bit-identical losses.
+/// GPU devices do not use the pool.
+fn keep_candle_pool_off_the_cores() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // Before any thread exists (set_var is not safe once other threads read the environment),
+        // and before candle builds its pool, which reads the variable once.
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
 }
 
