@@ -328,6 +328,18 @@ fn tiny_config(d: &Path, max_steps: u64) -> std::path::PathBuf {
     cfg
 }
 
+/// A config `name` for a recipe that starts from `init` and trains on `train` through the ChatML
+/// template, with `rest` (more TOML sections) after it.
+fn chat_config(d: &Path, name: &str, init: &Path, train: &Path, rest: &str) -> std::path::PathBuf {
+    let cfg = d.join(name);
+    std::fs::write(
+        &cfg,
+        format!("device = \"cpu\"\ninit = {init:?}\n[data]\ntrain = [{train:?}]\nchat_template = \"chatml\"\n{rest}"),
+    )
+    .unwrap();
+    cfg
+}
+
 /// Every file under `dir` (but the lock) and its bytes, by relative path.
 fn snapshot(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
     fn walk(root: &Path, dir: &Path, out: &mut std::collections::BTreeMap<String, Vec<u8>>) {
@@ -723,15 +735,7 @@ fn chat_tuned_runs_stop_at_the_end_of_turn() {
     let base = d.join("base");
     ok(train("pretrain", &tiny_config(&d, 2), &base, &[]));
     let data = root().join("data/sft-words/train.jsonl");
-    let cfg = d.join("sft.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "device = \"cpu\"\ninit = {base:?}\n[data]\ntrain = [{data:?}]\nchat_template = \"chatml\"\n\
-             [train]\nmax_steps = 1\nbatch_size = 2\n"
-        ),
-    )
-    .unwrap();
+    let cfg = chat_config(&d, "sft.toml", &base, &data, "[train]\nmax_steps = 1\nbatch_size = 2\n");
     let run = d.join("sft");
     ok(train("sft", &cfg, &run, &[]));
     let json = |p: &Path| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
@@ -806,15 +810,8 @@ fn lora_resume_and_reward_model_inputs() {
     // Pairs need a longer context than the tiny model's.
     ok(train("pretrain", &tiny_config(&d, 2), &base, &["--set", "model.block_size=96"]));
     let (sft_data, pairs) = (root().join("data/sft-words/train.jsonl"), root().join("data/pref-words/train.jsonl"));
-    let sft = d.join("lora.toml");
-    std::fs::write(
-        &sft,
-        format!(
-            "device = \"cpu\"\ninit = {base:?}\n[data]\ntrain = [{sft_data:?}]\nchat_template = \"chatml\"\n\
-             [lora]\nr = 4\n[train]\nmax_steps = 4\nstop_at_step = 2\nbatch_size = 2\n"
-        ),
-    )
-    .unwrap();
+    let lora = "[lora]\nr = 4\n[train]\nmax_steps = 4\nstop_at_step = 2\nbatch_size = 2\n";
+    let sft = chat_config(&d, "lora.toml", &base, &sft_data, lora);
     let run = d.join("lora");
     ok(train("sft", &sft, &run, &[]));
     let before = snapshot(&run);
@@ -831,15 +828,7 @@ fn lora_resume_and_reward_model_inputs() {
     assert!(snapshot(&run) == before, "a refused resume changed the run dir");
     ok(train("sft", &sft, &run, &["--resume"]));
 
-    let rm_cfg = d.join("rm.toml");
-    std::fs::write(
-        &rm_cfg,
-        format!(
-            "device = \"cpu\"\ninit = {base:?}\n[data]\ntrain = [{pairs:?}]\nchat_template = \"chatml\"\n\
-             [train]\nmax_steps = 1\nbatch_size = 2\n"
-        ),
-    )
-    .unwrap();
+    let rm_cfg = chat_config(&d, "rm.toml", &base, &pairs, "[train]\nmax_steps = 1\nbatch_size = 2\n");
     let rm = d.join("rm");
     ok(train("rm", &rm_cfg, &rm, &[]));
     let texts = d.join("texts.jsonl");

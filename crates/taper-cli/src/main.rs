@@ -335,8 +335,8 @@ fn main() {
 ///
 /// candle runs element-wise ops of 64K elements and more on a pool of its own, beside the rayon
 /// pool that carries the GEMMs and taper's kernels; its workers spin about a millisecond after
-/// every op before they park, so on a CPU they hold the cores the next GEMM is about to use (half
-/// the samples of a shakespeare-char step were in that spin and its barrier). taper's heavy
+/// every op before they park, so on a CPU they hold the cores the next GEMM is about to use (30%
+/// of the samples of a shakespeare-char step were in that spin and its barrier). taper's heavy
 /// element-wise work is in its own kernels on rayon, so candle's few remaining ops lose little
 /// by running on the calling thread: the shakespeare-char step went from 63 to 51 ms and the
 /// reference bench config from 1416-1470 to 1539-1666 tokens/s, with bit-identical losses.

@@ -92,13 +92,11 @@ unsafe fn gemm_threaded<T: Copy + Send + Sync + 'static>(
     unsafe impl<T> Send for Dst<T> {}
     unsafe impl<T> Sync for Dst<T> {}
     let threads = rayon::current_num_threads();
-    let serial = threads < 2 || 2 * m * n * k < 1 << 18;
-    // SAFETY (all three calls): the caller vouches for dst over all m rows; a block of rows
-    // r0.. of dst starts r0 * ldd elements in, and of lhs r0 * ls.0 elements in.
-    if serial {
-        unsafe { gemm_raw(dst, ldd, (m, n, k), accumulate, lhs, ls, rhs, rs, one, Parallelism::None) }
-    } else if m < ROWS_PER_THREAD * threads {
-        unsafe { gemm_raw(dst, ldd, (m, n, k), accumulate, lhs, ls, rhs, rs, one, Parallelism::Rayon(threads)) }
+    let parallel = threads > 1 && 2 * m * n * k >= 1 << 18;
+    if !parallel || m < ROWS_PER_THREAD * threads {
+        let par = if parallel { Parallelism::Rayon(threads) } else { Parallelism::None };
+        // SAFETY: the caller vouches for dst.
+        unsafe { gemm_raw(dst, ldd, (m, n, k), accumulate, lhs, ls, rhs, rs, one, par) }
     } else {
         let per = m.div_ceil(threads);
         let out = Dst(dst);
@@ -107,6 +105,8 @@ unsafe fn gemm_threaded<T: Copy + Send + Sync + 'static>(
             if r0 < m {
                 let rows = per.min(m - r0);
                 let at = &out;
+                // SAFETY: rows r0.. of dst start r0 * ldd elements in, of lhs r0 * ls.0 in; the
+                // caller vouches for dst over all m rows.
                 unsafe {
                     gemm_raw(
                         at.0.add(r0 * ldd),
