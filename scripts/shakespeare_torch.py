@@ -82,21 +82,33 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as taper's --set")
     args = ap.parse_args()
-    with open(args.config, "rb") as f:
-        cfg = tomllib.load(f)
+    try:
+        with open(args.config, "rb") as f:
+            cfg = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise SystemExit(f"error: {args.config}: {e}")
     for kv in args.set:
-        key, value = kv.split("=", 1)
+        key, eq, value = kv.partition("=")
+        if not eq or not key:
+            raise SystemExit(f"error: --set {kv}: expected KEY=VALUE, e.g. train.max_steps=300")
+        try:
+            parsed = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError as e:
+            raise SystemExit(f"error: --set {kv}: the value is not TOML ({e})")
         *path, last = key.split(".")
         node = cfg
         for k in path:
             node = node.setdefault(k, {})
-        node[last] = tomllib.loads(f"v = {value}")["v"]
+        node[last] = parsed
     m, tr, op, sc = cfg["model"], cfg["train"], cfg["optim"], cfg["schedule"]
     torch.set_num_threads(args.threads)
     torch.manual_seed(cfg.get("seed", 1337))
     start = time.perf_counter()
 
-    text = open(args.data, encoding="utf-8").read()
+    try:
+        text = open(args.data, encoding="utf-8").read()
+    except OSError as e:
+        raise SystemExit(f"error: {args.data}: {e}")
     chars = sorted(set(text))
     stoi = {ch: i for i, ch in enumerate(chars)}
     data = torch.tensor([stoi[ch] for ch in text], dtype=torch.long)
