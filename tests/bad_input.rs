@@ -77,7 +77,7 @@ fn recipe_configs(d: &Path) -> Vec<(&'static str, &'static str, String)> {
 #[test]
 fn every_recipe_refuses_bad_loop_settings() {
     let d = scratch("bad-loop");
-    let cases: [(&str, &str); 8] = [
+    let cases: [(&str, &str); 12] = [
         ("train.log_every=0", "train.log_every = 0: must be at least 1"),
         ("train.keep_checkpoints=0", "train.keep_checkpoints = 0: must be at least 1"),
         ("train.eval_every=0", "train.eval_every = 0: must be at least 1"),
@@ -86,6 +86,13 @@ fn every_recipe_refuses_bad_loop_settings() {
         ("train.max_steps=0", "train.max_steps = 0: must be at least 1"),
         ("optim.lr=-1e-3", "optim.lr = -0.001: must be a finite number > 0"),
         ("schedule.min_lr=0.5", "schedule.min_lr = 0.5: must not exceed optim.lr = 0.001"),
+        (
+            "train.activation_checkpointing=0",
+            "train.activation_checkpointing: expected \"none\", \"blocks\" or a number of blocks N >= 1, found 0",
+        ),
+        ("train.activation_checkpointing=\"all\"", "found \"all\""),
+        ("train.precision=\"fp8\"", "train.precision: unknown variant `fp8`, expected one of `f32`, `bf16`, `f16`"),
+        ("train.initial_loss_scale=0", "train.initial_loss_scale = 0: must be a finite number > 0"),
     ];
     for (i, (cmd, what, text)) in recipe_configs(&d).into_iter().enumerate() {
         let cfg = d.join(format!("{i}.toml"));

@@ -109,6 +109,113 @@ fn resume_is_bit_exact_after_a_clean_stop() {
     assert_eq!(optimizer_state(&straight, 8), optimizer_state(&split, 8));
 }
 
+/// Activation checkpointing trades memory for compute and nothing else: every block or every
+/// other one recomputed, the losses and final weights are those of the plain run, bit for bit
+/// (dropout on); and it may be switched on at a resume, which still ends where the plain run
+/// does.
+#[test]
+fn activation_checkpointing_changes_nothing_trained() {
+    let d = scratch("ac");
+    let cfg = write_config(&d, TINY);
+    let plain = d.join("plain");
+    ok(pretrain(&cfg, &plain, &[]));
+    for which in ["\"blocks\"", "2"] {
+        let run = d.join(format!("ac-{}", which.trim_matches('"')));
+        ok(pretrain(&cfg, &run, &["--set", &format!("train.activation_checkpointing={which}")]));
+        assert_eq!(losses(&plain), losses(&run), "{which}: loss at every step");
+        assert_eq!(final_weights(&plain, 8), final_weights(&run, 8), "{which}: final weights");
+    }
+    let split = d.join("split");
+    ok(pretrain(&cfg, &split, &["--set", "train.stop_at_step=4"]));
+    let out = ok(pretrain(&cfg, &split, &["--resume", "--set", "train.activation_checkpointing=\"blocks\""]));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!said.contains("allow-config-change"), "{said}");
+    assert_eq!(losses(&plain), losses(&split));
+    assert_eq!(final_weights(&plain, 8), final_weights(&split, 8));
+}
+
+/// bf16 and f16 runs (f32 master weights, low-precision GEMM operands) resume bit for bit, the
+/// f16 loss scaler included, and train to within 0.01 of the f32 run's losses at this size.
+#[test]
+fn mixed_precision_resumes_bit_exact_and_tracks_f32() {
+    let d = scratch("precision");
+    let cfg = write_config(&d, TINY);
+    let f32_run = d.join("f32");
+    ok(pretrain(&cfg, &f32_run, &[]));
+    for p in ["bf16", "f16"] {
+        let set = format!("train.precision=\"{p}\"");
+        let straight = d.join(format!("{p}-straight"));
+        ok(pretrain(&cfg, &straight, &["--set", &set]));
+        let split = d.join(format!("{p}-split"));
+        ok(pretrain(&cfg, &split, &["--set", &set, "--set", "train.stop_at_step=4"]));
+        ok(pretrain(&cfg, &split, &["--resume", "--set", &set]));
+        assert_eq!(losses(&straight), losses(&split), "{p}: loss at every step");
+        assert_eq!(final_weights(&straight, 8), final_weights(&split, 8), "{p}: final weights");
+        let (low, full) = (losses(&straight), losses(&f32_run));
+        assert_ne!(low, full, "{p}: the low precision changed nothing");
+        for ((s, a), (_, b)) in low.iter().zip(&full) {
+            let (a, b) = (f64::from_bits(*a), f64::from_bits(*b));
+            assert!((a - b).abs() < 0.01, "{p}: step {s}: loss {a} vs f32's {b}");
+        }
+    }
+    // Precision changes what is trained: refused on resume without --allow-config-change.
+    let err =
+        fails_with(pretrain(&cfg, &f32_run, &["--resume", "--set", "train.precision=\"bf16\""]), &["train.precision"]);
+    assert!(err.contains("allow-config-change"), "{err}");
+}
+
+/// f16 loss scaling: a scale too big for f16 overflows the gradients; those updates are
+/// skipped (the weights stay: the same batch losses as no update), the scale halves until the
+/// gradients fit, doubles after `loss_scale_growth_interval` good updates, and training goes
+/// on. A resume in the middle carries the scaler's state: the same scales and losses after.
+#[test]
+fn f16_loss_scaling_skips_overflowing_updates_and_recovers() {
+    let d = scratch("loss-scale");
+    let text = TINY.replace("max_steps = 8", "max_steps = 12");
+    let cfg = write_config(&d, &text);
+    let sets = [
+        "--set",
+        "train.precision=\"f16\"",
+        "--set",
+        "train.initial_loss_scale=16777216",
+        "--set",
+        "train.loss_scale_growth_interval=2",
+    ];
+    let run = d.join("run");
+    let out = ok(pretrain(&cfg, &run, &sets));
+    let said = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(
+            "step 1: gradients overflowed f16 at loss scale 16777216; update skipped, loss scale now 8388608"
+        ),
+        "{said}"
+    );
+    let m = metrics(&run);
+    let scale: Vec<f64> = m.iter().filter_map(|l| l["loss_scale"].as_f64()).collect();
+    assert_eq!(scale.len(), 12, "a loss scale logged at every step");
+    assert_eq!(scale[0], 8388608.0);
+    // It came down to where updates go through, then grew again after two good ones.
+    let low = scale.iter().cloned().fold(f64::MAX, f64::min);
+    let after = scale.iter().position(|&s| s == low).unwrap();
+    assert!(scale[after..].contains(&(2.0 * low)), "{scale:?}");
+    let skipped = said.matches("update skipped").count();
+    assert!((1..12).contains(&skipped), "{skipped} updates skipped of 12");
+    let loss: Vec<f64> = m.iter().filter_map(|l| l["loss"].as_f64()).collect();
+    assert!(loss.iter().all(|l| l.is_finite()) && loss[11] < loss[0] - 0.1, "{loss:?}");
+    // Resumed at step 6: the scaler continues from its saved state.
+    let split = d.join("split");
+    let mut first = sets.to_vec();
+    first.extend(["--set", "train.stop_at_step=6"]);
+    ok(pretrain(&cfg, &split, &first));
+    let mut second = sets.to_vec();
+    second.push("--resume");
+    ok(pretrain(&cfg, &split, &second));
+    assert_eq!(losses(&run), losses(&split));
+    let resumed: Vec<f64> = metrics(&split).iter().filter_map(|l| l["loss_scale"].as_f64()).collect();
+    assert_eq!(resumed, scale);
+    assert_eq!(final_weights(&run, 12), final_weights(&split, 12));
+}
+
 #[test]
 fn resume_after_sigkill_mid_run_and_mid_checkpoint() {
     let d = scratch("kill");

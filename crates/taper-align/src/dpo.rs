@@ -276,7 +276,7 @@ pub fn dpo(cfg: DpoConfig, run: RunSpec, obs: &mut dyn Observer) -> Result<Summa
         let recipe = Dpo {
             tasks,
             prefix_id,
-            policy: Decoder::load(&weights, &src.config)?,
+            policy: Decoder::load(&weights, &src.config)?.with_checkpointing(cfg.train.activation_checkpointing),
             eval_policy: Decoder::load(&weights.detached(), &src.config)?,
             reference,
             precomputed,

@@ -457,6 +457,7 @@ pub struct RlSettings<'a> {
     pub seed: u64,
     /// `eval.tasks`: multiple-choice task files scored by the policy at each evaluation.
     pub tasks: &'a [String],
+    pub checkpointing: taper_model::ActivationCheckpointing,
 }
 
 /// The [`RlSettings`] of a PPO or GRPO config, whose shared sections go by the same names.
@@ -470,6 +471,7 @@ macro_rules! rl_settings {
             lora: $cfg.lora.as_ref(),
             seed: $cfg.seed,
             tasks: &$cfg.eval.tasks,
+            checkpointing: $cfg.train.activation_checkpointing,
         }
     };
 }
@@ -625,7 +627,7 @@ impl RlCore {
         let core = Self {
             tasks,
             prefix_id,
-            policy: Decoder::load(&weights, &src.config)?,
+            policy: Decoder::load(&weights, &src.config)?.with_checkpointing(s.checkpointing),
             frozen: Decoder::load(&weights.detached(), &src.config)?,
             reference: Decoder::load(&Weights::new(src.weights.clone()).detached(), &src.config)?,
             dropout: finetune::uses_dropout(&src, s.lora),

@@ -247,7 +247,7 @@ pub fn rm(cfg: RmConfig, run: RunSpec, obs: &mut dyn Observer) -> Result<Summary
         let (params, weights) = trainable_except(&src, lora, cfg.seed, heads, env.checkpoint, &frozen)?;
         let score = params.iter().find(|(n, _)| n == SCORE).map(|(_, v)| v.as_tensor().clone()).expect("trainable");
         let recipe = Rm {
-            model: Decoder::load(&weights, &src.config)?,
+            model: Decoder::load(&weights, &src.config)?.with_checkpointing(cfg.train.activation_checkpointing),
             eval_model: Decoder::load(&weights.detached(), &src.config)?,
             score,
             dropout: finetune::uses_dropout(&src, lora),

@@ -521,6 +521,14 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     println!("GFLOP/s       {:.1} ({:.3} GFLOP/token)", r.gflops, r.flops_per_token / 1e9);
     println!("GEMM peak     {:.1} GFLOP/s at the model's matmul shapes", r.gemm_peak_gflops);
     println!("MFU           {:.1}%", 100.0 * r.mfu);
+    if r.precision != "f32" {
+        println!(
+            "{:<13} GEMM peak {:.1} GFLOP/s, MFU {:.1}% against it (f32 figures above)",
+            r.precision,
+            r.precision_gemm_peak_gflops,
+            100.0 * r.precision_mfu
+        );
+    }
     println!("peak RSS      {:.0} MB", r.peak_rss_mb);
     if r.world > 1 {
         println!(

@@ -7,6 +7,8 @@
 
 use crate::act::Gelu;
 use crate::float::{dispatch, fused, slice, Float};
+use crate::lowp_gemm::{gemm_acc_in, gemm_new_in};
+use crate::precision::Precision;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -41,7 +43,7 @@ fn apply(x: &Tensor, w: &Tensor, b: Option<&Tensor>, gelu: Option<Gelu>) -> Resu
         };
     }
     let (x, w) = (x.contiguous()?, w.contiguous()?);
-    let op = Linear { gelu, pre: Mutex::new(None) };
+    let op = Linear { gelu, pre: Mutex::new(None), precision: crate::matmul_precision() };
     match b {
         None => x.apply_op2(&w, op),
         Some(b) => x.apply_op3(&w, &b.contiguous()?, op),
@@ -249,6 +251,8 @@ const NAME: &str = "taper-linear";
 struct Linear {
     gelu: Option<Gelu>,
     pre: Mutex<Option<CpuStorage>>,
+    /// The GEMMs' precision when the op was made, for its forward and backward alike.
+    precision: Precision,
 }
 
 impl Linear {
@@ -264,7 +268,7 @@ impl Linear {
         let n = x.len() / c.max(1);
         // u (n, o) = x (n, c) · Wᵀ (c, o), Wᵀ read in place from W's rows.
         let u = match b {
-            None => gemm_new((n, o, c), x, (c, 1), w, (1, c)),
+            None => gemm_new_in(self.precision, (n, o, c), x, (c, 1), w, (1, c)),
             Some(b) => {
                 let mut u = vec![T::ZERO; n * o];
                 u.par_chunks_mut(o.max(1) * crate::float::rows_per_task(o)).for_each(|rows| {
@@ -272,7 +276,7 @@ impl Linear {
                         row.copy_from_slice(b);
                     }
                 });
-                gemm_acc(&mut u, (n, o, c), x, (c, 1), w, (1, c));
+                gemm_acc_in(self.precision, &mut u, (n, o, c), x, (c, 1), w, (1, c));
                 u
             }
         };
@@ -317,8 +321,8 @@ impl Linear {
                 })?
             }
         };
-        let dx = grad.apply_op2_no_bwd(w, &LinearBwd::Dx)?;
-        let dw = grad.apply_op2_no_bwd(x, &LinearBwd::Dw)?;
+        let dx = grad.apply_op2_no_bwd(w, &LinearBwd::Dx(self.precision))?;
+        let dw = grad.apply_op2_no_bwd(x, &LinearBwd::Dw(self.precision))?;
         let db = if with_bias { Some(grad.apply_op2_no_bwd(w, &LinearBwd::Db)?) } else { None };
         Ok((dx, dw, db))
     }
@@ -373,9 +377,9 @@ impl CustomOp3 for Linear {
 /// The backward GEMMs, each on (dy, other operand).
 enum LinearBwd {
     /// dx (.., c) = dy (n, o) · W (o, c).
-    Dx,
+    Dx(Precision),
     /// dW (o, c) = dyᵀ (o, n) · x (n, c).
-    Dw,
+    Dw(Precision),
     /// db (o) = Σ_rows dy; the second operand (W) only gives the width.
     Db,
 }
@@ -385,16 +389,16 @@ impl LinearBwd {
         let o = *dyl.dims().last().expect("rank >= 1");
         let n = dy.len() / o.max(1);
         match self {
-            LinearBwd::Dx => {
+            LinearBwd::Dx(p) => {
                 let c = ol.dims()[1];
-                let dx = gemm_new((n, c, o), dy, (o, 1), other, (c, 1));
+                let dx = gemm_new_in(*p, (n, c, o), dy, (o, 1), other, (c, 1));
                 let mut dims = dyl.dims().to_vec();
                 *dims.last_mut().expect("rank >= 1") = c;
                 Ok((T::storage(dx), Shape::from(dims)))
             }
-            LinearBwd::Dw => {
+            LinearBwd::Dw(p) => {
                 let c = *ol.dims().last().expect("rank >= 1");
-                let dw = gemm_new((o, c, n), dy, (1, o), other, (c, 1));
+                let dw = gemm_new_in(*p, (o, c, n), dy, (1, o), other, (c, 1));
                 Ok((T::storage(dw), Shape::from((o, c))))
             }
             LinearBwd::Db => {

@@ -8,8 +8,9 @@
 //! would cost a fourth head-sized GEMM.
 
 use crate::float::{dispatch, fused, rows_per_task, simd, slice, Float};
-use crate::linear::{gemm_acc, gemm_new};
 use crate::loss::{check_targets, composed};
+use crate::lowp_gemm::{gemm_acc_in, gemm_new_in};
+use crate::precision::{loss_scale, matmul_precision, Precision};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -40,13 +41,15 @@ pub fn linear_cross_entropy(
     let rows = if chunk_rows > 0 { chunk_rows } else { (CHUNK_ELEMS / v.max(1)).max(1) };
     let want = Want { dh: hidden.track_op(), dw: weight.track_op() };
     let (h, w) = (hidden.contiguous()?, weight.contiguous()?);
+    let shape_scale = loss_scale();
     let pass = {
         let (hs, hl) = h.storage_and_layout();
         let (ws, wl) = w.storage_and_layout();
         let (candle_core::Storage::Cpu(hs), candle_core::Storage::Cpu(ws)) = (&*hs, &*ws) else {
             return Err(crate::bad(NAME, "operands are not on the CPU"));
         };
-        let shape = Dims { n, c, v, rows, ignore_index, count };
+        let shape =
+            Dims { n, c, v, rows, ignore_index, count, precision: matmul_precision(), grad_scale: loss_scale() };
         dispatch!(NAME, hs, T => {
             let (loss, dh, dw) = run::<T>(slice(NAME, hs, hl)?, slice(NAME, ws, wl)?, &ts, shape, want);
             let dev = hidden.device();
@@ -59,7 +62,7 @@ pub fn linear_cross_entropy(
     if !(want.dh || want.dw) {
         return Ok((Tensor::new(loss, hidden.device())?.to_dtype(hidden.dtype())?, count));
     }
-    Ok((hidden.apply_op2(weight, LinearCrossEntropy { loss, dh, dw })?, count))
+    Ok((hidden.apply_op2(weight, LinearCrossEntropy { loss, dh, dw, grad_scale: shape_scale })?, count))
 }
 
 #[derive(Clone, Copy)]
@@ -76,15 +79,20 @@ struct Dims {
     rows: usize,
     ignore_index: i64,
     count: usize,
+    precision: Precision,
+    /// The incoming gradient the backward will bring (the loss scale): the gradients are
+    /// formed at that size, so that low-precision GEMMs see them scaled as the rest of the
+    /// backward does.
+    grad_scale: f64,
 }
 
 /// The mean loss and, where wanted, its gradients dh (N, C) and dW (V, C) for an incoming
 /// gradient of 1.
 #[allow(clippy::type_complexity)]
 fn run<T: Float>(h: &[T], w: &[T], ts: &[i64], d: Dims, want: Want) -> (f64, Option<Vec<T>>, Option<Vec<T>>) {
-    let Dims { n, c, v, rows, ignore_index, count } = d;
+    let Dims { n, c, v, rows, ignore_index, count, precision: p, grad_scale } = d;
     let grads = want.dh || want.dw;
-    let scale = T::from_f64(1.0 / count.max(1) as f64);
+    let scale = T::from_f64(grad_scale / count.max(1) as f64);
     let mut dh = want.dh.then(|| vec![T::ZERO; n * c]);
     let mut dw = want.dw.then(|| vec![T::ZERO; v * c]);
     // Per-row losses, summed in order afterwards so that the total does not depend on the
@@ -94,7 +102,7 @@ fn run<T: Float>(h: &[T], w: &[T], ts: &[i64], d: Dims, want: Want) -> (f64, Opt
         let len = rows.min(n - s);
         let hc = &h[s * c..(s + len) * c];
         // (len, V) = hc (len, C) · Wᵀ (C, V), Wᵀ read in place from W's rows.
-        let mut logits = gemm_new((len, v, c), hc, (c, 1), w, (1, c));
+        let mut logits = gemm_new_in(p, (len, v, c), hc, (c, 1), w, (1, c));
         if v > 0 {
             let per = rows_per_task(v);
             logits
@@ -129,22 +137,24 @@ fn run<T: Float>(h: &[T], w: &[T], ts: &[i64], d: Dims, want: Want) -> (f64, Opt
         }
         if let Some(dh) = dh.as_mut() {
             // dh rows (len, C) = dlogits (len, V) · W (V, C).
-            gemm_acc(&mut dh[s * c..(s + len) * c], (len, c, v), &logits, (v, 1), w, (c, 1));
+            gemm_acc_in(p, &mut dh[s * c..(s + len) * c], (len, c, v), &logits, (v, 1), w, (c, 1));
         }
         if let Some(dw) = dw.as_mut() {
             // dW (V, C) += dlogitsᵀ (V, len) · hc (len, C).
-            gemm_acc(dw, (v, c, len), &logits, (1, v), hc, (c, 1));
+            gemm_acc_in(p, dw, (v, c, len), &logits, (1, v), hc, (c, 1));
         }
     }
     (losses.iter().sum::<f64>() / count.max(1) as f64, dh, dw)
 }
 
 /// The graph node of the loss: its forward hands out the loss computed above; its backward
-/// scales the gradients the forward formed by the incoming one.
+/// scales the gradients the forward formed (for an incoming gradient of `grad_scale`) to the
+/// incoming one.
 struct LinearCrossEntropy {
     loss: f64,
     dh: Option<Tensor>,
     dw: Option<Tensor>,
+    grad_scale: f64,
 }
 
 impl CustomOp2 for LinearCrossEntropy {
@@ -157,7 +167,7 @@ impl CustomOp2 for LinearCrossEntropy {
     }
 
     fn bwd(&self, _h: &Tensor, _w: &Tensor, _loss: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = grad.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        let g = grad.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? / self.grad_scale;
         let scaled = |t: &Option<Tensor>| -> Result<Option<Tensor>> {
             match t {
                 Some(t) if g == 1.0 => Ok(Some(t.clone())),

@@ -8,7 +8,7 @@ use candle_core::{
     backend::BackendStorage, CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, Layout, MetalStorage, Result,
     Shape, Storage, Tensor,
 };
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 type Bwd1 = dyn Fn(&Tensor, &Tensor) -> Result<Option<Tensor>> + Send + Sync;
 type Bwd2 = dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync;
@@ -26,7 +26,7 @@ pub fn attach1(
     if !x.track_op() {
         return Ok(out);
     }
-    x.apply_op1_arc(Arc::new(Box::new(Node { name, out, bwd: Box::new(bwd) as Box<Bwd1> })))
+    x.apply_op1_arc(Arc::new(Box::new(Node { name, out: Mutex::new(Some(out)), bwd: Box::new(bwd) as Box<Bwd1> })))
 }
 
 /// `out` as a node over `a` and `b`; `bwd(a, b, grad)` gives their gradients.
@@ -40,7 +40,7 @@ pub fn attach2(
     if !(a.track_op() || b.track_op()) {
         return Ok(out);
     }
-    a.apply_op2_arc(b, Arc::new(Box::new(Node { name, out, bwd: Box::new(bwd) as Box<Bwd2> })))
+    a.apply_op2_arc(b, Arc::new(Box::new(Node { name, out: Mutex::new(Some(out)), bwd: Box::new(bwd) as Box<Bwd2> })))
 }
 
 /// `out` as a node over `a`, `b` and `c`; `bwd(a, b, c, grad)` gives their gradients.
@@ -58,26 +58,33 @@ pub fn attach3(
     if !(a.track_op() || b.track_op() || c.track_op()) {
         return Ok(out);
     }
-    a.apply_op3_arc(b, c, Arc::new(Box::new(Node { name, out, bwd: Box::new(bwd) as Box<Bwd3> })))
+    a.apply_op3_arc(
+        b,
+        c,
+        Arc::new(Box::new(Node { name, out: Mutex::new(Some(out)), bwd: Box::new(bwd) as Box<Bwd3> })),
+    )
 }
 
 struct Node<B: ?Sized> {
     name: &'static str,
-    out: Tensor,
+    /// Until the forward hands it over: the node keeps no second copy of its output.
+    out: Mutex<Option<Tensor>>,
     bwd: Box<B>,
 }
 
 impl<B: ?Sized> Node<B> {
     /// A copy of the output's storage: a custom op returns storage of its own.
     fn output(&self) -> Result<(Storage, Shape)> {
-        let (storage, layout) = self.out.storage_and_layout();
+        let out = self.out.lock().map_err(|_| crate::bad(self.name, "a forward panicked"))?.take();
+        let out = out.ok_or_else(|| crate::bad(self.name, "the forward ran twice"))?;
+        let (storage, layout) = out.storage_and_layout();
         if !layout.is_contiguous() || layout.start_offset() != 0 {
             drop(storage);
-            let c = self.out.copy()?;
+            let c = out.copy()?;
             let (storage, layout) = c.storage_and_layout();
             return Ok((copy(&storage, layout)?, c.shape().clone()));
         }
-        Ok((copy(&storage, layout)?, self.out.shape().clone()))
+        Ok((copy(&storage, layout)?, out.shape().clone()))
     }
 
     fn cpu(&self) -> Result<(CpuStorage, Shape)> {

@@ -455,3 +455,52 @@ fn linear_cross_entropy_in_chunks() {
         }
     }
 }
+
+/// Under a bf16 or f16 matmul precision, the fused linear (with and without its GELU) and the
+/// linear + cross-entropy give the f32 composed results to within their operands' rounding,
+/// forward and every gradient: bf16 keeps 8 bits of mantissa (a relative step of 2^-8 = 0.0039
+/// per operand), f16 11 bits (2^-11). Each error is relative to the largest value, so the bound
+/// is a few steps, and each must also exceed f32's error (the low precision really ran). A
+/// loss scale forms the cross-entropy's gradients at that size and divides it back out.
+#[test]
+fn low_precision_matmuls_stay_within_their_rounding_of_f32() {
+    use taper_kernels::{set_loss_scale, set_matmul_precision, Precision};
+    let ignore = -100i64;
+    let targets = Tensor::new(&[3i64, 0, ignore, 40, 7, 63, 1, 2, 5, 9, 11, 12], &Device::Cpu).unwrap();
+    let ce = |a: &[Tensor]| -> Result<Tensor> {
+        Ok(taper_kernels::linear_cross_entropy(&a[0], &a[1], &targets, ignore, 5)?.0)
+    };
+    let ce_ref = |a: &[Tensor]| ref_cross_entropy(&a[0].matmul(&a[1].t()?)?, &targets, ignore);
+    let lin = |a: &[Tensor]| taper_kernels::linear(&a[0], &a[1], Some(&a[2]));
+    let lin_ref = |a: &[Tensor]| taper_kernels::linear_composed(&a[0], &a[1], Some(&a[2]));
+    let gelu = |a: &[Tensor]| taper_kernels::linear_gelu(&a[0], &a[1], Some(&a[2]), false);
+    let gelu_ref = |a: &[Tensor]| taper_kernels::linear_composed(&a[0], &a[1], Some(&a[2]))?.gelu_erf();
+    let mut r = Rng(11);
+    let x = r.tensor(&[3, 12, 70], 1.0, DType::F32);
+    let (w, b) = (r.tensor(&[40, 70], 0.3, DType::F32), r.tensor(&[40], 0.5, DType::F32));
+    let (h, head) = (r.tensor(&[12, 70], 1.0, DType::F32), r.tensor(&[64, 70], 0.3, DType::F32));
+    let cases: [(&str, Op, Op, Vec<Tensor>); 3] = [
+        ("linear", &lin, &lin_ref, vec![x.clone(), w.clone(), b.clone()]),
+        ("linear_gelu", &gelu, &gelu_ref, vec![x, w, b]),
+        ("linear_cross_entropy", &ce, &ce_ref, vec![h, head]),
+    ];
+    for (p, step) in [(Precision::Bf16, 2f64.powi(-8)), (Precision::F16, 2f64.powi(-11))] {
+        for scale in [1.0, 1024.0] {
+            for (name, fused, composed, values) in &cases {
+                let inputs: Vec<Input> = values.iter().map(|t| inp(t.clone())).collect();
+                let (y2, g2) = run(*composed, &inputs, 7).unwrap();
+                let (y1, g1) = {
+                    let _p = set_matmul_precision(p);
+                    let _s = set_loss_scale(scale);
+                    run(*fused, &inputs, 7).unwrap()
+                };
+                let mut errs = vec![max_rel_err(&y1, &y2)];
+                errs.extend(g1.iter().zip(&g2).map(|(a, b)| max_rel_err(a.as_ref().unwrap(), b.as_ref().unwrap())));
+                for (i, e) in errs.iter().enumerate() {
+                    assert!(*e < 4.0 * step, "{p:?} x{scale} {name}: output {i} (0 forward) off by {e}");
+                }
+                assert!(errs.iter().any(|e| *e > 1e-5), "{p:?} {name}: no rounding visible ({errs:?})");
+            }
+        }
+    }
+}

@@ -10,6 +10,7 @@
 //! Tensor names are `BertForMaskedLM`'s, so HF checkpoints load and export as they are; one
 //! place ([`param_specs`]) lists them with their shapes.
 
+use crate::checkpointing::{self, ActivationCheckpointing};
 use crate::config::{Mlp, ModelConfig, ModelKind, PosEmb};
 use crate::init::{check, Init};
 use crate::nn;
@@ -17,6 +18,7 @@ use crate::rng::Rng;
 use crate::weights::Weights;
 use crate::{ModelError, Result};
 use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
 
 /// The final LayerNorm of a pre-LN encoder (post-LN BERT has none).
 pub const FINAL_NORM: &str = "bert.encoder.LayerNorm";
@@ -68,6 +70,7 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
     s
 }
 
+#[derive(Clone)]
 struct Linear {
     w: Tensor,
     b: Tensor,
@@ -86,6 +89,7 @@ impl Linear {
     }
 }
 
+#[derive(Clone)]
 struct LayerNorm {
     w: Tensor,
     b: Tensor,
@@ -112,6 +116,7 @@ impl LayerNorm {
     }
 }
 
+#[derive(Clone)]
 struct Layer {
     query: Linear,
     key: Linear,
@@ -123,6 +128,7 @@ struct Layer {
     output_norm: LayerNorm,
 }
 
+#[derive(Clone)]
 pub struct Bert {
     cfg: ModelConfig,
     word_embeddings: Tensor,
@@ -136,6 +142,10 @@ pub struct Bert {
     transform_norm: LayerNorm,
     decoder: Tensor,
     decoder_bias: Tensor,
+    /// Which layers recompute their forward in the backward.
+    checkpointing: ActivationCheckpointing,
+    /// The trainable variables among the weights: the gradients a checkpointed layer finds.
+    trained: Vec<Tensor>,
 }
 
 fn act(cfg: &ModelConfig, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -195,7 +205,15 @@ impl Bert {
             decoder,
             decoder_bias: w.get("cls.predictions.bias", &[v])?,
             word_embeddings,
+            checkpointing: ActivationCheckpointing::None,
+            trained: w.trained(),
         })
+    }
+
+    /// The model with `which` layers recomputing their forward in the backward.
+    pub fn with_checkpointing(mut self, which: ActivationCheckpointing) -> Self {
+        self.checkpointing = which;
+        self
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -295,8 +313,19 @@ impl Bert {
                 Some(o)
             }
         };
-        for layer in &self.layers {
-            x = self.layer(layer, &x, mask.as_ref(), opts.as_ref(), rng.as_deref_mut())?;
+        // Checkpointed layers run again in the backward, from a copy of the model and masks.
+        let shared = self.checkpointing.is_on().then(|| Arc::new((self.clone(), mask.clone(), opts.clone())));
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = match &shared {
+                Some(s) if self.checkpointing.covers(i) => {
+                    let s = s.clone();
+                    checkpointing::checkpoint_block(&[&x], &self.trained, rng.as_deref_mut(), move |ins, r| {
+                        let (me, mask, opts) = &*s;
+                        me.layer(&me.layers[i], &ins[0], mask.as_ref(), opts.as_ref(), r)
+                    })?
+                }
+                _ => self.layer(layer, &x, mask.as_ref(), opts.as_ref(), rng.as_deref_mut())?,
+            };
         }
         Ok(match &self.final_norm {
             Some(n) => n.forward(&x)?,
@@ -412,6 +441,52 @@ mod tests {
                 let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{cfg:?}: no gradient for {name}"));
                 let norm = g.sqr()?.sum_all()?.to_scalar::<f32>()?;
                 assert!(norm > 0.0 && norm.is_finite(), "zero gradient for {name} in {cfg:?}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Checkpointed layers give the same loss and gradients bit for bit, with dropout and
+    /// padding, post-LN and pre-LN, on the fused and the composed attention.
+    #[test]
+    fn checkpointed_gradients_are_bit_identical() -> Result<()> {
+        let variants = [
+            ModelConfig { dropout: 0.1, n_layer: 3, ..tiny() },
+            ModelConfig { dropout: 0.1, n_layer: 3, kernels: true, post_norm: false, ..tiny() },
+            ModelConfig { n_layer: 3, kernels: true, ..tiny() },
+        ];
+        let dev = Device::Cpu;
+        for cfg in variants {
+            let init = crate::init_weights(&cfg, 1, &dev)?;
+            let ids = Tensor::new(&[[1u32, 5, 3, 9, 2, 0, 16, 4], [3, 3, 2, 1, 0, 7, 8, 9]], &dev)?;
+            let mask = Tensor::new(&[[1u32, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0, 0]], &dev)?;
+            let targets = Tensor::new(&[5i64, -100, 9, 2, 0, 16, 4, 1, 3, 2, 1, 0, 7, 8, -100, -100], &dev)?;
+            let run = |which: ActivationCheckpointing| -> Result<(Vec<Vec<u32>>, u64)> {
+                let vars: Vec<Var> =
+                    init.iter().map(|(_, t)| Var::from_tensor(t)).collect::<candle_core::Result<_>>()?;
+                let w =
+                    Weights::from_pairs(init.iter().zip(&vars).map(|((n, _), v)| (n.clone(), v.as_tensor().clone())));
+                let model = Bert::load(&w, &cfg)?.with_checkpointing(which);
+                let mut rng = Rng::new(3);
+                let logits = model.forward(&ids, None, Some(&mask), Some(&mut rng))?;
+                let loss = nn::cross_entropy(&logits.reshape((16, 19))?, &targets, -100)?;
+                let grads = checkpointing::backward(&loss)?;
+                let bits = |t: &Tensor| -> Result<Vec<u32>> {
+                    Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect())
+                };
+                let mut out = vec![bits(&loss)?];
+                for v in &vars {
+                    out.push(bits(grads.get(v.as_tensor()).expect("a gradient"))?);
+                }
+                Ok((out, rng.state()))
+            };
+            let plain = run(ActivationCheckpointing::None)?;
+            for which in [ActivationCheckpointing::Every(1), ActivationCheckpointing::Every(2)] {
+                let got = run(which)?;
+                assert_eq!(got.1, plain.1, "{which:?}: the RNG ends elsewhere");
+                for (i, (a, b)) in got.0.iter().zip(&plain.0).enumerate() {
+                    assert!(a == b, "{cfg:?} {which:?}: output {i} (0 the loss, then the gradients) differs");
+                }
             }
         }
         Ok(())

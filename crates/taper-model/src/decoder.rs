@@ -7,6 +7,7 @@
 //! Tensor names mirror HF's Llama layout (`model.layers.{i}.self_attn.q_proj.weight`); one
 //! place ([`param_specs`]) lists them all with their shapes.
 
+use crate::checkpointing::{self, ActivationCheckpointing};
 use crate::config::{Mlp, ModelConfig, ModelKind, Norm, PosEmb};
 use crate::init::{check, Init};
 use crate::nn;
@@ -14,6 +15,7 @@ use crate::rng::Rng;
 use crate::weights::Weights;
 use crate::{ModelError, Result};
 use candle_core::{DType, Device, Tensor, D};
+use std::sync::Arc;
 use taper_kernels::AttnOpts;
 
 /// Every parameter of a decoder: (name, shape, init), in a fixed order.
@@ -66,6 +68,7 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
 }
 
 /// A low-rank adapter on a linear: A (r, in), B (out, r), alpha / r, dropout.
+#[derive(Clone)]
 struct Adapter {
     a: Tensor,
     b: Tensor,
@@ -73,6 +76,7 @@ struct Adapter {
     dropout: f64,
 }
 
+#[derive(Clone)]
 struct Linear {
     w: Tensor,
     b: Option<Tensor>,
@@ -123,6 +127,7 @@ impl Linear {
     }
 }
 
+#[derive(Clone)]
 struct NormLayer {
     w: Tensor,
     b: Option<Tensor>,
@@ -170,6 +175,7 @@ impl Block {
     }
 }
 
+#[derive(Clone)]
 struct Block {
     input_layernorm: NormLayer,
     q_proj: Linear,
@@ -306,6 +312,7 @@ impl KvCache {
     }
 }
 
+#[derive(Clone)]
 pub struct Decoder {
     cfg: ModelConfig,
     embed_tokens: Tensor,
@@ -317,6 +324,10 @@ pub struct Decoder {
     /// RoPE cos and sin for every position, (block_size, head_dim) each, on the model's device:
     /// built once, so a forward only narrows or gathers them.
     rope: Option<(Tensor, Tensor)>,
+    /// Which blocks recompute their forward in the backward.
+    checkpointing: ActivationCheckpointing,
+    /// The trainable variables among the weights: the gradients a checkpointed block finds.
+    trained: Vec<Tensor>,
 }
 
 impl Decoder {
@@ -380,7 +391,16 @@ impl Decoder {
             norm: NormLayer::load(w, "model.norm", cfg)?,
             lm_head,
             rope,
+            checkpointing: ActivationCheckpointing::None,
+            trained: w.trained(),
         })
+    }
+
+    /// The model with `which` blocks recomputing their forward in the backward (training
+    /// forwards without a KV cache).
+    pub fn with_checkpointing(mut self, which: ActivationCheckpointing) -> Self {
+        self.checkpointing = which;
+        self
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -602,11 +622,36 @@ impl Decoder {
                 // (B, 1, T, L)
             }
         };
-        for (i, layer) in self.layers.iter().enumerate() {
-            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = self.block(layer, &x, rope.as_ref(), &mask, layer_cache, rng.as_deref_mut())?;
+        // Checkpointed blocks run again in the backward, from a copy of the model and inputs.
+        let shared = match (self.checkpointing.is_on(), &cache) {
+            (true, None) => Some(Arc::new((self.clone(), rope.clone(), mask.clone()))),
+            _ => None,
+        };
+        for i in 0..self.layers.len() {
+            x = match &shared {
+                Some(s) if self.checkpointing.covers(i) => Self::checkpointed_block(s, i, &x, rng.as_deref_mut())?,
+                Some(_) => self.block(&self.layers[i], &x, rope.as_ref(), &mask, None, rng.as_deref_mut())?,
+                None => {
+                    let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+                    self.block(&self.layers[i], &x, rope.as_ref(), &mask, layer_cache, rng.as_deref_mut())?
+                }
+            };
         }
         Ok(self.norm.forward(&x)?)
+    }
+
+    /// Block `i` keeping only its input, recomputed in the backward from the shared copy.
+    fn checkpointed_block(
+        shared: &Arc<(Decoder, Option<RopeTables>, Mask)>,
+        i: usize,
+        x: &Tensor,
+        rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        let s = shared.clone();
+        checkpointing::checkpoint_block(&[x], &shared.0.trained, rng, move |ins, r| {
+            let (me, rope, mask) = &*s;
+            me.block(&me.layers[i], &ins[0], rope.as_ref(), mask, None, r)
+        })
     }
 
     fn block(
@@ -767,6 +812,7 @@ enum Visibility<'a> {
 type RopeTables = (Tensor, Tensor);
 
 /// The attention mask every block of one forward uses.
+#[derive(Clone)]
 enum Mask {
     Fused(AttnOpts),
     /// (T, L) or (B, 1, T, L), 0 or -inf.
@@ -837,6 +883,78 @@ pub(crate) mod tests {
                 let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{style}: no gradient for {name}"));
                 let norm = g.sqr()?.sum_all()?.to_scalar::<f32>()?;
                 assert!(norm > 0.0 && norm.is_finite(), "{style}: zero gradient for {name}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Checkpointed blocks give the same loss and every gradient bit for bit, and leave the RNG
+    /// where the plain forward does: with dropout (fused and composed), packed rows, grouped
+    /// heads, LoRA adapters over a frozen base, and every other block checkpointed.
+    #[test]
+    fn checkpointed_gradients_are_bit_identical() -> Result<()> {
+        use crate::lora::{init_lora, LoraConfig};
+        for case in ["gpt2-dropout", "gpt2-composed-dropout", "llama", "llama-packed", "llama-lora"] {
+            let mut cfg = tiny(case.split('-').next().unwrap());
+            cfg.n_layer = 3;
+            cfg.kernels = !case.contains("composed");
+            if case.contains("dropout") {
+                cfg.dropout = 0.1;
+            }
+            let dev = Device::Cpu;
+            let base = init_weights(&cfg, 3, &dev)?;
+            let lora = LoraConfig { r: 2, dropout: 0.1, ..Default::default() };
+            let adapters = match case.ends_with("lora") {
+                true => init_lora(&cfg, &lora, 4, &dev)?
+                    .into_iter()
+                    .map(|(n, t)| Ok((n.clone(), if n.contains("lora_B") { (t.ones_like()? * 0.05)? } else { t })))
+                    .collect::<Result<Vec<_>>>()?,
+                false => Vec::new(),
+            };
+            let ids = Tensor::new(&[[1u32, 5, 3, 9, 2, 0, 16, 4], [3, 3, 2, 1, 0, 7, 8, 9]], &dev)?;
+            let targets = Tensor::new(&[5i64, 3, 9, -100, 0, 16, 4, 1, 3, 2, 1, 0, 7, 8, -100, 10], &dev)?;
+            let pos = [0u32, 1, 2, 0, 1, 2, 3, 0, 0, 1, 2, 3, 4, 0, 1, 2];
+            let seg = [1u32, 1, 1, 2, 2, 2, 2, 0, 1, 1, 1, 1, 1, 2, 2, 2];
+            // (loss and every gradient as bits, the RNG's state after the forward)
+            let run = |which: ActivationCheckpointing| -> Result<(Vec<Vec<u32>>, u64)> {
+                let trained: Vec<(String, Var)> = match adapters.is_empty() {
+                    true => base.iter().map(|(n, t)| Ok((n.clone(), Var::from_tensor(t)?))).collect::<Result<_>>()?,
+                    false => {
+                        adapters.iter().map(|(n, t)| Ok((n.clone(), Var::from_tensor(t)?))).collect::<Result<_>>()?
+                    }
+                };
+                let tensors = trained.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone()));
+                let w = match adapters.is_empty() {
+                    true => Weights::from_pairs(tensors),
+                    false => Weights::from_pairs(base.iter().map(|(n, t)| (n.clone(), t.detach())))
+                        .with_lora(tensors, lora.clone()),
+                };
+                let model = Decoder::load(&w, &cfg)?.with_checkpointing(which);
+                let mut rng = Rng::new(7);
+                let logits = match case.ends_with("packed") {
+                    true => model.forward_packed(&ids, &pos, &seg, Some(&mut rng))?,
+                    false => model.forward(&ids, 0, None, Some(&mut rng))?,
+                };
+                let loss = model.loss(&flatten_logits(&logits)?, &targets, -100)?;
+                let grads = checkpointing::backward(&loss)?;
+                let bits = |t: &Tensor| -> Result<Vec<u32>> {
+                    Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect())
+                };
+                let mut out = vec![bits(&loss)?];
+                for (name, v) in &trained {
+                    let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{case}: no gradient for {name}"));
+                    out.push(bits(g)?);
+                }
+                Ok((out, rng.state()))
+            };
+            let plain = run(ActivationCheckpointing::None)?;
+            for which in [ActivationCheckpointing::Every(1), ActivationCheckpointing::Every(2)] {
+                let got = run(which)?;
+                assert_eq!(got.1, plain.1, "{case} {which:?}: the RNG ends elsewhere");
+                assert!(got.0[0] == plain.0[0], "{case} {which:?}: the loss differs");
+                for (i, (a, b)) in got.0.iter().zip(&plain.0).enumerate().skip(1) {
+                    assert!(a == b, "{case} {which:?}: gradient {i} differs");
+                }
             }
         }
         Ok(())

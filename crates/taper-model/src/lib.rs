@@ -5,6 +5,7 @@
 //! gradients flow (candle-nn's fused softmax / norms / rope have no backward).
 
 pub mod bert;
+pub mod checkpointing;
 pub mod config;
 pub mod decoder;
 pub mod generation;
@@ -20,6 +21,7 @@ mod specs;
 pub mod weights;
 
 pub use bert::Bert;
+pub use checkpointing::ActivationCheckpointing;
 pub use config::{Mlp, ModelConfig, ModelKind, Norm, PosEmb};
 pub use decoder::{flatten_logits, Decoder, KvCache};
 pub use generation::{sample, sample_rows, sample_with, Sampling, GENERATION_BATCH};

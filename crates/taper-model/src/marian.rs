@@ -10,6 +10,7 @@
 //! Generation caches the decoder's self-attention keys/values and computes each layer's
 //! cross-attention keys/values once per source.
 
+use crate::checkpointing::{self, ActivationCheckpointing};
 use crate::config::{Mlp, ModelConfig, ModelKind, PosEmb};
 use crate::init::{check, Init};
 use crate::nn;
@@ -17,6 +18,7 @@ use crate::rng::Rng;
 use crate::weights::Weights;
 use crate::{ModelError, Result};
 use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
 use taper_kernels::AttnOpts;
 
 /// Decoder layers of an encoder-decoder config.
@@ -110,6 +112,7 @@ pub fn sinusoidal_table(d: usize, max_pos: usize, dev: &Device) -> Result<Tensor
     Ok(Tensor::from_vec(v, (max_pos, d), dev)?)
 }
 
+#[derive(Clone)]
 struct Linear {
     w: Tensor,
     b: Option<Tensor>,
@@ -131,6 +134,7 @@ impl Linear {
     }
 }
 
+#[derive(Clone)]
 struct LayerNorm {
     w: Tensor,
     b: Option<Tensor>,
@@ -157,6 +161,7 @@ impl LayerNorm {
     }
 }
 
+#[derive(Clone)]
 struct Attention {
     q_proj: Linear,
     k_proj: Linear,
@@ -216,6 +221,7 @@ impl Attention {
     }
 }
 
+#[derive(Clone)]
 struct EncoderLayer {
     self_attn: Attention,
     self_attn_layer_norm: LayerNorm,
@@ -224,6 +230,7 @@ struct EncoderLayer {
     final_layer_norm: LayerNorm,
 }
 
+#[derive(Clone)]
 struct DecoderLayer {
     self_attn: Attention,
     self_attn_layer_norm: LayerNorm,
@@ -273,6 +280,7 @@ impl Seq2SeqCache {
     }
 }
 
+#[derive(Clone)]
 pub struct Seq2Seq {
     cfg: ModelConfig,
     enc_embed: Tensor,
@@ -285,6 +293,22 @@ pub struct Seq2Seq {
     lm_head: Tensor,
     /// (1, V), added to the logits.
     final_logits_bias: Tensor,
+    /// Which encoder and decoder layers recompute their forward in the backward (each stack
+    /// counted from its first layer).
+    checkpointing: ActivationCheckpointing,
+    /// The trainable variables among the weights: the gradients a checkpointed layer finds.
+    trained: Vec<Tensor>,
+}
+
+/// The masks every decoder layer of a teacher-forced forward uses.
+#[derive(Clone)]
+struct DecoderMasks {
+    /// (T, T) additive.
+    causal: Tensor,
+    /// (B, 1, 1, S) additive.
+    src_mask: Tensor,
+    self_fused: Option<AttnOpts>,
+    cross_fused: Option<AttnOpts>,
 }
 
 /// An additive padding mask (B, 1, 1, S) from a keep mask (B, S) of 1s (tokens) and 0s (padding).
@@ -353,7 +377,15 @@ impl Seq2Seq {
             encoder,
             decoder,
             lm_head,
+            checkpointing: ActivationCheckpointing::None,
+            trained: w.trained(),
         })
+    }
+
+    /// The model with `which` layers of each stack recomputing their forward in the backward.
+    pub fn with_checkpointing(mut self, which: ActivationCheckpointing) -> Self {
+        self.checkpointing = which;
+        self
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -419,20 +451,58 @@ impl Seq2Seq {
     /// Encoder output (B, S, C) for source ids (B, S) with keep mask (B, S) (1 token, 0 padding).
     /// `rng` turns dropout on.
     pub fn encode(&self, src: &Tensor, src_keep: &Tensor, mut rng: Option<&mut Rng>) -> Result<Tensor> {
-        let nh = self.cfg.n_head;
-        let p = self.cfg.dropout;
         let mask = padding_mask(src_keep)?; // (B, 1, 1, S)
         let fused = self.fused(rng.is_none(), false, Some(src_keep))?;
         let mut x = self.embed(&self.enc_embed, self.enc_pos.as_ref(), src, 0)?;
         x = self.dropout(x, rng.as_deref_mut())?;
-        for l in &self.encoder {
-            let (k, v) = l.self_attn.kv(&x, nh)?;
-            let y = l.self_attn.attend(&x, &k, &v, &mask, fused.as_ref(), p, rng.as_deref_mut())?;
-            x = l.self_attn_layer_norm.forward(&(x + self.dropout(y, rng.as_deref_mut())?)?)?;
-            let y = self.mlp(&l.fc1, &l.fc2, &x, rng.as_deref_mut())?;
-            x = l.final_layer_norm.forward(&(x + y)?)?;
+        let shared = self.checkpointing.is_on().then(|| Arc::new((self.clone(), mask.clone(), fused.clone())));
+        for (i, l) in self.encoder.iter().enumerate() {
+            x = match &shared {
+                Some(s) if self.checkpointing.covers(i) => {
+                    let s = s.clone();
+                    checkpointing::checkpoint_block(&[&x], &self.trained, rng.as_deref_mut(), move |ins, r| {
+                        let (me, mask, fused) = &*s;
+                        me.encoder_layer(&me.encoder[i], &ins[0], mask, fused.as_ref(), r)
+                    })?
+                }
+                _ => self.encoder_layer(l, &x, &mask, fused.as_ref(), rng.as_deref_mut())?,
+            };
         }
         Ok(x)
+    }
+
+    fn encoder_layer(
+        &self,
+        l: &EncoderLayer,
+        x: &Tensor,
+        mask: &Tensor,
+        fused: Option<&AttnOpts>,
+        mut rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        let (k, v) = l.self_attn.kv(x, self.cfg.n_head)?;
+        let y = l.self_attn.attend(x, &k, &v, mask, fused, self.cfg.dropout, rng.as_deref_mut())?;
+        let x = l.self_attn_layer_norm.forward(&(x + self.dropout(y, rng.as_deref_mut())?)?)?;
+        let y = self.mlp(&l.fc1, &l.fc2, &x, rng)?;
+        Ok(l.final_layer_norm.forward(&(x + y)?)?)
+    }
+
+    fn decoder_layer(
+        &self,
+        l: &DecoderLayer,
+        x: &Tensor,
+        enc: &Tensor,
+        m: &DecoderMasks,
+        mut rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        let (nh, p) = (self.cfg.n_head, self.cfg.dropout);
+        let (k, v) = l.self_attn.kv(x, nh)?;
+        let y = l.self_attn.attend(x, &k, &v, &m.causal, m.self_fused.as_ref(), p, rng.as_deref_mut())?;
+        let x = l.self_attn_layer_norm.forward(&(x + self.dropout(y, rng.as_deref_mut())?)?)?;
+        let (ck, cv) = l.encoder_attn.kv(enc, nh)?;
+        let y = l.encoder_attn.attend(&x, &ck, &cv, &m.src_mask, m.cross_fused.as_ref(), p, rng.as_deref_mut())?;
+        let x = l.encoder_attn_layer_norm.forward(&(x + self.dropout(y, rng.as_deref_mut())?)?)?;
+        let y = self.mlp(&l.fc1, &l.fc2, &x, rng)?;
+        Ok(l.final_layer_norm.forward(&(x + y)?)?)
     }
 
     /// A fresh decoding state for `enc` (B, S, C): cross-attention keys/values computed here,
@@ -482,25 +552,28 @@ impl Seq2Seq {
         dec_in: &Tensor,
         mut rng: Option<&mut Rng>,
     ) -> Result<Tensor> {
-        let nh = self.cfg.n_head;
-        let p = self.cfg.dropout;
         let enc = self.encode(src, src_keep, rng.as_deref_mut())?;
-        let src_mask = padding_mask(src_keep)?;
         let (_, t) = dec_in.dims2()?;
-        let causal = nn::causal_mask(t, 0, 0, dec_in.device())?;
-        let self_fused = self.fused(rng.is_none(), true, None)?;
-        let cross_fused = self.fused(rng.is_none(), false, Some(src_keep))?;
+        let masks = DecoderMasks {
+            causal: nn::causal_mask(t, 0, 0, dec_in.device())?,
+            src_mask: padding_mask(src_keep)?,
+            self_fused: self.fused(rng.is_none(), true, None)?,
+            cross_fused: self.fused(rng.is_none(), false, Some(src_keep))?,
+        };
         let mut x = self.embed(&self.dec_embed, self.dec_pos.as_ref(), dec_in, 0)?;
         x = self.dropout(x, rng.as_deref_mut())?;
-        for l in &self.decoder {
-            let (k, v) = l.self_attn.kv(&x, nh)?;
-            let y = l.self_attn.attend(&x, &k, &v, &causal, self_fused.as_ref(), p, rng.as_deref_mut())?;
-            x = l.self_attn_layer_norm.forward(&(x + self.dropout(y, rng.as_deref_mut())?)?)?;
-            let (ck, cv) = l.encoder_attn.kv(&enc, nh)?;
-            let y = l.encoder_attn.attend(&x, &ck, &cv, &src_mask, cross_fused.as_ref(), p, rng.as_deref_mut())?;
-            x = l.encoder_attn_layer_norm.forward(&(x + self.dropout(y, rng.as_deref_mut())?)?)?;
-            let y = self.mlp(&l.fc1, &l.fc2, &x, rng.as_deref_mut())?;
-            x = l.final_layer_norm.forward(&(x + y)?)?;
+        let shared = self.checkpointing.is_on().then(|| Arc::new((self.clone(), masks.clone())));
+        for (i, l) in self.decoder.iter().enumerate() {
+            x = match &shared {
+                Some(s) if self.checkpointing.covers(i) => {
+                    let s = s.clone();
+                    checkpointing::checkpoint_block(&[&x, &enc], &self.trained, rng.as_deref_mut(), move |ins, r| {
+                        let (me, masks) = &*s;
+                        me.decoder_layer(&me.decoder[i], &ins[0], &ins[1], masks, r)
+                    })?
+                }
+                _ => self.decoder_layer(l, &x, &enc, &masks, rng.as_deref_mut())?,
+            };
         }
         self.head(&x)
     }
@@ -680,6 +753,53 @@ mod tests {
                 let norm = g.sqr()?.sum_all()?.to_scalar::<f32>()?;
                 assert!(norm > 0.0 && norm.is_finite(), "zero gradient for {name} (learned={learned})");
             }
+        }
+        Ok(())
+    }
+
+    /// Checkpointed encoder and decoder layers give the same loss and gradients, with dropout,
+    /// and leave the RNG where the plain forward does. The encoder output feeds every decoder
+    /// layer's cross-attention, so its gradient is summed per checkpointed layer first: the
+    /// gradients of the encoder side may differ in the last bits (measured and bounded here).
+    #[test]
+    fn checkpointed_gradients_match() -> Result<()> {
+        let mut cfg = tiny();
+        cfg.dropout = 0.1;
+        cfg.n_layer = 3;
+        let dev = Device::Cpu;
+        let init = crate::init_weights(&cfg, 1, &dev)?;
+        let (src, keep, dec, labels) = batch(&dev);
+        let run = |which: ActivationCheckpointing| -> Result<(Vec<Vec<f32>>, u64)> {
+            let vars: Vec<Var> = init.iter().map(|(_, t)| Var::from_tensor(t)).collect::<candle_core::Result<_>>()?;
+            let w = Weights::from_pairs(init.iter().zip(&vars).map(|((n, _), v)| (n.clone(), v.as_tensor().clone())));
+            let model = Seq2Seq::load(&w, &cfg)?.with_checkpointing(which);
+            let mut rng = Rng::new(3);
+            let logits = model.forward(&src, &keep, &dec, Some(&mut rng))?;
+            let loss = nn::cross_entropy(&crate::flatten_logits(&logits)?, &labels, -100)?;
+            let grads = checkpointing::backward(&loss)?;
+            let mut out = vec![vec![loss.to_scalar::<f32>()?]];
+            for v in &vars {
+                out.push(grads.get(v.as_tensor()).expect("a gradient").flatten_all()?.to_vec1()?);
+            }
+            Ok((out, rng.state()))
+        };
+        let plain = run(ActivationCheckpointing::None)?;
+        for which in [ActivationCheckpointing::Every(1), ActivationCheckpointing::Every(2)] {
+            let got = run(which)?;
+            assert_eq!(got.1, plain.1, "{which:?}: the RNG ends elsewhere");
+            assert_eq!(got.0[0][0].to_bits(), plain.0[0][0].to_bits(), "{which:?}: the loss differs");
+            let mut identical = 0;
+            for (i, (a, b)) in got.0.iter().zip(&plain.0).enumerate().skip(1) {
+                // Key biases get a gradient of zero up to rounding (softmax ignores a shift of
+                // every score): the scale has a floor.
+                let scale = b.iter().fold(1e-2f32, |m, v| m.max(v.abs()));
+                let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
+                assert!(err <= 1e-5, "{which:?}: the gradient of {} differs by {err} relative", init[i - 1].0);
+                identical += usize::from(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()));
+            }
+            // The decoder side, where nothing is summed in another order, is bit for bit.
+            let decoder_side = init.iter().filter(|(n, _)| n.contains("decoder.layers")).count();
+            assert!(identical >= decoder_side, "{which:?}: only {identical} of {} gradients bit-identical", init.len());
         }
         Ok(())
     }

@@ -79,6 +79,13 @@ impl Weights {
         Ok(t.clone())
     }
 
+    /// The trainable variables among the weights, in name order.
+    pub fn trained(&self) -> Vec<Tensor> {
+        let mut vars: Vec<(&String, &Tensor)> = self.map.iter().filter(|(_, t)| t.is_variable()).collect();
+        vars.sort_by(|a, b| a.0.cmp(b.0));
+        vars.into_iter().map(|(_, t)| t.clone()).collect()
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.map.contains_key(name)
     }

@@ -33,6 +33,13 @@ pub struct BenchReport {
     /// products), the best a step made of nothing but matmuls could do here.
     pub gemm_peak_gflops: f64,
     pub mfu: f64,
+    /// `train.precision`: what the GEMMs' operands are rounded to.
+    pub precision: &'static str,
+    /// The same measurement with the operands in `precision` (the fused linear's GEMMs; bf16 on
+    /// the CPU's bf16 dot-product instructions where it has them), and the MFU against it.
+    /// Equal to the f32 figures in f32.
+    pub precision_gemm_peak_gflops: f64,
+    pub precision_mfu: f64,
     /// The largest of the replicas'.
     pub peak_rss_mb: f64,
     /// Data-parallel replicas (processes); tokens/s counts all of them.
@@ -85,8 +92,11 @@ fn best_of(reps: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<f64> {
 }
 
 /// GFLOP/s of the model's matmuls (forward x W^T, backward dX = dY W and dW = dY^T X) at their
-/// real shapes, weighted by how often a step runs each.
-pub fn gemm_peak(cfg: &ModelConfig, rows: usize, dev: &Device) -> Result<f64> {
+/// real shapes, weighted by how often a step runs each: in f32 through candle's matmul, in a
+/// lower precision through the fused linear with its operands rounded (each laid out as that
+/// product reads it; bf16 on the CPU's bf16 dot-product instructions where it has them).
+pub fn gemm_peak(p: taper_kernels::Precision, cfg: &ModelConfig, rows: usize, dev: &Device) -> Result<f64> {
+    let _p = taper_kernels::set_matmul_precision(p);
     let mut rng = Rng::new(1);
     let mut rand = |r: usize, c: usize| -> Result<Tensor> {
         let v: Vec<f32> = (0..r * c).map(|_| rng.normal() as f32).collect();
@@ -95,9 +105,21 @@ pub fn gemm_peak(cfg: &ModelConfig, rows: usize, dev: &Device) -> Result<f64> {
     let (mut flops, mut secs) = (0.0, 0.0);
     for (m, k, n, count) in matmul_shapes(cfg, rows) {
         let (x, w, dy) = (rand(m, k)?, rand(n, k)?, rand(m, n)?);
-        let fwd = best_of(3, || Ok(x.matmul(&w.t()?)?))?;
-        let dx = best_of(3, || Ok(dy.matmul(&w)?))?;
-        let dw = best_of(3, || Ok(dy.t()?.matmul(&x)?))?;
+        let (fwd, dx, dw) = match p {
+            taper_kernels::Precision::F32 => (
+                best_of(3, || Ok(x.matmul(&w.t()?)?))?,
+                best_of(3, || Ok(dy.matmul(&w)?))?,
+                best_of(3, || Ok(dy.t()?.matmul(&x)?))?,
+            ),
+            _ => {
+                let (wt, dyt, xt) = (w.t()?.contiguous()?, dy.t()?.contiguous()?, x.t()?.contiguous()?);
+                (
+                    best_of(3, || Ok(taper_kernels::linear(&x, &w, None)?))?,
+                    best_of(3, || Ok(taper_kernels::linear(&dy, &wt, None)?))?,
+                    best_of(3, || Ok(taper_kernels::linear(&dyt, &xt, None)?))?,
+                )
+            }
+        };
         flops += 3.0 * 2.0 * (m * k * n) as f64 * count as f64;
         secs += (fwd + dx + dw) * count as f64;
     }
@@ -149,7 +171,9 @@ pub fn bench(cfg: &RunConfig, steps: usize, warmup: usize, comm: &Rc<dyn Comm>) 
         .collect::<Result<_>>()?;
     let params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     let weights = Weights::from_pairs(vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())));
-    let model = Decoder::load(&weights, m)?;
+    let model = Decoder::load(&weights, m)?.with_checkpointing(cfg.train.activation_checkpointing);
+    // As the training loop sets it (without f16's loss scaling: the timing is the same).
+    let _matmuls = taper_kernels::set_matmul_precision(cfg.train.precision);
     let mut opt = match cfg.train.shard_optimizer && world > 1 {
         true => Updater::Sharded(Box::new(Sharded::new(cfg.optim.clone(), vars, comm.clone())?)),
         false => Updater::Plain(Optimizer::new(cfg.optim.clone(), vars)?),
@@ -166,7 +190,7 @@ pub fn bench(cfg: &RunConfig, steps: usize, warmup: usize, comm: &Rc<dyn Comm>) 
         let loss = model.head_loss(&model.forward_hidden(&x, 0, None, None)?, &y, -100)?;
         let loss_value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let t1 = Instant::now();
-        let store = loss.backward()?;
+        let store = taper_model::checkpointing::backward(&loss)?;
         let grads: Vec<Tensor> = opt
             .params()
             .iter()
@@ -214,7 +238,12 @@ pub fn bench(cfg: &RunConfig, steps: usize, warmup: usize, comm: &Rc<dyn Comm>) 
     let tokens_per_sec = (world * b * t) as f64 / step_s;
     let fpt = flops_per_token(m);
     let gflops = fpt * tokens_per_sec / 1e9;
-    let peak = gemm_peak(m, b * t, &dev)?;
+    let precision = cfg.train.precision;
+    let peak = gemm_peak(taper_kernels::Precision::F32, m, b * t, &dev)?;
+    let low_peak = match precision {
+        taper_kernels::Precision::F32 => peak,
+        p => gemm_peak(p, m, b * t, &dev)?,
+    };
     Ok(BenchReport {
         implementation: "taper",
         threads: candle_core::utils::get_num_threads(),
@@ -231,6 +260,9 @@ pub fn bench(cfg: &RunConfig, steps: usize, warmup: usize, comm: &Rc<dyn Comm>) 
         gemm_peak_gflops: peak,
         // Against the replicas' combined peak.
         mfu: gflops / (peak * world as f64),
+        precision: precision.name(),
+        precision_gemm_peak_gflops: low_peak,
+        precision_mfu: gflops / (low_peak * world as f64),
         peak_rss_mb: worst[1],
         world,
         allreduce_ms: red / n * 1e3,

@@ -45,6 +45,9 @@ pub struct TrainerState {
     /// Data-parallel replicas the run had when saved; a step's micro-batches are spread over them.
     #[serde(default = "one")]
     pub world_size: usize,
+    /// The f16 loss scaler's state (f16 runs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<crate::loss_scale::LossScale>,
 }
 
 fn one() -> usize {

@@ -6,7 +6,8 @@ use crate::rules::Rules;
 use crate::schedule::ScheduleConfig;
 use crate::{Result, TrainError};
 use serde::{Deserialize, Serialize};
-use taper_model::ModelConfig;
+use taper_kernels::Precision;
+use taper_model::{ActivationCheckpointing, ModelConfig};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -137,6 +138,17 @@ pub struct TrainConfig {
     /// Under data parallelism, each rank keeps and updates only its share of the optimizer's
     /// state (ZeRO stage 1); one process ignores it.
     pub shard_optimizer: bool,
+    /// Which transformer blocks recompute their forward in the backward instead of keeping
+    /// their activations: `"none"`, `"blocks"` (all), or N (every N-th).
+    pub activation_checkpointing: ActivationCheckpointing,
+    /// What the matrix products round their operands to (f32 accumulation; weights, optimizer
+    /// state, norms, softmax and the loss stay f32): "f32", "bf16" or "f16" (with dynamic loss
+    /// scaling).
+    pub precision: Precision,
+    /// f16: the loss scale the run starts at; it halves on each overflowing update (skipped)
+    /// and doubles after `loss_scale_growth_interval` good ones (PyTorch's GradScaler defaults).
+    pub initial_loss_scale: f64,
+    pub loss_scale_growth_interval: u64,
 }
 
 impl Default for TrainConfig {
@@ -155,6 +167,10 @@ impl Default for TrainConfig {
             max_skipped_fraction: 0.1,
             stop_at_step: 0,
             shard_optimizer: false,
+            activation_checkpointing: ActivationCheckpointing::None,
+            precision: Precision::F32,
+            initial_loss_scale: 65536.0,
+            loss_scale_growth_interval: 2000,
         }
     }
 }
@@ -272,10 +288,12 @@ pub fn common_rules(c: &Common) -> Vec<String> {
         ("train.log_every", t.log_every),
         ("train.eval_every", t.eval_every),
         ("train.keep_checkpoints", t.keep_checkpoints as u64),
+        ("train.loss_scale_growth_interval", t.loss_scale_growth_interval),
     ] {
         r.at_least_one(k, v);
     }
     r.non_negative("train.grad_clip", t.grad_clip);
+    r.positive("train.initial_loss_scale", t.initial_loss_scale);
     r.at_least_one("log.sample_tokens", c.log.sample_tokens as u64);
     r.unit("train.max_skipped_fraction", t.max_skipped_fraction, true);
     r.extend(c.optim.validate());

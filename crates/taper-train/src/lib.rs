@@ -10,6 +10,7 @@ pub mod device;
 pub mod fill_mask;
 pub mod finetune;
 pub mod fingerprint;
+pub mod loss_scale;
 pub mod mlm;
 pub mod multiple_choice;
 pub mod observe;

@@ -146,7 +146,7 @@ pub fn pretrain(cfg: RunConfig, run: RunSpec, obs: &mut dyn Observer) -> Result<
     scratch::train_on_windows(cfg, run, obs, |cfg, windows, w| {
         let masker = Masker::from_tokenizer(&windows.tokenizer, &windows.data.tokenizer, cfg.mlm_probability)?;
         Ok(Mlm {
-            model: Bert::load(w, &cfg.model)?,
+            model: Bert::load(w, &cfg.model)?.with_checkpointing(cfg.train.activation_checkpointing),
             eval_model: Bert::load(&w.detached(), &cfg.model)?,
             unigram: masker.most_frequent(windows.train.shard()),
             masker,

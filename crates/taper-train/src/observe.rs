@@ -39,6 +39,9 @@ pub struct StepLog {
     pub tokens: u64,
     pub elapsed_s: f64,
     pub skipped_steps: u64,
+    /// f16 runs: the loss scale the next update starts at.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
 }

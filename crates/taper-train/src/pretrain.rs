@@ -28,7 +28,7 @@ pub fn pretrain(cfg: RunConfig, run: RunSpec, obs: &mut dyn Observer) -> Result<
             }
         };
         Ok(Clm {
-            model: Decoder::load(w, &cfg.model)?,
+            model: Decoder::load(w, &cfg.model)?.with_checkpointing(cfg.train.activation_checkpointing),
             eval_model: Decoder::load(&w.detached(), &cfg.model)?,
             tasks,
             tokenizer: windows.tokenizer.clone(),

@@ -194,7 +194,7 @@ pub fn pretrain(cfg: RunConfig, run: RunSpec, obs: &mut dyn Observer) -> Result<
             eos: ids.eos,
         };
         let recipe = Seq2SeqRecipe {
-            model: Seq2Seq::load(&w, &cfg.model)?,
+            model: Seq2Seq::load(&w, &cfg.model)?.with_checkpointing(cfg.train.activation_checkpointing),
             eval_model: Seq2Seq::load(&w.detached(), &cfg.model)?,
             train,
             val,

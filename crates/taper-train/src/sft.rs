@@ -260,7 +260,7 @@ pub fn sft(cfg: SftConfig, run: RunSpec, obs: &mut dyn Observer) -> Result<Summa
         let recipe = Sft {
             tasks,
             prefix_id,
-            model: Decoder::load(&weights, &src.config)?,
+            model: Decoder::load(&weights, &src.config)?.with_checkpointing(cfg.train.activation_checkpointing),
             eval_model: Decoder::load(&weights.detached(), &src.config)?,
             dropout: finetune::uses_dropout(&src, cfg.lora.as_ref()),
             train_tokens: train_tok.iter().map(|t| t.len()).sum(),

@@ -6,6 +6,7 @@
 
 use crate::config::{OnNonFinite, TrainConfig};
 use crate::data_parallel::{Gradients, Updater};
+use crate::loss_scale::LossScaler;
 use crate::observe::Observer;
 use crate::optim::Param;
 use crate::{Result, TrainError};
@@ -18,6 +19,18 @@ use taper_model::host;
 pub fn accumulate<E: From<candle_core::Error> + From<TrainError>>(
     params: &[Param],
     n: usize,
+    micro_loss: impl FnMut(usize) -> std::result::Result<Tensor, E>,
+) -> std::result::Result<(Tensor, Vec<Tensor>), E> {
+    accumulate_scaled(params, n, 1.0, micro_loss)
+}
+
+/// [`accumulate`] with each micro-batch's loss multiplied by `scale` before its backward and
+/// the summed gradients divided by it after (f16 loss scaling; `scale` a power of two, so both
+/// are exact unless a gradient overflowed).
+pub fn accumulate_scaled<E: From<candle_core::Error> + From<TrainError>>(
+    params: &[Param],
+    n: usize,
+    scale: f64,
     mut micro_loss: impl FnMut(usize) -> std::result::Result<Tensor, E>,
 ) -> std::result::Result<(Tensor, Vec<Tensor>), E> {
     let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
@@ -29,7 +42,11 @@ pub fn accumulate<E: From<candle_core::Error> + From<TrainError>>(
             Some(s) => (s + l)?,
             None => l,
         });
-        let store = (loss / n as f64)?.backward()?;
+        let seed = match scale == 1.0 {
+            true => (loss / n as f64)?,
+            false => ((loss * scale)? / n as f64)?,
+        };
+        let store = taper_model::checkpointing::backward(&seed)?;
         for (acc, p) in grads.iter_mut().zip(params) {
             let g = store
                 .get(p.var.as_tensor())
@@ -41,7 +58,12 @@ pub fn accumulate<E: From<candle_core::Error> + From<TrainError>>(
         }
     }
     let loss = (loss_sum.ok_or_else(|| TrainError::Invalid("an update of no micro-batches".into()))? / n as f64)?;
-    Ok((loss, grads.into_iter().map(|g| g.expect("every micro-batch fills every slot")).collect()))
+    let grads = grads.into_iter().map(|g| g.expect("every micro-batch fills every slot"));
+    let grads = match scale == 1.0 {
+        true => grads.collect(),
+        false => grads.map(|g| g.affine(1.0 / scale, 0.0)).collect::<candle_core::Result<_>>()?,
+    };
+    Ok((loss, grads))
 }
 
 /// The non-finite guard. Where reading is free (the CPU's own kernels) or bad updates are to be
@@ -98,10 +120,12 @@ pub fn guarded_update(
     step: u64,
     skipped: &mut u64,
     guard: &mut Guard,
+    scaler: &mut LossScaler,
     obs: &mut dyn Observer,
 ) -> Result<Tensor> {
     let norm = opt.norm(&grads)?;
-    let on_host = tc.on_nonfinite == OnNonFinite::Skip || opt.reads_freely();
+    // The scaler decides on the host whether an update overflowed.
+    let on_host = tc.on_nonfinite == OnNonFinite::Skip || opt.reads_freely() || scaler.active();
     if !on_host {
         guard.note(step, loss, &norm)?;
         let clip = match tc.grad_clip > 0.0 {
@@ -114,6 +138,16 @@ pub fn guarded_update(
     }
     let read = host::values(&Tensor::stack(&[loss.to_dtype(DType::F64)?, norm.clone()], 0)?)?;
     let (loss_v, norm_v) = (read[0], read[1]);
+    if scaler.active() && loss_v.is_finite() && !norm_v.is_finite() {
+        let at = scaler.scale();
+        scaler.overflowed();
+        obs.message(&format!(
+            "step {}: gradients overflowed f16 at loss scale {at}; update skipped, loss scale now {}",
+            step + 1,
+            scaler.scale()
+        ));
+        return Ok(norm);
+    }
     let bad = if !loss_v.is_finite() {
         Some(("loss", loss_v))
     } else if !norm_v.is_finite() {
@@ -130,6 +164,7 @@ pub fn guarded_update(
         (None, _) => {
             let clip = (tc.grad_clip > 0.0 && norm_v > tc.grad_clip).then(|| tc.grad_clip / (norm_v + 1e-6));
             opt.apply(grads, lr, clip)?;
+            scaler.updated();
         }
     }
     Ok(norm)

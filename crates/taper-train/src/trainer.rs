@@ -19,12 +19,13 @@ use crate::checkpoint::{self, Checkpoint, ConfigChange, Contents, TrainerState, 
 use crate::config::{LogConfig, RecipeConfig};
 use crate::data_parallel::{self, Sharded, Updater};
 use crate::device::select_device;
+use crate::loss_scale::{LossScale, LossScaler};
 use crate::observe::{Observer, RunInfo, StepLog, Summary};
 use crate::optim::{Optimizer, Param};
 use crate::run_dir;
 pub use crate::run_dir::Resume;
 use crate::sinks::{Jsonl, Sink, TensorBoard};
-use crate::steps::{accumulate, guarded_update, Guard};
+use crate::steps::{accumulate_scaled, guarded_update, Guard};
 use crate::{io_err, Result, TrainError};
 use candle_core::{Device, Tensor, Var};
 use serde_json::{Map, Value};
@@ -52,26 +53,18 @@ impl RunSpec {
     }
 }
 
-/// The precision a recipe's forward and backward run under.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Precision {
-    #[default]
-    F32,
-}
-
 /// The loop's seams, each a no-op by default, filled by the features that need them.
 pub struct Seams {
     /// The replicas this run is one of: where an update's gradients become complete (averaged
     /// across ranks, [`data_parallel::reduce`]) before the guard and the optimizer see them.
     pub dist: Rc<dyn Comm>,
-    pub precision: Precision,
     /// Sinks besides `metrics.jsonl`, which every run writes.
     pub sinks: Vec<Box<dyn Sink>>,
 }
 
 impl Default for Seams {
     fn default() -> Self {
-        Self { dist: Rc::new(taper_dist::Single), precision: Precision::F32, sinks: Vec::new() }
+        Self { dist: Rc::new(taper_dist::Single), sinks: Vec::new() }
     }
 }
 
@@ -82,7 +75,8 @@ pub struct Env<'a> {
     /// The checkpoint being resumed, already checked against this run's config: the recipe
     /// takes its trainable tensors from it.
     pub checkpoint: Option<&'a Checkpoint>,
-    pub precision: Precision,
+    /// `train.precision`, which the loop applies to the fused GEMMs.
+    pub precision: taper_kernels::Precision,
     /// The replicas: RL recipes split their prompts by rank and reduce their statistics.
     pub dist: Rc<dyn Comm>,
     pub obs: &'a mut dyn Observer,
@@ -252,6 +246,8 @@ const FREE_ON_RESUME: &[&str] = &[
     "train.keep_checkpoints",
     "train.stop_at_step",
     "train.on_nonfinite",
+    // Recomputing blocks gives the same gradients (bit for bit on decoders and encoders).
+    "train.activation_checkpointing",
     "log.",
 ];
 
@@ -269,7 +265,11 @@ where
 {
     let started = Instant::now();
     let RunSpec { dir: run_dir, resume, overwrite, allow_config_change, seams } = run;
-    let Seams { dist: comm, precision, sinks: extra_sinks } = seams;
+    let Seams { dist: comm, sinks: extra_sinks } = seams;
+    // The precision seam: every fused GEMM of this run (its recipe's build, training and
+    // evaluation) rounds its operands to `train.precision`; f16 adds the loss scaler below.
+    let precision = cfg.common().train.precision;
+    let _matmuls = taper_kernels::set_matmul_precision(precision);
     let (main, rank, world) = (comm.is_main(), comm.rank(), comm.world());
     let device = replica_device(cfg.common().device, &*comm)?;
     let ck_root = run_dir.join("checkpoints");
@@ -326,6 +326,7 @@ where
     };
     let (mut step, mut tokens, mut skipped) = (0u64, 0u64, 0u64);
     let mut last_score = None;
+    let mut saved_scale = None;
     let mut history: Vec<ConfigChange> = ck.as_ref().map(|c| c.state.config_changes.clone()).unwrap_or_default();
     if let Some(ck) = ck {
         if ck.state.tokenizer_sha256 != tok_sha {
@@ -337,6 +338,7 @@ where
         }
         let st = &ck.state;
         (step, tokens, skipped, last_score) = (st.step, st.tokens_seen, st.skipped_steps, st.val_loss);
+        saved_scale = st.loss_scale;
         let origin = ck.dir.display().to_string();
         let state_file = ck.dir.join("recipe_state.json");
         if state_file.exists() {
@@ -426,6 +428,7 @@ where
     let (mut window, mut window_tokens) = (Instant::now(), 0u64);
     let (mut last_loss, mut last_ck) = (None, None);
     let mut guard = Guard::default();
+    let mut scaler = LossScaler::new(&tc, saved_scale);
     while step < end {
         let lr = schedule.lr(step, peak_lr, tc.max_steps);
         let plan = recipe.plan(step, tc.grad_accum_steps)?;
@@ -433,7 +436,10 @@ where
         let (mut loss_sum, mut norm_sum): (Option<Tensor>, Option<Tensor>) = (None, None);
         for update in 0..plan.updates {
             let count = plan.micro_batches;
-            let (mut loss, grads) = accumulate(opt.params(), count, |index| {
+            let scale = scaler.scale();
+            // Ops that form gradients in their forward form them at the loss's scale.
+            let _scaled = taper_kernels::set_loss_scale(scale);
+            let (mut loss, grads) = accumulate_scaled(opt.params(), count, scale, |index| {
                 recipe.loss(Micro { step, update, index, count, rank, world })
             })?;
             // The gradient seam: the update's gradients, complete across the replicas.
@@ -444,7 +450,8 @@ where
             {
                 histograms(&mut sinks, step + 1, "grads", opt.params(), g)?;
             }
-            let norm = guarded_update(&mut opt, grads, &loss, lr, &tc, step, &mut skipped, &mut guard, obs)?;
+            let norm =
+                guarded_update(&mut opt, grads, &loss, lr, &tc, step, &mut skipped, &mut guard, &mut scaler, obs)?;
             loss_sum = Some(add(loss_sum, loss)?);
             norm_sum = Some(add(norm_sum, norm)?);
         }
@@ -488,6 +495,7 @@ where
                 tokens,
                 elapsed_s: started.elapsed().as_secs_f64(),
                 skipped_steps: skipped,
+                loss_scale: scaler.state().map(|s| s.scale),
                 val_loss: eval.as_ref().and_then(|e| e.loss),
             };
             for s in &mut sinks {
@@ -516,7 +524,7 @@ where
             // Gathered on every rank (a sharded optimizer's moments live across them).
             let state = opt.state_tensors()?;
             if main {
-                let at = Progress { step, tokens, skipped, score: last_score };
+                let at = Progress { step, tokens, skipped, score: last_score, loss_scale: scaler.state() };
                 let dir = saver.save(opt.params(), state, at, recipe.state(), tc.keep_checkpoints)?;
                 obs.checkpoint(&dir);
                 last_ck = Some(dir);
@@ -712,6 +720,7 @@ struct Progress {
     tokens: u64,
     skipped: u64,
     score: Option<f64>,
+    loss_scale: Option<LossScale>,
 }
 
 /// Writes a run's checkpoints: the trained tensors and the frozen ones beside them, the
@@ -754,6 +763,7 @@ impl Saver<'_> {
             recipe: Some(self.recipe.to_string()),
             config_changes: self.history.to_vec(),
             world_size: self.world,
+            loss_scale: at.loss_scale,
         };
         let trained: std::collections::HashMap<String, Tensor> =
             params.iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect();
