@@ -4,6 +4,10 @@ count; prints the same figures (tokens/s, forward/backward/optimizer ms, GFLOP/s
 a GEMM peak measured with torch at the model's matmul shapes, peak RSS).
 
     ~/.venvs/ref/bin/python scripts/bench_torch.py --config configs/bench/reference.toml --threads 2
+
+`--precision bf16` runs the forward and loss under CPU autocast to bf16 (PyTorch's mixed
+precision: matmuls in bf16, f32 master weights and optimizer) and also measures the GEMM peak
+with bf16 operands.
 """
 import argparse
 import json
@@ -80,7 +84,7 @@ def best_of(reps, f):
     return best
 
 
-def gemm_peak(m, rows):
+def gemm_peak(m, rows, dtype=torch.float32):
     c, v = m["n_embd"], m["vocab_size"]
     h = m.get("intermediate_size", 0) or 4 * c
     L = m["n_layer"]
@@ -88,7 +92,7 @@ def gemm_peak(m, rows):
     flops = secs = 0.0
     with torch.no_grad():
         for mm, k, n, count in shapes:
-            x, w, dy = torch.randn(mm, k), torch.randn(n, k), torch.randn(mm, n)
+            x, w, dy = torch.randn(mm, k, dtype=dtype), torch.randn(n, k, dtype=dtype), torch.randn(mm, n, dtype=dtype)
             s = best_of(3, lambda: x @ w.T) + best_of(3, lambda: dy @ w) + best_of(3, lambda: dy.T @ x)
             flops += 3 * 2 * mm * k * n * count
             secs += s * count
@@ -102,6 +106,7 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--precision", choices=["f32", "bf16"], default="f32")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     cfg = tomllib.load(open(a.config, "rb"))
@@ -124,7 +129,8 @@ def main():
     for i in range(a.warmup + a.steps):
         x, y = torch.randint(0, v, (b, t)), torch.randint(0, v, (b * t,))
         t0 = time.perf_counter()
-        loss = F.cross_entropy(model(x).view(-1, v), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+            loss = F.cross_entropy(model(x).view(-1, v), y)
         lv = loss.item()
         t1 = time.perf_counter()
         loss.backward()
@@ -142,6 +148,7 @@ def main():
     fpt = 6 * (L * (4 * c * c + 2 * c * hidden) + v * c) + 12 * L * c * t
     tps = b * t / step_s
     peak = gemm_peak(m, b * t)
+    low_peak = gemm_peak(m, b * t, torch.bfloat16) if a.precision == "bf16" else peak
     r = {
         "implementation": f"pytorch {torch.__version__}",
         "threads": torch.get_num_threads(),
@@ -157,6 +164,9 @@ def main():
         "gflops": fpt * tps / 1e9,
         "gemm_peak_gflops": peak,
         "mfu": fpt * tps / 1e9 / peak,
+        "precision": a.precision,
+        "precision_gemm_peak_gflops": low_peak,
+        "precision_mfu": fpt * tps / 1e9 / low_peak,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if a.json:
@@ -168,6 +178,8 @@ def main():
     print(f"GFLOP/s       {r['gflops']:.1f} ({fpt / 1e9:.3f} GFLOP/token)")
     print(f"GEMM peak     {peak:.1f} GFLOP/s at the model's matmul shapes")
     print(f"MFU           {100 * r['mfu']:.1f}%")
+    if a.precision != "f32":
+        print(f"{a.precision:<13} GEMM peak {low_peak:.1f} GFLOP/s, MFU {100 * r['precision_mfu']:.1f}% against it")
     print(f"peak RSS      {r['peak_rss_mb']:.0f} MB")
 
 

@@ -447,6 +447,34 @@ fn taper_runs_export_to_hf() {
         std::fs::read_to_string(d.join(o)).unwrap()
     };
     assert_eq!(score(&run, "a.jsonl"), score(&out, "b.jsonl"));
+    // bf16 and f16 exports: the weights in that type, config.json says so, and the export
+    // scores within the type's rounding of the f32 one.
+    let sum = |text: String| -> f64 {
+        let v: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        v["sum_logprob"].as_f64().unwrap()
+    };
+    let exact = sum(score(&run, "a.jsonl"));
+    for (dtype, name, st, tol) in [("bf16", "bfloat16", "BF16", 0.05), ("f16", "float16", "F16", 0.005)] {
+        let low = d.join(format!("hf-{dtype}"));
+        ok(taper()
+            .args(["export"])
+            .arg(&run)
+            .args(["--format", "hf", "--dtype", dtype, "--out"])
+            .arg(&low)
+            .output()
+            .unwrap());
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(low.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["dtype"], name);
+        let st_bytes = std::fs::read(low.join("model.safetensors")).unwrap();
+        let header_len = u64::from_le_bytes(st_bytes[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&st_bytes[8..8 + header_len]).unwrap();
+        for (k, v) in header.as_object().unwrap().iter().filter(|(k, _)| *k != "__metadata__") {
+            assert_eq!(v["dtype"], st, "{dtype}: {k}");
+        }
+        let got = sum(score(&low, &format!("{dtype}.jsonl")));
+        assert!(got != exact && (got - exact).abs() < tol, "{dtype}: sum logprob {got} vs f32's {exact}");
+    }
     // Sinusoidal positions have no HF family: a clear refusal.
     let sin = d.join("sin");
     ok(pretrain(

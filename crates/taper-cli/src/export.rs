@@ -16,7 +16,8 @@ fn write_json(path: &Path, v: &Value) -> Result<()> {
     std::fs::write(path, serde_json::to_string_pretty(v)? + "\n").with_context(|| path.display().to_string())
 }
 
-pub fn export_hf(src: &Source, out: &Path, max_shard_bytes: u64) -> Result<Family> {
+/// `dtype`: what the weights are written in (F32, BF16 or F16), and config.json's `dtype`.
+pub fn export_hf(src: &Source, out: &Path, max_shard_bytes: u64, dtype: candle_core::DType) -> Result<Family> {
     let family = match src.family {
         Some(f) => f,
         None => Family::for_config(&src.config)?,
@@ -37,7 +38,12 @@ pub fn export_hf(src: &Source, out: &Path, max_shard_bytes: u64) -> Result<Famil
     if let Some(p) = config.get_mut("rope_parameters").and_then(Value::as_object_mut) {
         p.insert("rope_theta".into(), cfg.rope_theta.into());
     }
-    config["dtype"] = "float32".into();
+    config["dtype"] = match dtype {
+        candle_core::DType::BF16 => "bfloat16",
+        candle_core::DType::F16 => "float16",
+        _ => "float32",
+    }
+    .into();
     // Unset ids would take the family's defaults in transformers (GPT-2's 50256): name ours,
     // the end-of-text token standing in for a missing bos as in GPT-2.
     match (src.bos_id, src.eos_ids.first()) {
@@ -74,11 +80,15 @@ pub fn export_hf(src: &Source, out: &Path, max_shard_bytes: u64) -> Result<Famil
     write_json(&out.join("config.json"), &config)?;
 
     // Weights, sharded past max_shard_bytes.
-    let mut tensors = family.weights_to_hf(cfg, &src.weights)?;
+    let mut tensors = family
+        .weights_to_hf(cfg, &src.weights)?
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.to_dtype(dtype)?)))
+        .collect::<Result<Vec<_>>>()?;
     // transformers ignores the LM head of a classifier (it warns); taper reads it back.
     if let Some(score) = score {
         tensors.retain(|(n, _)| n != "score.weight");
-        tensors.push(("score.weight".into(), score.clone()));
+        tensors.push(("score.weight".into(), score.to_dtype(dtype)?));
     }
     let mut shards: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];
     let mut size = 0u64;

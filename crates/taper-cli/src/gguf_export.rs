@@ -26,6 +26,7 @@ use taper_model::{Mlp, ModelConfig, Norm, PosEmb};
 pub enum GgufType {
     F32,
     F16,
+    BF16,
     /// 8-bit blocks of 32 with an f16 scale; matrices whose rows are not a multiple of 32 fall
     /// back to F16.
     Q8_0,
@@ -38,6 +39,7 @@ impl GgufType {
             GgufType::F32 => 0,
             GgufType::F16 => 1,
             GgufType::Q8_0 => 7,
+            GgufType::BF16 => 32,
         }
     }
 }
@@ -49,8 +51,9 @@ impl std::str::FromStr for GgufType {
         match s.to_ascii_lowercase().as_str() {
             "f32" => Ok(GgufType::F32),
             "f16" => Ok(GgufType::F16),
+            "bf16" => Ok(GgufType::BF16),
             "q8_0" => Ok(GgufType::Q8_0),
-            _ => bail!("unknown GGUF type {s:?} (f32, f16 or q8_0)"),
+            _ => bail!("unknown GGUF type {s:?} (f32, f16, bf16 or q8_0)"),
         }
     }
 }
@@ -242,6 +245,7 @@ pub fn tensor_type(name: &str, shape: &[usize], ty: GgufType) -> TensorType {
     match ty {
         GgufType::F32 => TensorType::F32,
         GgufType::F16 => TensorType::F16,
+        GgufType::BF16 => TensorType::BF16,
         GgufType::Q8_0 if shape[shape.len() - 1].is_multiple_of(taper_model::gguf::QK8_0) => TensorType::Q8_0,
         GgufType::Q8_0 => TensorType::F16,
     }
@@ -928,7 +932,7 @@ mod tests {
             let tensors = weights(&cfg);
             let src =
                 GgufSource { cfg: &cfg, tensors: &tensors, tokenizer_json: &tok, tokenizer_config: None, name: "t" };
-            for ty in [GgufType::F32, GgufType::F16, GgufType::Q8_0] {
+            for ty in [GgufType::F32, GgufType::F16, GgufType::BF16, GgufType::Q8_0] {
                 let p = dir.join(format!("{arch}-{ty:?}.gguf"));
                 write_gguf(&p, &src, ty).unwrap();
                 let f = GgufFile::read(&p).unwrap();
@@ -948,6 +952,7 @@ mod tests {
                 let want = match ty {
                     GgufType::F32 => TensorType::F32,
                     GgufType::F16 => TensorType::F16,
+                    GgufType::BF16 => TensorType::BF16,
                     GgufType::Q8_0 => TensorType::Q8_0,
                 };
                 assert_eq!(emb.ty, want);
@@ -957,6 +962,8 @@ mod tests {
                 let tol = match ty {
                     GgufType::F32 => 0.0,
                     GgufType::F16 => 1e-3,
+                    // 8 bits of mantissa: half a step of 2^-8 relative, these weights below 1.
+                    GgufType::BF16 => 2e-3,
                     GgufType::Q8_0 => 2e-3,
                 };
                 let diff = orig.iter().zip(&back).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);

@@ -191,9 +191,13 @@ struct ExportArgs {
     format: String,
     #[arg(long)]
     out: PathBuf,
-    /// GGUF tensor type.
-    #[arg(long, value_parser = ["f32", "f16", "q8_0"], default_value = "f16")]
-    gguf_type: String,
+    /// GGUF tensor type of the weight matrices [default: f16, or --dtype's].
+    #[arg(long, value_parser = ["f32", "f16", "bf16", "q8_0"])]
+    gguf_type: Option<String>,
+    /// The float type the weights are written in: HF safetensors (and config.json's dtype), or
+    /// GGUF's weight matrices. Checkpoints keep f32 master weights whatever a run trained in.
+    #[arg(long, value_parser = ["f32", "bf16", "f16"])]
+    dtype: Option<String>,
     /// Shard HF safetensors above this many bytes.
     #[arg(long, default_value_t = export::DEFAULT_MAX_SHARD_BYTES)]
     max_shard_bytes: u64,
@@ -807,19 +811,32 @@ fn export_cmd(a: ExportArgs) -> Result<()> {
     }
     match a.format.as_str() {
         "hf" => {
-            let family = export::export_hf(&src, &a.out, a.max_shard_bytes)?;
-            println!("wrote {} ({} model)", a.out.display(), family.model_type());
+            if a.gguf_type.is_some() {
+                bail!("--gguf-type is for --format gguf; --dtype sets the HF weights' type");
+            }
+            let dtype = match a.dtype.as_deref() {
+                Some("bf16") => candle_core::DType::BF16,
+                Some("f16") => candle_core::DType::F16,
+                _ => candle_core::DType::F32,
+            };
+            let family = export::export_hf(&src, &a.out, a.max_shard_bytes, dtype)?;
+            println!("wrote {} ({} model, {})", a.out.display(), family.model_type(), dtype.as_str());
         }
         _ => {
             if src.config.kind != ModelKind::Decoder {
                 bail!("{}: GGUF export is for decoder LMs, and this is {}", a.src, src.config.kind.describe());
             }
-            let ty: taper_cli::gguf_export::GgufType = a.gguf_type.parse()?;
+            let gguf_type = match (&a.gguf_type, &a.dtype) {
+                (Some(t), Some(d)) if t != d => bail!("--gguf-type {t} and --dtype {d} disagree: give one"),
+                (Some(t), _) | (None, Some(t)) => t.clone(),
+                (None, None) => "f16".to_string(),
+            };
+            let ty: taper_cli::gguf_export::GgufType = gguf_type.parse()?;
             std::fs::create_dir_all(&a.out).with_context(|| a.out.display().to_string())?;
             // Named after what the user gave (a run dir, an HF dir, a hub id), not the checkpoint.
             let name =
                 a.src.trim_end_matches('/').rsplit(['/', '@']).find(|p| !p.is_empty()).unwrap_or("model").to_string();
-            let file = a.out.join(format!("{name}-{}.gguf", a.gguf_type));
+            let file = a.out.join(format!("{name}-{gguf_type}.gguf"));
             let gsrc = taper_cli::gguf_export::GgufSource {
                 cfg: &src.config,
                 tensors: &src.weights,

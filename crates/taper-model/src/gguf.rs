@@ -36,7 +36,7 @@ pub enum GgufError {
     Truncated { offset: usize, needed: usize },
     #[error("unknown metadata value type {0}")]
     ValueType(u32),
-    #[error("ggml tensor type {0} is not supported (F32, F16 and Q8_0 are)")]
+    #[error("ggml tensor type {0} is not supported (F32, F16, BF16 and Q8_0 are)")]
     TensorType(u32),
     #[error("the string at offset {0} is not UTF-8")]
     Utf8(usize),
@@ -269,6 +269,7 @@ pub enum TensorType {
     F32 = 0,
     F16 = 1,
     Q8_0 = 8,
+    BF16 = 30,
 }
 
 impl TensorType {
@@ -277,6 +278,7 @@ impl TensorType {
             0 => Ok(TensorType::F32),
             1 => Ok(TensorType::F16),
             8 => Ok(TensorType::Q8_0),
+            30 => Ok(TensorType::BF16),
             _ => Err(GgufError::TensorType(t)),
         }
     }
@@ -285,7 +287,7 @@ impl TensorType {
     pub fn block(self) -> (usize, usize) {
         match self {
             TensorType::F32 => (1, 4),
-            TensorType::F16 => (1, 2),
+            TensorType::F16 | TensorType::BF16 => (1, 2),
             TensorType::Q8_0 => (QK8_0, 2 + QK8_0),
         }
     }
@@ -302,6 +304,7 @@ pub fn encode(data: &[f32], row_len: usize, ty: TensorType) -> std::result::Resu
     match ty {
         TensorType::F32 => Ok(data.iter().flat_map(|v| v.to_le_bytes()).collect()),
         TensorType::F16 => Ok(data.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect()),
+        TensorType::BF16 => Ok(data.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect()),
         TensorType::Q8_0 => {
             if row_len == 0 || !row_len.is_multiple_of(QK8_0) {
                 return Err(format!("Q8_0 needs a row length that is a multiple of {QK8_0}, found {row_len}"));
@@ -335,6 +338,7 @@ pub fn decode(bytes: &[u8], ty: TensorType) -> Vec<f32> {
     match ty {
         TensorType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
         TensorType::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        TensorType::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
         TensorType::Q8_0 => bytes
             .chunks_exact(QK8_0 + 2)
             .flat_map(|b| {
