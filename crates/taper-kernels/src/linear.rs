@@ -55,7 +55,7 @@ pub fn linear_composed(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Ten
     let dims = x.dims().to_vec();
     let (last, lead) = dims.split_last().ok_or_else(|| crate::bad("linear", "x is a scalar"))?;
     let n: usize = lead.iter().product();
-    let y = x.reshape((n, *last))?.matmul(&w.t()?)?; // (N, out)
+    let y = crate::precision::matmul(&x.reshape((n, *last))?, &w.t()?)?; // (N, out)
     let y = match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,

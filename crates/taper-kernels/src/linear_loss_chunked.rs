@@ -33,6 +33,7 @@ pub fn linear_cross_entropy_chunked(
         ));
     }
     let rows = (CHUNK_ELEMS / v.max(1)).clamp(1, n.max(1));
+    let grad_scale = crate::precision::loss_scale();
     let want = hidden.track_op() || weight.track_op();
     let (h, w) = (hidden.detach(), weight.detach().to_dtype(DType::F32)?);
     let valid = targets.ne(ignore_index)?; // (N,) u8
@@ -43,7 +44,7 @@ pub fn linear_cross_entropy_chunked(
     for r0 in (0..n).step_by(rows) {
         let m = rows.min(n - r0);
         let hc = h.narrow(0, r0, m)?.to_dtype(DType::F32)?; // (m, C)
-        let logits = hc.matmul(&w.t()?)?; // (m, V)
+        let logits = crate::precision::matmul(&hc, &w.t()?)?; // (m, V)
         let max = logits.max_keepdim(D::Minus1)?;
         let shifted = logits.broadcast_sub(&max)?;
         let e = shifted.exp()?;
@@ -57,8 +58,10 @@ pub fn linear_cross_entropy_chunked(
             // dlogits = (softmax - onehot) over counted rows; divided by the count below.
             let onehot = tc.broadcast_eq(&classes)?.to_dtype(DType::F32)?;
             let dlogits = e.broadcast_div(&sum)?.sub(&onehot)?.broadcast_mul(&vc.unsqueeze(1)?)?;
-            dhs.push(dlogits.matmul(&w)?); // (m, C)
-            let dwc = dlogits.t()?.matmul(&hc)?; // (V, C)
+            // At the loss scale, as the rest of the backward sees its gradients (f16).
+            let dlogits = if grad_scale == 1.0 { dlogits } else { (dlogits * grad_scale)? };
+            dhs.push(crate::precision::matmul(&dlogits, &w)?); // (m, C)
+            let dwc = crate::precision::matmul(&dlogits.t()?, &hc)?; // (V, C)
             dw = Some(match dw {
                 Some(acc) => (acc + dwc)?,
                 None => dwc,
@@ -72,7 +75,10 @@ pub fn linear_cross_entropy_chunked(
     let dh = Tensor::cat(&dhs, 0)?.broadcast_div(&count)?.to_dtype(hidden.dtype())?;
     let dw = dw.map_or_else(|| weight.zeros_like(), |d| d.broadcast_div(&count)?.to_dtype(weight.dtype()))?;
     // The loss is the graph's last node: its incoming gradient is a scalar.
-    let bwd = move |_: &Tensor, _: &Tensor, g: &Tensor| Ok((Some(dh.broadcast_mul(g)?), Some(dw.broadcast_mul(g)?)));
+    let bwd = move |_: &Tensor, _: &Tensor, g: &Tensor| {
+        let g = if grad_scale == 1.0 { g.clone() } else { (g / grad_scale)? };
+        Ok((Some(dh.broadcast_mul(&g)?), Some(dw.broadcast_mul(&g)?)))
+    };
     crate::precomputed::attach2(hidden, weight, NAME, loss, bwd)
 }
 

@@ -7,6 +7,7 @@
 //! per thread, like PyTorch's autocast: the training loop sets it once (its precision seam) and
 //! every fused linear made while it holds keeps it, for its backward too.
 
+use candle_core::{DType, Result, Tensor};
 use std::cell::Cell;
 
 /// What a GEMM's operands are rounded to; `train.precision` in a config.
@@ -90,5 +91,23 @@ pub struct PrecisionGuard {
 impl Drop for PrecisionGuard {
     fn drop(&mut self) {
         MATMUL.with(|c| c.set(self.before));
+    }
+}
+
+/// a · b through candle's matmul (cuBLAS on CUDA) with both operands cast to this thread's
+/// matmul precision and the product cast back to f32, as PyTorch's autocast does: the composed
+/// paths' form of the policy (the product itself is rounded there, unlike the fused CPU GEMMs'
+/// f32 output). Non-f32 operands and f32 precision multiply as they are.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let low = match matmul_precision() {
+        Precision::F32 => None,
+        Precision::Bf16 => Some(DType::BF16),
+        Precision::F16 => Some(DType::F16),
+    };
+    match low {
+        Some(d) if a.dtype() == DType::F32 && b.dtype() == DType::F32 => {
+            a.to_dtype(d)?.matmul(&b.to_dtype(d)?)?.to_dtype(DType::F32)
+        }
+        _ => a.matmul(b),
     }
 }

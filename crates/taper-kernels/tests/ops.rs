@@ -456,8 +456,8 @@ fn linear_cross_entropy_in_chunks() {
     }
 }
 
-/// Under a bf16 or f16 matmul precision, the fused linear (with and without its GELU) and the
-/// linear + cross-entropy give the f32 composed results to within their operands' rounding,
+/// Under a bf16 or f16 matmul precision, the fused linear (with and without its GELU), the
+/// linear + cross-entropy and their composed forms give the f32 composed results to within their operands' rounding,
 /// forward and every gradient: bf16 keeps 8 bits of mantissa (a relative step of 2^-8 = 0.0039
 /// per operand), f16 11 bits (2^-11). Each error is relative to the largest value, so the bound
 /// is a few steps, and each must also exceed f32's error (the low precision really ran). A
@@ -471,6 +471,8 @@ fn low_precision_matmuls_stay_within_their_rounding_of_f32() {
         Ok(taper_kernels::linear_cross_entropy(&a[0], &a[1], &targets, ignore, 5)?.0)
     };
     let ce_ref = |a: &[Tensor]| ref_cross_entropy(&a[0].matmul(&a[1].t()?)?, &targets, ignore);
+    let chunked = |a: &[Tensor]| taper_kernels::linear_cross_entropy_chunked(&a[0], &a[1], &targets, ignore);
+    let composed = |a: &[Tensor]| taper_kernels::linear_composed(&a[0], &a[1], Some(&a[2]));
     let lin = |a: &[Tensor]| taper_kernels::linear(&a[0], &a[1], Some(&a[2]));
     let lin_ref = |a: &[Tensor]| taper_kernels::linear_composed(&a[0], &a[1], Some(&a[2]));
     let gelu = |a: &[Tensor]| taper_kernels::linear_gelu(&a[0], &a[1], Some(&a[2]), false);
@@ -479,10 +481,14 @@ fn low_precision_matmuls_stay_within_their_rounding_of_f32() {
     let x = r.tensor(&[3, 12, 70], 1.0, DType::F32);
     let (w, b) = (r.tensor(&[40, 70], 0.3, DType::F32), r.tensor(&[40], 0.5, DType::F32));
     let (h, head) = (r.tensor(&[12, 70], 1.0, DType::F32), r.tensor(&[64, 70], 0.3, DType::F32));
-    let cases: [(&str, Op, Op, Vec<Tensor>); 3] = [
+    // The composed forms (other devices, the device-generic path) cast to the precision around
+    // candle's matmul, whose product is rounded too: the same bound holds.
+    let cases: [(&str, Op, Op, Vec<Tensor>); 5] = [
         ("linear", &lin, &lin_ref, vec![x.clone(), w.clone(), b.clone()]),
+        ("linear_composed", &composed, &lin_ref, vec![x.clone(), w.clone(), b.clone()]),
         ("linear_gelu", &gelu, &gelu_ref, vec![x, w, b]),
-        ("linear_cross_entropy", &ce, &ce_ref, vec![h, head]),
+        ("linear_cross_entropy", &ce, &ce_ref, vec![h.clone(), head.clone()]),
+        ("linear_cross_entropy_chunked", &chunked, &ce_ref, vec![h, head]),
     ];
     for (p, step) in [(Precision::Bf16, 2f64.powi(-8)), (Precision::F16, 2f64.powi(-11))] {
         for scale in [1.0, 1024.0] {

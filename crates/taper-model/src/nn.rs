@@ -33,9 +33,12 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let n: usize = lead.iter().product();
     let x = x.reshape((n, *last))?.contiguous()?;
     let wt = w.t()?.to_dtype(x.dtype())?;
-    let y = x.detach().matmul(&wt)?; // (N, out)
+    let y = taper_kernels::precision::matmul(&x.detach(), &wt)?; // (N, out)
+                                                                 // The backward runs under the precision the forward saw.
+    let p = taper_kernels::matmul_precision();
     let y = taper_kernels::precomputed::attach1(&x, "frozen-matmul", y, move |_, g| {
-        Ok(Some(g.matmul(&wt.t()?)?)) // (N, out) x (out, in)
+        let _p = taper_kernels::set_matmul_precision(p);
+        Ok(Some(taper_kernels::precision::matmul(g, &wt.t()?)?)) // (N, out) x (out, in)
     })?;
     let y = match b {
         Some(b) => y.broadcast_add(b)?,
