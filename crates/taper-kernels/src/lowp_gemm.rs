@@ -140,6 +140,53 @@ mod avx512bf16 {
         *HAS.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16"))
     }
 
+    /// Packs `lanes` lanes (from `lane0`) of an operand in bf16 bits, element (kk, lane) at
+    /// kk * strides.0 + lane * strides.1, as pair words: word q * width + lane holds
+    /// (kk = 2q, 2q + 1), zero past k. Both B's panels (lanes: columns) and A's micro-panels
+    /// (lanes: rows) are this; the loop runs along whichever dim is contiguous.
+    fn pack_pairs(
+        src: &[u16],
+        k: usize,
+        (ks, ls): (usize, usize),
+        lane0: usize,
+        lanes: usize,
+        width: usize,
+        out: &mut [u32],
+    ) {
+        let kp = k.div_ceil(2);
+        if ks == 1 {
+            // Each lane is a contiguous run along k (x's and dY's rows, W's rows read as Wᵀ).
+            for l in 0..lanes {
+                for (q, pair) in src[(lane0 + l) * ls..][..k].chunks(2).enumerate() {
+                    out[q * width + l] = pair_word(pair);
+                }
+            }
+        } else if ls == 1 {
+            // The lanes are contiguous at each kk: two such runs make a run of pair words.
+            for q in 0..kp {
+                let lo = &src[2 * q * ks + lane0..][..lanes];
+                let words = &mut out[q * width..][..lanes];
+                if 2 * q + 1 < k {
+                    let hi = &src[(2 * q + 1) * ks + lane0..][..lanes];
+                    for ((o, &l), &h) in words.iter_mut().zip(lo).zip(hi) {
+                        *o = l as u32 | (h as u32) << 16;
+                    }
+                } else {
+                    for (o, &l) in words.iter_mut().zip(lo) {
+                        *o = l as u32;
+                    }
+                }
+            }
+        } else {
+            for q in 0..kp {
+                for l in 0..lanes {
+                    let at = |kk: usize| if kk < k { src[kk * ks + (lane0 + l) * ls] as u32 } else { 0 };
+                    out[q * width + l] = at(2 * q) | at(2 * q + 1) << 16;
+                }
+            }
+        }
+    }
+
     /// Two bf16 along k as one word, the first in the low half; a lone last one pairs with 0.
     #[inline(always)]
     fn pair_word(pair: &[u16]) -> u32 {
@@ -199,40 +246,7 @@ mod avx512bf16 {
         // (B[2q][c], B[2q+1][c]), zero beyond k and n. Each loop runs along B's contiguous dim.
         let mut b = vec![0u32; panels * kp * NR];
         b.par_chunks_mut(kp * NR).enumerate().for_each(|(j, panel)| {
-            let cols = NR.min(n - j * NR);
-            let col0 = j * NR;
-            if rs.0 == 1 {
-                // Each column of B is a contiguous run of k values (x Wᵀ: W's rows).
-                for c in 0..cols {
-                    let src = &rhs[(col0 + c) * rs.1..][..k];
-                    for (q, pair) in src.chunks(2).enumerate() {
-                        panel[q * NR + c] = pair_word(pair);
-                    }
-                }
-            } else if rs.1 == 1 {
-                // Rows of B are contiguous: two rows make a row of pair words.
-                for q in 0..kp {
-                    let lo = &rhs[2 * q * rs.0 + col0..][..cols];
-                    let out = &mut panel[q * NR..][..cols];
-                    if 2 * q + 1 < k {
-                        let hi = &rhs[(2 * q + 1) * rs.0 + col0..][..cols];
-                        for ((o, &l), &h) in out.iter_mut().zip(lo).zip(hi) {
-                            *o = l as u32 | (h as u32) << 16;
-                        }
-                    } else {
-                        for (o, &l) in out.iter_mut().zip(lo) {
-                            *o = l as u32;
-                        }
-                    }
-                }
-            } else {
-                for q in 0..kp {
-                    for c in 0..cols {
-                        let at = |kk: usize| if kk < k { rhs[kk * rs.0 + (col0 + c) * rs.1] as u32 } else { 0 };
-                        panel[q * NR + c] = at(2 * q) | at(2 * q + 1) << 16;
-                    }
-                }
-            }
+            pack_pairs(&rhs, k, (rs.0, rs.1), j * NR, NR.min(n - j * NR), NR, panel);
         });
         let b = &b;
         dst[..m * n].par_chunks_mut(MC * n).enumerate().for_each(|(blk, rows)| {
@@ -243,41 +257,8 @@ mod avx512bf16 {
             // (A[r][2q], A[r][2q+1]), zero beyond k and m.
             let mut a = vec![0u32; micro * kp * MR];
             for i in 0..micro {
-                let rows_here = MR.min(mc - i * MR);
-                let row0 = r0 + i * MR;
                 let out = &mut a[i * kp * MR..][..kp * MR];
-                if ls.1 == 1 {
-                    // Rows of A are contiguous (x, dY).
-                    for r in 0..rows_here {
-                        let src = &lhs[(row0 + r) * ls.0..][..k];
-                        for (q, pair) in src.chunks(2).enumerate() {
-                            out[q * MR + r] = pair_word(pair);
-                        }
-                    }
-                } else if ls.0 == 1 {
-                    // Columns of A are contiguous (dYᵀ): each pair of them gives the tile's words.
-                    for q in 0..kp {
-                        let lo = &lhs[2 * q * ls.1 + row0..][..rows_here];
-                        let words = &mut out[q * MR..][..rows_here];
-                        if 2 * q + 1 < k {
-                            let hi = &lhs[(2 * q + 1) * ls.1 + row0..][..rows_here];
-                            for ((o, &l), &h) in words.iter_mut().zip(lo).zip(hi) {
-                                *o = l as u32 | (h as u32) << 16;
-                            }
-                        } else {
-                            for (o, &l) in words.iter_mut().zip(lo) {
-                                *o = l as u32;
-                            }
-                        }
-                    }
-                } else {
-                    for r in 0..rows_here {
-                        for q in 0..kp {
-                            let at = |kk: usize| if kk < k { lhs[(row0 + r) * ls.0 + kk * ls.1] as u32 } else { 0 };
-                            out[q * MR + r] = at(2 * q) | at(2 * q + 1) << 16;
-                        }
-                    }
-                }
+                pack_pairs(&lhs, k, (ls.1, ls.0), r0 + i * MR, MR.min(mc - i * MR), MR, out);
             }
             for q0 in (0..kp).step_by(KC) {
                 let kc = KC.min(kp - q0);
@@ -299,7 +280,7 @@ mod avx512bf16 {
     }
 
     #[test]
-    #[ignore]
+    #[ignore = "a timing to read by hand (no assertion): cargo test --release -p taper-kernels --lib speed -- --ignored --nocapture --test-threads=1"]
     fn tile_speed() {
         if !available() {
             return;
@@ -446,8 +427,9 @@ mod tests {
 #[cfg(test)]
 mod speed {
     use super::*;
+    /// The bf16 GEMM against the f32 one at the reference model's shapes, best of 7.
     #[test]
-    #[ignore]
+    #[ignore = "a timing to read by hand (no assertion): cargo test --release -p taper-kernels --lib speed -- --ignored --nocapture --test-threads=1"]
     fn speed() {
         for (m, k, n) in [(2048, 384, 1152), (2048, 1536, 384), (384, 2048, 1536), (2048, 384, 8192)] {
             let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
