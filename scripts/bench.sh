@@ -54,6 +54,8 @@ if rows["taper"][0].get("precision", "f32") != "f32":
           f"(peak {med('torch', 'precision_gemm_peak_gflops'):.0f})")
 print(f"median MFU: taper {100 * med('taper', 'mfu'):.1f}%, pytorch {100 * med('torch', 'mfu'):.1f}%; "
       f"peak RSS MB: taper {med('taper', 'peak_rss_mb'):.0f}, pytorch {med('torch', 'peak_rss_mb'):.0f}")
+print(f"median activations and scratch MB (peak beyond weights, gradients, optimizer state): "
+      f"taper {med('taper', 'activations_mb'):.0f}, pytorch {med('torch', 'activations_mb'):.0f}")
 PY
   rm -f "$out"
 done

@@ -5,9 +5,11 @@ a GEMM peak measured with torch at the model's matmul shapes, peak RSS).
 
     ~/.venvs/ref/bin/python scripts/bench_torch.py --config configs/bench/reference.toml --threads 2
 
-`--precision bf16` runs the forward and loss under CPU autocast to bf16 (PyTorch's mixed
+`--precision bf16` runs the forward and loss under autocast to bf16 (PyTorch's mixed
 precision: matmuls in bf16, f32 master weights and optimizer) and also measures the GEMM peak
-with bf16 operands.
+with bf16 operands. `--device cuda` runs it all on the first GPU (the device synchronised
+before each timer is read; peak memory is the CUDA allocator's), `--compile` under
+torch.compile (the first warm-up steps compile).
 """
 import argparse
 import json
@@ -59,7 +61,7 @@ class GPT(nn.Module):
 
     def forward(self, idx):
         t = idx.shape[1]
-        x = self.wte(idx) + self.wpe(torch.arange(t))
+        x = self.wte(idx) + self.wpe(torch.arange(t, device=idx.device))
         for blk in self.blocks:
             x = blk(x)
         return self.ln_f(x) @ self.wte.weight.T  # tied head, (B, T, V)
@@ -74,17 +76,24 @@ def check_layout(m):
         raise SystemExit("bench_torch.py: grouped-query attention and a separate head_dim are not built")
 
 
-def best_of(reps, f):
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def best_of(reps, f, dev):
     f()
     best = math.inf
     for _ in range(reps):
+        sync(dev)
         t = time.perf_counter()
         f()
+        sync(dev)
         best = min(best, time.perf_counter() - t)
     return best
 
 
-def gemm_peak(m, rows, dtype=torch.float32):
+def gemm_peak(m, rows, dev, dtype=torch.float32):
     c, v = m["n_embd"], m["vocab_size"]
     h = m.get("intermediate_size", 0) or 4 * c
     L = m["n_layer"]
@@ -92,11 +101,28 @@ def gemm_peak(m, rows, dtype=torch.float32):
     flops = secs = 0.0
     with torch.no_grad():
         for mm, k, n, count in shapes:
-            x, w, dy = torch.randn(mm, k, dtype=dtype), torch.randn(n, k, dtype=dtype), torch.randn(mm, n, dtype=dtype)
-            s = best_of(3, lambda: x @ w.T) + best_of(3, lambda: dy @ w) + best_of(3, lambda: dy.T @ x)
+            x, w = torch.randn(mm, k, dtype=dtype, device=dev), torch.randn(n, k, dtype=dtype, device=dev)
+            dy = torch.randn(mm, n, dtype=dtype, device=dev)
+            s = best_of(3, lambda: x @ w.T, dev) + best_of(3, lambda: dy @ w, dev) + best_of(3, lambda: dy.T @ x, dev)
             flops += 3 * 2 * mm * k * n * count
             secs += s * count
     return flops / secs / 1e9
+
+
+def resident_mb(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+
+
+def resident_before_steps():
+    """What is resident now, the high-water mark reset to it (Linux: 5 to clear_refs), or None."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return resident_mb("VmRSS")
+    except OSError:
+        return None
 
 
 def main():
@@ -107,13 +133,17 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--precision", choices=["f32", "bf16"], default="f32")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--batch-size", type=int, default=0, help="instead of the config's train.batch_size")
     a = ap.parse_args()
+    dev = torch.device(a.device)
     torch.set_num_threads(a.threads)
     cfg = tomllib.load(open(a.config, "rb"))
     m, o = cfg["model"], cfg.get("optim", {})
     check_layout(m)
     torch.manual_seed(cfg.get("seed", 1))
-    model = GPT(m)
+    model = GPT(m).to(dev)
     # taper's default decay groups: matmul weights decay; embeddings, biases and norms do not.
     decay = [p for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith(("wte", "wpe"))]
     rest = [p for n, p in model.named_parameters() if not (p.dim() == 2 and not n.startswith(("wte", "wpe")))]
@@ -124,19 +154,26 @@ def main():
         eps=o.get("eps", 1e-8),
         fused=True,
     )
-    b, t, v = cfg["train"]["batch_size"], m["block_size"], m["vocab_size"]
+    b, t, v = a.batch_size or cfg["train"]["batch_size"], m["block_size"], m["vocab_size"]
+    step_model = torch.compile(model) if a.compile else model
     fwd = bwd = upd = 0.0
+    before = resident_before_steps() if a.device == "cpu" else None
+    if a.device == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     for i in range(a.warmup + a.steps):
-        x, y = torch.randint(0, v, (b, t)), torch.randint(0, v, (b * t,))
+        x, y = torch.randint(0, v, (b, t), device=dev), torch.randint(0, v, (b * t,), device=dev)
+        sync(dev)
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16"):
-            loss = F.cross_entropy(model(x).view(-1, v), y)
+        with torch.autocast(a.device, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+            loss = F.cross_entropy(step_model(x).view(-1, v), y)
         lv = loss.item()
         t1 = time.perf_counter()
         loss.backward()
+        sync(dev)
         t2 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync(dev)
         t3 = time.perf_counter()
         assert math.isfinite(lv)
         if i >= a.warmup:
@@ -147,12 +184,23 @@ def main():
     hidden = m.get("intermediate_size", 0) or 4 * c
     fpt = 6 * (L * (4 * c * c + 2 * c * hidden) + v * c) + 12 * L * c * t
     tps = b * t / step_s
-    peak = gemm_peak(m, b * t)
-    low_peak = gemm_peak(m, b * t, torch.bfloat16) if a.precision == "bf16" else peak
+    peak = gemm_peak(m, b * t, dev)
+    low_peak = gemm_peak(m, b * t, dev, torch.bfloat16) if a.precision == "bf16" else peak
+    params = sum(p.numel() for p in model.parameters())
+    # As taper bench splits it: f32 weights and gradients, AdamW's two moments (allocated by the
+    # first step, so inside the peak), and the rest of the steps' resident high-water mark.
+    weights_mb = 4 * params / 1e6
+    activations_mb = float("nan")
+    if before is not None:
+        activations_mb = max(resident_mb("VmHWM") - before - 3 * weights_mb, 0.0)
+    elif a.device == "cuda":
+        # The allocator's peak holds the weights, gradients and moments too.
+        activations_mb = max(torch.cuda.max_memory_allocated(dev) / 1e6 - 4 * weights_mb, 0.0)
     r = {
-        "implementation": f"pytorch {torch.__version__}",
+        "implementation": f"pytorch {torch.__version__}" + (" compile" if a.compile else ""),
+        "device": a.device,
         "threads": torch.get_num_threads(),
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": params,
         "flops_per_token": fpt,
         "tokens_per_step": b * t,
         "steps": a.steps,
@@ -168,6 +216,11 @@ def main():
         "precision_gemm_peak_gflops": low_peak,
         "precision_mfu": fpt * tps / 1e9 / low_peak,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_device_mb": torch.cuda.max_memory_allocated(dev) / 1e6 if a.device == "cuda" else float("nan"),
+        "weights_mb": weights_mb,
+        "gradients_mb": weights_mb,
+        "optimizer_state_mb": 2 * weights_mb,
+        "activations_mb": activations_mb,
     }
     if a.json:
         print(json.dumps(r))
@@ -181,6 +234,8 @@ def main():
     if a.precision != "f32":
         print(f"{a.precision:<13} GEMM peak {low_peak:.1f} GFLOP/s, MFU {100 * r['precision_mfu']:.1f}% against it")
     print(f"peak RSS      {r['peak_rss_mb']:.0f} MB")
+    print(f"memory        {weights_mb:.0f} MB weights, {weights_mb:.0f} MB gradients, {2 * weights_mb:.0f} MB optimizer state, "
+          f"{activations_mb:.0f} MB activations and scratch")
 
 
 if __name__ == "__main__":

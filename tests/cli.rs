@@ -134,6 +134,50 @@ fn activation_checkpointing_changes_nothing_trained() {
     assert_eq!(final_weights(&plain, 8), final_weights(&split, 8));
 }
 
+/// `taper bench` splits a step's memory into weights, gradients, optimizer state and the rest
+/// (activations); checkpointing every block keeps fewer activations, at a size where they
+/// dominate (8 layers of (8, 256, 128) activations, about 15 MB each, against a 2 MB model).
+#[test]
+fn bench_splits_memory_and_checkpointing_shrinks_activations() {
+    let d = scratch("bench-mem");
+    let cfg = write_config(
+        &d,
+        r#"
+seed = 1
+device = "cpu"
+[model]
+vocab_size = 256
+n_layer = 8
+n_head = 4
+n_embd = 128
+block_size = 256
+[data]
+dataset = "tinyshakespeare"
+[train]
+batch_size = 8
+"#,
+    );
+    let bench = |ac: &str| -> serde_json::Value {
+        let set = format!("train.activation_checkpointing={ac}");
+        let out = ok(taper()
+            .args(["bench", "--steps", "1", "--warmup", "1", "--json", "--set", &set, "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap());
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let (plain, blocks) = (bench("\"none\""), bench("\"blocks\""));
+    let mb = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k} in {r}"));
+    let params = plain["params"].as_f64().unwrap();
+    assert_eq!(mb(&plain, "weights_mb"), 4.0 * params / 1e6);
+    assert_eq!(mb(&plain, "gradients_mb"), mb(&plain, "weights_mb"));
+    // AdamW: two moments per parameter.
+    assert_eq!(mb(&plain, "optimizer_state_mb"), 8.0 * params / 1e6);
+    let (a, b) = (mb(&plain, "activations_mb"), mb(&blocks, "activations_mb"));
+    assert!(a > 80.0, "activations {a} MB: eight layers' worth, at least");
+    assert!(b < 0.6 * a, "checkpointed activations {b} MB against {a} MB");
+}
+
 /// bf16 and f16 runs (f32 master weights, low-precision GEMM operands) resume bit for bit, the
 /// f16 loss scaler included, and train to within 0.01 of the f32 run's losses at this size.
 #[test]

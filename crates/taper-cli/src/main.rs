@@ -543,6 +543,14 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
         );
     }
     println!("optimizer     {:.1} MB of state per replica", r.optimizer_state_mb);
+    let activations = match r.activations_mb.is_finite() {
+        true => format!("{:.0} MB activations and scratch", r.activations_mb),
+        false => "activations not measured on this device".into(),
+    };
+    println!(
+        "memory        {:.0} MB weights, {:.0} MB gradients, {:.0} MB optimizer state, {activations}",
+        r.weights_mb, r.gradients_mb, r.optimizer_state_mb
+    );
     Ok(())
 }
 

@@ -49,6 +49,15 @@ pub struct BenchReport {
     pub allreduce_share: f64,
     /// Optimizer state one replica holds (halved by `train.shard_optimizer` at world 2).
     pub optimizer_state_mb: f64,
+    /// The f32 master weights, and their gradients as a step holds them before the update.
+    pub weights_mb: f64,
+    pub gradients_mb: f64,
+    /// The rest of the step's peak: the activations kept for the backward (what activation
+    /// checkpointing trades for recomputation), the backward's transient gradients and the
+    /// kernels' scratch. Measured on the CPU as the resident high-water mark of the timed steps
+    /// above what was resident before them (weights and optimizer state) and the gradients;
+    /// null on other devices, where the step's memory is not the process's.
+    pub activations_mb: f64,
 }
 
 /// Parameters that enter a matmul: the attention and MLP projections and the output head.
@@ -137,6 +146,25 @@ pub fn peak_rss_mb() -> f64 {
     usage.ru_maxrss as f64 / 1024.0 // kilobytes on Linux
 }
 
+/// The process's resident memory now and its high-water mark, in MB (Linux's VmRSS and
+/// VmHWM); None elsewhere.
+fn resident_mb() -> Option<(f64, f64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |key: &str| -> Option<f64> {
+        let line = status.lines().find(|l| l.starts_with(key))?;
+        let kb: f64 = line[key.len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
+        Some(kb / 1024.0)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// Resets the process's resident high-water mark to what is resident now (Linux 4.0 and later:
+/// writing 5 to clear_refs), so that a later VmHWM is the peak of what ran since. False where
+/// that is not possible.
+fn reset_resident_peak() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 /// Keeps freed buffers of up to 32 MiB in the process for reuse. A training step frees and
 /// reallocates the same activation- and gradient-sized tensors every time; glibc by default
 /// maps big blocks afresh and unmaps them on free, so each step would fault every page back in
@@ -180,6 +208,12 @@ pub fn bench(cfg: &RunConfig, steps: usize, warmup: usize, comm: &Rc<dyn Comm>) 
     };
     // Each replica its own tokens.
     let mut rng = Rng::derive(cfg.seed, &[comm.rank() as u64]);
+    // What is resident before the first step (the weights, the optimizer's state, the
+    // program), so that the step's own peak can be told apart from it.
+    let before_steps = match dev.is_cpu() && reset_resident_peak() {
+        true => resident_mb().map(|(now, _)| now),
+        false => None,
+    };
     let (mut fwd, mut bwd, mut red, mut upd) = (0.0, 0.0, 0.0, 0.0);
     for i in 0..warmup + steps {
         let ids: Vec<u32> = (0..b * t).map(|_| rng.below(m.vocab_size as u64) as u32).collect();
@@ -223,15 +257,23 @@ pub fn bench(cfg: &RunConfig, steps: usize, warmup: usize, comm: &Rc<dyn Comm>) 
         }
     }
     let n = steps.max(1) as f64;
+    let weights_mb = 4.0 * params as f64 / 1e6;
+    // f32 gradients of every parameter, held together between the backward and the update.
+    let gradients_mb = weights_mb;
+    let step_peak_mb = match (before_steps, resident_mb()) {
+        (Some(before), Some((_, peak))) => peak - before,
+        _ => f64::NAN,
+    };
     // The slowest replica sets the pace; the peak memory is the largest replica's.
-    let mut worst = [fwd + bwd + red + upd, peak_rss_mb()];
+    let mut worst = [fwd + bwd + red + upd, peak_rss_mb(), step_peak_mb];
     if world > 1 {
         // Each replica's pair in its own place; the sum gathers them all.
-        let mut all = vec![0f64; 2 * world];
-        all[2 * comm.rank()..2 * comm.rank() + 2].copy_from_slice(&worst);
+        let k = worst.len();
+        let mut all = vec![0f64; k * world];
+        all[k * comm.rank()..k * comm.rank() + k].copy_from_slice(&worst);
         comm.all_reduce_sum_f64(&mut all).map_err(|e| TrainError::Invalid(e.to_string()))?;
-        for (k, w) in worst.iter_mut().enumerate() {
-            *w = all.iter().skip(k).step_by(2).copied().fold(0.0, f64::max);
+        for (i, w) in worst.iter_mut().enumerate() {
+            *w = all.iter().skip(i).step_by(k).copied().fold(f64::NEG_INFINITY, f64::max);
         }
     }
     let step_s = worst[0] / n;
@@ -268,6 +310,13 @@ pub fn bench(cfg: &RunConfig, steps: usize, warmup: usize, comm: &Rc<dyn Comm>) 
         allreduce_ms: red / n * 1e3,
         allreduce_share: red / (fwd + bwd + red + upd),
         optimizer_state_mb: opt.state_bytes() as f64 / 1e6,
+        weights_mb,
+        gradients_mb,
+        // NaN (null in JSON) where the peak could not be read.
+        activations_mb: match worst[2].is_finite() {
+            true => (worst[2] - gradients_mb).max(0.0),
+            false => f64::NAN,
+        },
     })
 }
 
