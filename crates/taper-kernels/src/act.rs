@@ -1,6 +1,6 @@
 //! Elementwise MLP activations: GELU (erf and tanh forms, as candle computes them) and SwiGLU.
 
-use crate::float::{dispatch, fused, simd, slice, Float, MIN_TASK_ELEMS};
+use crate::float::{dispatch, fused, simd, slice, twin, Float, MIN_TASK_ELEMS};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -8,9 +8,13 @@ const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
 const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 const GELU_C: f64 = 0.044715;
 
+/// The CUDA twins' module, cuda/act.cu.
+#[cfg(feature = "cuda")]
+const ACT_PTX: (&str, &str) = ("taper_act", crate::ptx::ACT);
+
 /// x Φ(x), as `Tensor::gelu_erf`.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if !fused(&[x]) {
+    if !fused(&[x]) && !twin(&[x]) {
         return x.gelu_erf();
     }
     x.contiguous()?.apply_op1(Gelu { tanh: false })
@@ -18,7 +22,7 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 
 /// GELU's tanh approximation, as `Tensor::gelu`.
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    if !fused(&[x]) {
+    if !fused(&[x]) && !twin(&[x]) {
         return x.gelu();
     }
     x.contiguous()?.apply_op1(Gelu { tanh: true })
@@ -26,7 +30,7 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
 
 /// silu(gate) * up (Shazeer 2020), for gate and up of one shape.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if !fused(&[gate, up]) || gate.shape() != up.shape() {
+    if !(fused(&[gate, up]) || twin(&[gate, up])) || gate.shape() != up.shape() {
         return gate.silu()? * up;
     }
     gate.contiguous()?.apply_op2(&up.contiguous()?, Swiglu)
@@ -92,6 +96,12 @@ impl CustomOp1 for Gelu {
         dispatch!(self.name(), s, T => self.fwd::<T>(s, l))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let name = if self.tanh { "gelu_tanh_fwd" } else { "gelu_erf_fwd" };
+        Ok((crate::cuda::map(self.name(), ACT_PTX, name, &[(s, l)], 1)?, l.shape().clone()))
+    }
+
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &GeluBwd { tanh: self.tanh })?))
     }
@@ -113,6 +123,18 @@ impl CustomOp2 for GeluBwd {
             let g = slice::<T>(self.name(), s2, l2)?;
             Ok((T::storage(gelu.map_grad(x, g)), l1.shape().clone()))
         })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let name = if self.tanh { "gelu_tanh_bwd" } else { "gelu_erf_bwd" };
+        Ok((crate::cuda::map(self.name(), ACT_PTX, name, &[(s1, l1), (s2, l2)], 1)?, l1.shape().clone()))
     }
 }
 
@@ -205,6 +227,17 @@ impl CustomOp2 for Swiglu {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((crate::cuda::map(self.name(), ACT_PTX, "swiglu_fwd", &[(s1, l1), (s2, l2)], 1)?, l1.shape().clone()))
+    }
+
     fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let packed = gate.apply_op3_no_bwd(up, &grad.contiguous()?, &SwigluBwd)?; // (2, ..)
         Ok((Some(packed.get(0)?), Some(packed.get(1)?)))
@@ -265,5 +298,21 @@ impl CustomOp3 for SwigluBwd {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         dispatch!(self.name(), s1, T => self.run::<T>(s1, l1, s2, l2, s3, l3))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda::map(self.name(), ACT_PTX, "swiglu_bwd", &[(s1, l1), (s2, l2), (s3, l3)], 2)?;
+        let mut dims = vec![2];
+        dims.extend_from_slice(l1.dims());
+        Ok((out, Shape::from(dims)))
     }
 }

@@ -250,6 +250,16 @@ pub(crate) fn fused(ts: &[&Tensor]) -> bool {
         && ts.iter().all(|t| crate::fused_on(t.device()) && t.dtype() == dtype)
 }
 
+/// Whether the CUDA twins take these tensors: all on one CUDA device with the kernels switched
+/// on ([`crate::cuda_kernels_on`]), all f32, all bf16 or all f16 (f64 takes the composed path).
+pub(crate) fn twin(ts: &[&Tensor]) -> bool {
+    let Some(first) = ts.first() else { return false };
+    let (dtype, dev) = (first.dtype(), first.device());
+    matches!(dtype, candle_core::DType::F32 | candle_core::DType::BF16 | candle_core::DType::F16)
+        && crate::cuda_kernels_on(dev)
+        && ts.iter().all(|t| t.dtype() == dtype && t.device().same_device(dev))
+}
+
 /// Rows per rayon task for rows of `width` elements.
 pub(crate) fn rows_per_task(width: usize) -> usize {
     MIN_TASK_ELEMS.div_ceil(width.max(1)).max(1)

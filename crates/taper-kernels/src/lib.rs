@@ -7,6 +7,8 @@ mod act;
 mod attention;
 mod attention_chunked;
 mod attention_opts;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod float;
 mod linear;
 mod linear_loss;
@@ -45,6 +47,34 @@ pub fn fused_on(dev: &candle_core::Device) -> bool {
     let generic =
         *GENERIC.get_or_init(|| std::env::var("TAPER_DEVICE_GENERIC").is_ok_and(|v| !v.is_empty() && v != "0"));
     dev.is_cpu() && !generic
+}
+
+/// Whether taper's CUDA kernels (the twins of the CPU ones, under cuda/) run on `dev`: on a
+/// CUDA device, with the `cuda` feature, when switched on. They are opt-in until
+/// `scripts/gpu-check.sh` has passed on a real GPU: `TAPER_CUDA_KERNELS=1` switches them on
+/// (read once per process); [`with_cuda_kernels`] overrides that on one thread, so that a test
+/// can set them against the composed path in one process. Off, CUDA takes the composed ops.
+pub fn cuda_kernels_on(dev: &candle_core::Device) -> bool {
+    static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !cfg!(feature = "cuda") || !dev.is_cuda() {
+        return false;
+    }
+    CUDA_KERNELS.with(|o| o.get()).unwrap_or_else(|| {
+        *ENV.get_or_init(|| std::env::var("TAPER_CUDA_KERNELS").is_ok_and(|v| !v.is_empty() && v != "0"))
+    })
+}
+
+thread_local! {
+    static CUDA_KERNELS: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with the CUDA kernels switched on or off on this thread, whatever the environment
+/// says; the ops `f` builds keep their choice for their backward.
+pub fn with_cuda_kernels<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    let before = CUDA_KERNELS.with(|o| o.replace(Some(on)));
+    let r = f();
+    CUDA_KERNELS.with(|o| o.set(before));
+    r
 }
 
 /// Input a kernel cannot take.

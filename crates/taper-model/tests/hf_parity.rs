@@ -17,26 +17,40 @@ fn golden(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(dir(name).join("golden.safetensors"), &Device::Cpu).unwrap()
 }
 
+/// Where the parity tests run the model: the CPU, or with `TAPER_TEST_DEVICE=cuda` (as
+/// `scripts/gpu-check.sh` sets it) the first GPU, against the same fixtures and tolerances.
+fn test_device() -> Device {
+    match std::env::var("TAPER_TEST_DEVICE").as_deref() {
+        Ok("cuda") => Device::new_cuda(0).expect("TAPER_TEST_DEVICE=cuda: no CUDA device"),
+        Ok("cpu") | Err(_) => Device::Cpu,
+        Ok(other) => panic!("TAPER_TEST_DEVICE={other}: expected cpu or cuda"),
+    }
+}
+
 fn max_abs(t: &Tensor) -> f32 {
     t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
 }
 
+/// max |a - b| / max |b|, on the CPU wherever a was computed.
 fn rel(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a.to_device(&Device::Cpu).unwrap();
     max_abs(&(a - b).unwrap()) / max_abs(b).max(1e-12)
 }
 
 fn parity(arch: &str) {
-    let m = load_dir(&dir(arch), &Device::Cpu).unwrap();
+    let dev = test_device();
+    let m = load_dir(&dir(arch), &dev).unwrap();
     let g = golden(arch);
     assert!(m.config.kernels, "{arch}: an HF config loads with the fused kernels on");
     let vars: Vec<(String, Var)> = m.weights.iter().map(|(n, t)| (n.clone(), Var::from_tensor(t).unwrap())).collect();
     let w = Weights::from_pairs(vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())));
     let model = Decoder::load(&w, &m.config).unwrap();
-    let ids = g["ids"].to_dtype(DType::U32).unwrap();
+    let ids = g["ids"].to_dtype(DType::U32).unwrap().to_device(&dev).unwrap();
     let logits = model.forward(&ids, 0, None, None).unwrap();
     let r = rel(&logits, &g["logits"]);
     assert!(r < 1e-5, "{arch}: logits differ by {r} relative");
-    let loss = model.loss(&flatten_logits(&logits).unwrap(), &g["targets"].flatten_all().unwrap(), -100).unwrap();
+    let targets = g["targets"].flatten_all().unwrap().to_device(&dev).unwrap();
+    let loss = model.loss(&flatten_logits(&logits).unwrap(), &targets, -100).unwrap();
     let (ours, theirs) = (loss.to_scalar::<f32>().unwrap(), g["loss"].to_vec1::<f32>().unwrap()[0]);
     assert!(((ours - theirs) / theirs).abs() < 1e-5, "{arch}: loss {ours} vs {theirs}");
 
@@ -51,7 +65,7 @@ fn parity(arch: &str) {
         let want = g.get(&format!("grad.{name}")).unwrap_or_else(|| panic!("{arch}: no golden gradient for {name}"));
         let r = rel(ours, want);
         // A key bias's true gradient is zero (a shift shared by a softmax row): float noise.
-        let abs = max_abs(&(ours - want).unwrap());
+        let abs = max_abs(&(ours.to_device(&Device::Cpu).unwrap() - want).unwrap());
         assert!(r < 1e-4 || abs < 1e-7, "{arch}: gradient of {name} differs by {r} relative ({abs} absolute)");
     }
 

@@ -1,0 +1,108 @@
+//! The CUDA twins' shared plumbing: typed views of candle's device storage, fresh outputs and
+//! kernel launches. The kernels themselves are CUDA C under cuda/, compiled to PTX by build.rs
+//! (one module per file, its text in `crate::ptx::<FILE>`); each is instantiated for f32, bf16
+//! and f16 as `<name>_f32`, `<name>_bf16`, `<name>_f16`, computing in f32 whatever it stores.
+
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig};
+use candle_core::cuda_backend::{CudaDType, CudaDevice};
+use candle_core::{CudaStorage, DType, Layout, Result};
+
+/// The suffix of a kernel's instance for elements of `dt`.
+pub(crate) fn suffix(op: &'static str, dt: DType) -> Result<&'static str> {
+    match dt {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        DType::F16 => Ok("f16"),
+        dt => Err(crate::bad(op, format!("the CUDA kernels take f32, bf16 or f16, not {dt:?}"))),
+    }
+}
+
+/// The elements of a contiguous operand (the public functions make their inputs contiguous
+/// before applying an op, as on the CPU).
+pub(crate) fn view<'a, T: CudaDType>(op: &'static str, s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
+    let (start, end) = l.contiguous_offsets().ok_or_else(|| crate::bad(op, "operand is not contiguous"))?;
+    Ok(s.as_cuda_slice::<T>()?.slice(start..end))
+}
+
+/// A fresh buffer of `n` elements (at least one, as CUDA allocations must be) that the kernel
+/// about to run writes in full.
+pub(crate) fn output<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
+    // SAFETY: every caller launches a kernel that writes all n elements before anything reads them.
+    unsafe { dev.alloc::<T>(n.max(1)) }
+}
+
+/// A zeroed buffer, for kernels that accumulate into their output.
+pub(crate) fn zeros<T: DeviceRepr + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits>(
+    dev: &CudaDevice,
+    n: usize,
+) -> Result<CudaSlice<T>> {
+    dev.alloc_zeros::<T>(n.max(1))
+}
+
+/// One thread per element, 256 to a block.
+pub(crate) fn per_element(n: usize) -> LaunchConfig {
+    LaunchConfig::for_num_elems(n.max(1) as u32)
+}
+
+/// One block of `threads` per row (rows of a norm, a softmax, a cross-entropy).
+pub(crate) fn per_row(rows: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Runs `$body` with `$T` bound to the Rust element type of `$dt` (f32, bf16 or f16).
+#[allow(unused_macros)]
+macro_rules! cuda_dispatch {
+    ($op:expr, $dt:expr, $T:ident => $body:expr) => {
+        match $dt {
+            candle_core::DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            candle_core::DType::BF16 => {
+                type $T = half::bf16;
+                $body
+            }
+            candle_core::DType::F16 => {
+                type $T = half::f16;
+                $body
+            }
+            dt => Err(crate::bad($op, format!("the CUDA kernels take f32, bf16 or f16, not {dt:?}"))),
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use cuda_dispatch;
+
+/// Runs the element-wise kernel `<name>_<suffix>` of `module` (its PTX `ptx`): one thread per
+/// element of the n-element inputs (all contiguous, one dtype), which writes `outputs` x n
+/// elements of one fresh buffer; the kernel's arguments are the inputs, the output and n.
+pub(crate) fn map(
+    op: &'static str,
+    (module, ptx): (&'static str, &'static str),
+    name: &str,
+    inputs: &[(&CudaStorage, &Layout)],
+    outputs: usize,
+) -> Result<CudaStorage> {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::cuda_backend::WrapErr;
+    let (first, l0) = inputs.first().ok_or_else(|| crate::bad(op, "no inputs"))?;
+    let (dev, dt, n) = (first.device().clone(), first.dtype(), l0.shape().elem_count());
+    let func = dev.get_or_load_custom_func(&format!("{name}_{}", suffix(op, dt)?), module, ptx)?;
+    cuda_dispatch!(op, dt, T => {
+        let views = inputs.iter().map(|(s, l)| view::<T>(op, s, l)).collect::<Result<Vec<_>>>()?;
+        if views.iter().any(|v| v.len() != n) {
+            return Err(crate::bad(op, "inputs of different sizes"));
+        }
+        let mut out = output::<T>(&dev, outputs * n)?;
+        let n64 = n as u64;
+        let mut b = func.builder();
+        for v in &views {
+            b.arg(v);
+        }
+        b.arg(&mut out).arg(&n64);
+        // SAFETY: the kernels `map` launches take (inputs..., out, n) and write outputs x n elements.
+        unsafe { b.launch(per_element(n)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    })
+}
