@@ -106,6 +106,10 @@ pub fn attention_bthd(q: &Tensor, k: &Tensor, v: &Tensor, hq: usize, hkv: usize,
     }
     let fused = crate::fused_on(q.device()) && matches!(q.dtype(), DType::F32 | DType::F64) && opts.dropout.is_none();
     if !fused {
+        let Dims { b, hq, hkv, tq, tk, d } = dims;
+        if let Some(y) = crate::attention_cuda::attention(q, k, v, [b, hq, hkv, tq, tk, d], opts, true)? {
+            return Ok(y);
+        }
         let y = attention_composed(&qh.contiguous()?, &kh.contiguous()?, &vh.contiguous()?, opts)?; // (B, H, T, D)
         return Ok(y.transpose(1, 2)?.reshape(q.dims())?);
     }
@@ -188,6 +192,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOpts) -> Result<
     }
     let fused = crate::fused_on(q.device()) && matches!(q.dtype(), DType::F32 | DType::F64) && opts.dropout.is_none();
     if !fused {
+        let Dims { b, hq, hkv, tq, tk, d } = dims;
+        if let Some(y) = crate::attention_cuda::attention(q, k, v, [b, hq, hkv, tq, tk, d], opts, false)? {
+            return Ok(y);
+        }
         return attention_composed(q, k, v, opts);
     }
     let op = FusedAttention { dims, opts: opts.clone(), lse: Mutex::new(None), bthd: false };

@@ -39,9 +39,15 @@ pub(crate) fn zeros<T: DeviceRepr + candle_core::cuda_backend::cudarc::driver::V
     dev.alloc_zeros::<T>(n.max(1))
 }
 
-/// One thread per element, 256 to a block.
-pub(crate) fn per_element(n: usize) -> LaunchConfig {
-    LaunchConfig::for_num_elems(n.max(1) as u32)
+/// One thread per element, 256 to a block; an error past the grid's limit (2^31 - 1 blocks),
+/// where a u32 count of elements would have wrapped long before (an (N, V) of logits passes
+/// 2^32 soon enough).
+pub(crate) fn per_element(op: &'static str, n: usize) -> Result<LaunchConfig> {
+    let blocks = n.div_ceil(256).max(1);
+    if blocks > i32::MAX as usize {
+        return Err(crate::bad(op, format!("{n} elements are too many for one launch")));
+    }
+    Ok(LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 })
 }
 
 /// One block of `threads` per row (rows of a norm, a softmax, a cross-entropy).
@@ -102,7 +108,7 @@ pub(crate) fn map(
         }
         b.arg(&mut out).arg(&n64);
         // SAFETY: the kernels `map` launches take (inputs..., out, n) and write outputs x n elements.
-        unsafe { b.launch(per_element(n)) }.w()?;
+        unsafe { b.launch(per_element(op, n)?) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     })
 }

@@ -6,6 +6,7 @@
 mod act;
 mod attention;
 mod attention_chunked;
+mod attention_cuda;
 mod attention_opts;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -34,7 +35,7 @@ pub use linear_loss_chunked::linear_cross_entropy_chunked;
 pub use loss::cross_entropy;
 pub use lowp_gemm::bf16_native;
 pub use norm::{layer_norm, rms_norm};
-pub use optim::{adamw_step, lion_step, AdamW, Lion};
+pub use optim::{adamw_step, adamw_step_many, lion_step, lion_step_many, AdamW, Lion};
 pub use precision::{loss_scale, matmul_precision, set_loss_scale, set_matmul_precision, Precision};
 pub use rope::rope;
 pub use softmax::{log_softmax, softmax_last_dim};

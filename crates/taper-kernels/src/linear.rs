@@ -22,7 +22,8 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 /// GELU(x Wᵀ + b), the erf form or (`tanh`) the tanh approximation, as one graph node: the
 /// pre-activation stays inside the op for the backward instead of being a node of its own with
 /// its own gradient buffer. Same numbers as [`linear`] then [`crate::gelu_erf`] /
-/// [`crate::gelu_tanh`].
+/// [`crate::gelu_tanh`]. On CUDA with the kernels on and a bias, cuBLAS forms x Wᵀ and one
+/// kernel adds the bias and applies the GELU (and one more its backward).
 pub fn linear_gelu(x: &Tensor, w: &Tensor, b: Option<&Tensor>, tanh: bool) -> Result<Tensor> {
     apply(x, w, b, Some(Gelu { tanh }))
 }
@@ -34,6 +35,13 @@ fn apply(x: &Tensor, w: &Tensor, b: Option<&Tensor>, gelu: Option<Gelu>) -> Resu
         && x.dims().last() == Some(&w.dims()[1])
         && b.is_none_or(|b| b.dims() == [w.dims()[0]]);
     let tensors: Vec<&Tensor> = [Some(x), Some(w), b].into_iter().flatten().collect();
+    #[cfg(feature = "cuda")]
+    if let (true, Some(gelu), Some(b)) = (shapes_ok && w.dims()[0] > 0 && crate::float::twin(&tensors), &gelu, b) {
+        // cuBLAS forms the product (under the matmul precision, as composed); the bias and
+        // the GELU then take one pass, where composed they take two.
+        let u = linear_composed(x, w, None)?;
+        return u.contiguous()?.apply_op2(&b.contiguous()?, cuda::BiasGelu { tanh: gelu.tanh });
+    }
     if !shapes_ok || !fused(&tensors) {
         let u = linear_composed(x, w, b)?;
         return match gelu {
@@ -436,5 +444,127 @@ impl CustomOp2 for LinearBwd {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         dispatch!(self.name(), s1, T => self.run::<T>(slice(self.name(), s1, l1)?, l1, slice(self.name(), s2, l2)?, l2))
+    }
+}
+
+/// GELU(u + b) over a linear's product u (.., o) and its bias b (o) in one kernel, the CUDA
+/// path of [`linear_gelu`] with a bias (cuda/linear.cu).
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+
+    const LINEAR_PTX: (&str, &str) = ("taper_linear", crate::ptx::LINEAR);
+
+    pub(super) struct BiasGelu {
+        pub(super) tanh: bool,
+    }
+
+    /// du = grad GELU'(u + b), of u's shape.
+    struct BiasGeluBwd {
+        tanh: bool,
+    }
+
+    fn form(tanh: bool) -> &'static str {
+        if tanh {
+            "tanh"
+        } else {
+            "erf"
+        }
+    }
+
+    /// Runs `<name>_<dtype>(inputs..., out, n, o)` over u's n elements, the last of the inputs
+    /// being b (o) and the others of u's size; returns the output, of u's size.
+    fn launch(op: &'static str, name: &str, inputs: &[(&CudaStorage, &Layout)]) -> Result<CudaStorage> {
+        let (u, ul) = inputs[0];
+        let (_, bl) = inputs[1];
+        let (dev, dt, n, o) = (u.device().clone(), u.dtype(), ul.shape().elem_count(), bl.shape().elem_count());
+        if o == 0 || n % o != 0 {
+            return Err(crate::bad(op, format!("a bias of {o} for a product of {n} elements")));
+        }
+        let func = dev.get_or_load_custom_func(
+            &format!("{name}_{}", crate::cuda::suffix(op, dt)?),
+            LINEAR_PTX.0,
+            LINEAR_PTX.1,
+        )?;
+        crate::cuda::cuda_dispatch!(op, dt, T => {
+            let views =
+                inputs.iter().map(|(s, l)| crate::cuda::view::<T>(op, s, l)).collect::<Result<Vec<_>>>()?;
+            if views.iter().enumerate().any(|(i, v)| v.len() != if i == 1 { o } else { n }) {
+                return Err(crate::bad(op, "inputs of different sizes"));
+            }
+            let mut out = crate::cuda::output::<T>(&dev, n)?;
+            let (n64, o64) = (n as u64, o as u64);
+            let mut b = func.builder();
+            for v in &views {
+                b.arg(v);
+            }
+            b.arg(&mut out).arg(&n64).arg(&o64);
+            // SAFETY: the kernel takes (inputs..., out, n, o), reads b at i % o < o and the others
+            // at i < n, and writes out's n elements.
+            unsafe { b.launch(crate::cuda::per_element(op, n)?) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(out, dev))
+        })
+    }
+
+    impl CustomOp2 for BiasGelu {
+        fn name(&self) -> &'static str {
+            "taper-bias-gelu"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            Err(crate::bad(self.name(), "the CUDA path only (the CPU's linear_gelu is one op of its own)"))
+        }
+
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let name = format!("bias_gelu_{}_fwd", form(self.tanh));
+            Ok((launch(self.name(), &name, &[(s1, l1), (s2, l2)])?, l1.shape().clone()))
+        }
+
+        fn bwd(&self, u: &Tensor, b: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+            let du = u.apply_op3_no_bwd(b, &grad.contiguous()?, &BiasGeluBwd { tanh: self.tanh })?;
+            let o = b.elem_count();
+            let db = du.reshape((du.elem_count() / o, o))?.sum(0)?; // (o)
+            Ok((Some(du), Some(db)))
+        }
+    }
+
+    impl CustomOp3 for BiasGeluBwd {
+        fn name(&self) -> &'static str {
+            "taper-bias-gelu-bwd"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            Err(crate::bad(self.name(), "the CUDA path only"))
+        }
+
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+            s3: &CudaStorage,
+            l3: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let name = format!("bias_gelu_{}_bwd", form(self.tanh));
+            Ok((launch(self.name(), &name, &[(s1, l1), (s2, l2), (s3, l3)])?, l1.shape().clone()))
+        }
     }
 }

@@ -45,19 +45,33 @@ pub fn linear_cross_entropy_chunked(
         let m = rows.min(n - r0);
         let hc = h.narrow(0, r0, m)?.to_dtype(DType::F32)?; // (m, C)
         let logits = crate::precision::matmul(&hc, &w.t()?)?; // (m, V)
-        let max = logits.max_keepdim(D::Minus1)?;
-        let shifted = logits.broadcast_sub(&max)?;
-        let e = shifted.exp()?;
-        let sum = e.sum_keepdim(D::Minus1)?; // (m, 1)
-        let tc = safe.narrow(0, r0, m)?.unsqueeze(1)?; // (m, 1)
-        let vc = valid.narrow(0, r0, m)?.to_dtype(DType::F32)?; // (m,)
-        let picked = shifted.gather(&tc, 1)?.squeeze(1)?; // (m,)
-        let nll = (sum.squeeze(1)?.log()? - picked)?;
-        total = (total + (nll * &vc)?.sum_all()?)?;
-        if want {
-            // dlogits = (softmax - onehot) over counted rows; divided by the count below.
-            let onehot = tc.broadcast_eq(&classes)?.to_dtype(DType::F32)?;
-            let dlogits = e.broadcast_div(&sum)?.sub(&onehot)?.broadcast_mul(&vc.unsqueeze(1)?)?;
+        let tc = targets.narrow(0, r0, m)?;
+        // Each row's loss, and with `want` the gradient of its logits (unscaled), from the
+        // cross-entropy twin on CUDA, else from composed ops.
+        let (nll, dlogits) = match crate::loss::rows_nll_and_grad(&logits, &tc, ignore_index, 1.0)? {
+            Some((nll, dlogits)) => (nll, want.then_some(dlogits)),
+            None => {
+                let max = logits.max_keepdim(D::Minus1)?;
+                let shifted = logits.broadcast_sub(&max)?;
+                let e = shifted.exp()?;
+                let sum = e.sum_keepdim(D::Minus1)?; // (m, 1)
+                let tc = safe.narrow(0, r0, m)?.unsqueeze(1)?; // (m, 1)
+                let vc = valid.narrow(0, r0, m)?.to_dtype(DType::F32)?; // (m,)
+                let picked = shifted.gather(&tc, 1)?.squeeze(1)?; // (m,)
+                let nll = ((sum.squeeze(1)?.log()? - picked)? * &vc)?;
+                // dlogits = (softmax - onehot) over counted rows; divided by the count below.
+                let dlogits = match want {
+                    true => {
+                        let onehot = tc.broadcast_eq(&classes)?.to_dtype(DType::F32)?;
+                        Some(e.broadcast_div(&sum)?.sub(&onehot)?.broadcast_mul(&vc.unsqueeze(1)?)?)
+                    }
+                    false => None,
+                };
+                (nll, dlogits)
+            }
+        };
+        total = (total + nll.sum_all()?)?;
+        if let Some(dlogits) = dlogits {
             // At the loss scale, as the rest of the backward sees its gradients (f16).
             let dlogits = if grad_scale == 1.0 { dlogits } else { (dlogits * grad_scale)? };
             dhs.push(crate::precision::matmul(&dlogits, &w)?); // (m, C)

@@ -1,16 +1,25 @@
 //! Cross-entropy over rows of logits, computing each row's softmax normaliser once.
 
-use crate::float::{dispatch, exp_row_in_place, fused, rows_per_task, simd, slice, Float};
+use crate::float::{dispatch, exp_row_in_place, fused, rows_per_task, simd, slice, twin, Float};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
+
+/// The CUDA twins' module, cuda/loss.cu.
+#[cfg(feature = "cuda")]
+const LOSS_PTX: (&str, &str) = ("taper_loss", crate::ptx::LOSS);
 
 /// Mean cross-entropy over the targets that are not `ignore_index`, and their count.
 /// logits: (N, V); targets: (N,) i64. f32 and f64 logits keep their dtype on the CPU; anything
 /// else (and other devices) is computed in f32 by composed ops, as taper-model's
-/// `nn::cross_entropy` does.
+/// `nn::cross_entropy` does. The CUDA twin (f32, bf16 or f16 logits, i64 targets on the same
+/// device) returns an f32 loss whatever the logits, as the composed ops do.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: i64) -> Result<(Tensor, usize)> {
     let (n, v) = logits.dims2()?;
-    if !fused(&[logits]) || !crate::fused_on(targets.device()) {
+    let on_cpu = fused(&[logits]) && crate::fused_on(targets.device());
+    // Other target dtypes keep the composed path on the GPU, which takes them, where the CPU
+    // kernel would refuse them.
+    let on_gpu = twin(&[logits]) && targets.device().same_device(logits.device()) && targets.dtype() == DType::I64;
+    if !on_cpu && !on_gpu {
         if targets.dims() != [n] {
             return Err(crate::bad("cross-entropy", format!("targets must be ({n},), got {:?}", targets.dims())));
         }
@@ -19,6 +28,87 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: i64) -> Re
     let (_, count) = check_targets(targets, n, v, ignore_index)?;
     let out = logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropy { ignore_index, count })?;
     Ok((out.get(0)?, count))
+}
+
+/// Each row's loss and the gradient of its logits, for the chunked LM head on CUDA with the
+/// kernels on: f32 logits (m, V) and i64 targets (m,) give nll (m,) and dlogits (m, V) =
+/// (softmax - onehot) x `scale`, both 0 on ignored rows, from two launches (the row pass of
+/// the cross-entropy twin and its backward) instead of a dozen composed ops and their (m, V)
+/// temporaries. None where the twin does not take them.
+pub(crate) fn rows_nll_and_grad(
+    logits: &Tensor,
+    targets: &Tensor,
+    ignore_index: i64,
+    scale: f64,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let usable = twin(&[logits])
+        && logits.dtype() == DType::F32
+        && targets.dtype() == DType::I64
+        && targets.device().same_device(logits.device());
+    if !usable {
+        return Ok(None);
+    }
+    let (m, v) = logits.dims2()?;
+    let packed = logits.contiguous()?.apply_op2_no_bwd(&targets.contiguous()?, &RowsNll { ignore_index, scale })?;
+    Ok(Some((packed.narrow(0, 0, m)?, packed.narrow(0, m, m * v)?.reshape((m, v))?)))
+}
+
+/// [nll (m); dlogits (m, V)] flattened; see [`rows_nll_and_grad`]. CUDA only.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct RowsNll {
+    ignore_index: i64,
+    scale: f64,
+}
+
+impl CustomOp2 for RowsNll {
+    fn name(&self) -> &'static str {
+        "cross-entropy-rows"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        Err(crate::bad(self.name(), "runs on CUDA only (the CPU has the fused linear + cross-entropy)"))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ls: &candle_core::CudaStorage,
+        ll: &Layout,
+        ts: &candle_core::CudaStorage,
+        tl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{output, per_element, per_row, view};
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        use candle_core::cuda_backend::WrapErr;
+        let op = self.name();
+        let dev = ls.device().clone();
+        let (m, v) = ll.shape().dims2()?;
+        if tl.shape().elem_count() != m {
+            return Err(crate::bad(op, format!("{} targets for {m} rows", tl.shape().elem_count())));
+        }
+        let mut packed = crate::cuda::zeros::<f32>(&dev, m * (v + 1))?;
+        if m > 0 && v > 0 {
+            let rows_f = dev.get_or_load_custom_func("ce_rows_f32", LOSS_PTX.0, LOSS_PTX.1)?;
+            let bwd_f = dev.get_or_load_custom_func("ce_bwd_f32", LOSS_PTX.0, LOSS_PTX.1)?;
+            let (x, targets) = (view::<f32>(op, ls, ll)?, view::<i64>(op, ts, tl)?);
+            let mut lse = output::<f32>(&dev, m + 1)?; // [unused; lse (m)], as ce_rows writes it
+            let (m64, v64, ignore, scale) = (m as u64, v as u64, self.ignore_index, self.scale as f32);
+            let (mut nll, mut dlogits) = packed.split_at_mut(m);
+            let mut b = rows_f.builder();
+            b.arg(&x).arg(&targets).arg(&mut lse).arg(&mut nll).arg(&m64).arg(&v64).arg(&ignore);
+            // SAFETY: ce_rows takes (x, targets, out, loss, n, v, ignore) and writes out[1..=m]
+            // and the m losses.
+            unsafe { b.launch(per_row(m, 256)) }.w()?;
+            let lse_rows = lse.slice(1..);
+            let mut b = bwd_f.builder();
+            b.arg(&x).arg(&targets).arg(&lse_rows).arg(&mut dlogits).arg(&m64).arg(&v64).arg(&ignore).arg(&scale);
+            // SAFETY: ce_bwd takes (x, targets, lse, dx, n, v, ignore, scale) and writes all
+            // m x V of dx.
+            unsafe { b.launch(per_element(op, m * v)?) }.w()?;
+        }
+        Ok((candle_core::CudaStorage::wrap_cuda_slice(packed, dev), Shape::from(m * (v + 1))))
+    }
 }
 
 pub(crate) fn composed(logits: &Tensor, targets: &Tensor, ignore_index: i64) -> Result<(Tensor, usize)> {
@@ -37,7 +127,8 @@ pub(crate) fn composed(logits: &Tensor, targets: &Tensor, ignore_index: i64) -> 
 }
 
 /// Output (N + 1,): the mean loss, then each row's log-sum-exp for the backward, so that the
-/// backward needs no second pass to normalise.
+/// backward needs no second pass to normalise. On the CPU in the logits' dtype; on the GPU in
+/// f32 whatever the logits, so that a bf16 or f16 loss and its normalisers keep f32 precision.
 pub(crate) struct CrossEntropy {
     pub(crate) ignore_index: i64,
     /// The divisor of the summed loss.
@@ -110,6 +201,52 @@ impl CustomOp2 for CrossEntropy {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         dispatch!(self.name(), s1, T => self.fwd::<T>(s1, l1, s2, l2))
+    }
+
+    /// One block per row for the log-sum-exps and the rows' losses, then one block for their
+    /// mean, added in a fixed order.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ls: &candle_core::CudaStorage,
+        ll: &Layout,
+        ts: &candle_core::CudaStorage,
+        tl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{cuda_dispatch, output, per_row, suffix, view, zeros};
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        use candle_core::cuda_backend::WrapErr;
+        let op = self.name();
+        let (dev, dt) = (ls.device().clone(), ls.dtype());
+        let (n, v) = ll.shape().dims2()?;
+        if tl.shape().elem_count() != n {
+            return Err(crate::bad(op, format!("{} targets for {n} rows", tl.shape().elem_count())));
+        }
+        let rows_f = dev.get_or_load_custom_func(&format!("ce_rows_{}", suffix(op, dt)?), LOSS_PTX.0, LOSS_PTX.1)?;
+        let mean_f = dev.get_or_load_custom_func("ce_mean", LOSS_PTX.0, LOSS_PTX.1)?;
+        let targets = view::<i64>(op, ts, tl)?;
+        // Zeros stay where there is nothing to compute: no rows, or rows of no logits (whose
+        // targets are then all ignored), as on the CPU.
+        let mut out = zeros::<f32>(&dev, n + 1)?; // (N + 1,)
+        if n > 0 && v > 0 {
+            cuda_dispatch!(op, dt, T => {
+                let x = view::<T>(op, ls, ll)?;
+                let mut loss = output::<f32>(&dev, n)?; // (N,)
+                let (n64, v64, ignore, count) = (n as u64, v as u64, self.ignore_index, self.count as u64);
+                let mut b = rows_f.builder();
+                b.arg(&x).arg(&targets).arg(&mut out).arg(&mut loss).arg(&n64).arg(&v64).arg(&ignore);
+                // SAFETY: ce_rows takes (x, targets, out, loss, n, v, ignore) and writes out[1..=N]
+                // and all of loss.
+                unsafe { b.launch(per_row(n, 256)) }.w()?;
+                let mut b = mean_f.builder();
+                b.arg(&loss).arg(&mut out).arg(&n64).arg(&count);
+                // SAFETY: ce_mean takes (loss, out, n, count), one block of 256 threads, and writes out[0].
+                unsafe { b.launch(per_row(1, 256)) }.w()?;
+                Ok(())
+            })?;
+        }
+        Ok((candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(n + 1)))
     }
 
     fn bwd(
@@ -190,5 +327,55 @@ impl CustomOp3 for CrossEntropyBwd {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         dispatch!(self.name(), s1, T => self.run::<T>(s1, l1, s2, l2, s3, l3))
+    }
+
+    /// One thread per logit; the log-sum-exps are read in f32 (the CUDA forward's dtype), after
+    /// a conversion where they come in another.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ls: &candle_core::CudaStorage,
+        ll: &Layout,
+        ts: &candle_core::CudaStorage,
+        tl: &Layout,
+        os: &candle_core::CudaStorage,
+        ol: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{cuda_dispatch, output, suffix, view};
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        use candle_core::cuda_backend::WrapErr;
+        let op = self.name();
+        let (dev, dt) = (ls.device().clone(), ls.dtype());
+        let (n, v) = ll.shape().dims2()?;
+        if tl.shape().elem_count() != n {
+            return Err(crate::bad(op, format!("{} targets for {n} rows", tl.shape().elem_count())));
+        }
+        let converted;
+        let (os, ol) = if os.dtype() == DType::F32 {
+            (os, ol.clone())
+        } else {
+            converted = os.to_dtype(ol, DType::F32)?;
+            (&converted, Layout::contiguous(ol.shape()))
+        };
+        let all = view::<f32>(op, os, &ol)?;
+        let lse = all
+            .try_slice(self.lse_at..self.lse_at + n)
+            .ok_or_else(|| crate::bad(op, format!("no {n} log-sum-exps from {} in {}", self.lse_at, all.len())))?;
+        let targets = view::<i64>(op, ts, tl)?;
+        let cfg = crate::cuda::per_element(op, n * v)?;
+        let func = dev.get_or_load_custom_func(&format!("ce_bwd_{}", suffix(op, dt)?), LOSS_PTX.0, LOSS_PTX.1)?;
+        cuda_dispatch!(op, dt, T => {
+            let x = view::<T>(op, ls, ll)?;
+            let mut dx = output::<T>(&dev, n * v)?;
+            if n * v > 0 {
+                let (n64, v64, ignore, scale) = (n as u64, v as u64, self.ignore_index, self.scale as f32);
+                let mut b = func.builder();
+                b.arg(&x).arg(&targets).arg(&lse).arg(&mut dx).arg(&n64).arg(&v64).arg(&ignore).arg(&scale);
+                // SAFETY: ce_bwd takes (x, targets, lse, dx, n, v, ignore, scale) and writes all N x V of dx.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            Ok((candle_core::CudaStorage::wrap_cuda_slice(dx, dev.clone()), ll.shape().clone()))
+        })
     }
 }

@@ -1,15 +1,27 @@
 //! LayerNorm and RMSNorm over the last dim. The backward recomputes each row's statistics
 //! from x (one extra read of a row already in cache) rather than keeping them from the forward.
 
-use crate::float::{dispatch, fused, rows_per_task, simd, slice, Float};
+use crate::float::{dispatch, fused, rows_per_task, simd, slice, twin, Float};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
+
+/// The CUDA twins' module, cuda/norm.cu.
+#[cfg(feature = "cuda")]
+const NORM_PTX: (&str, &str) = ("taper_norm", crate::ptx::NORM);
+
+/// Threads per row of the CUDA kernels.
+#[cfg(feature = "cuda")]
+const NORM_THREADS: u32 = 256;
+
+/// Rows per partial sum of dw and db in the CUDA backward (NORM_GRAD_ROWS in cuda/norm.cu).
+#[cfg(feature = "cuda")]
+const NORM_GRAD_ROWS: usize = 64;
 
 /// LayerNorm over the last dim with PyTorch's biased variance: (x - mean) / sqrt(var + eps) * w + b.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Result<Tensor> {
     let mut all = vec![x, w];
     all.extend(b);
-    if !fused(&all) || x.rank() == 0 {
+    if !(fused(&all) || twin(&all)) || x.rank() == 0 {
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -30,7 +42,7 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Resul
 
 /// RMSNorm over the last dim as in HF's LlamaRMSNorm: x / sqrt(mean(x^2) + eps) * w.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    if !fused(&[x, w]) || x.rank() == 0 {
+    if !(fused(&[x, w]) || twin(&[x, w])) || x.rank() == 0 {
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
         return x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w);
     }
@@ -132,6 +144,48 @@ impl NormOp {
         Ok((T::storage(y), xl.shape().clone()))
     }
 
+    /// The forward on the GPU: one block per row.
+    #[cfg(feature = "cuda")]
+    fn cuda_run(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+        b: Option<(&candle_core::CudaStorage, &Layout)>,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{cuda_dispatch, output, per_row, suffix, view};
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        use candle_core::cuda_backend::WrapErr;
+        let op = NormOp::name(self);
+        let (dev, dt) = (xs.device().clone(), xs.dtype());
+        let c = wl.shape().elem_count();
+        let len = xl.shape().elem_count();
+        let rows = cuda_rows(op, len, c)?;
+        if b.is_some_and(|(_, l)| l.shape().elem_count() != c) {
+            return Err(crate::bad(op, "bias and weight of different sizes"));
+        }
+        let func = dev.get_or_load_custom_func(&format!("norm_fwd_{}", suffix(op, dt)?), NORM_PTX.0, NORM_PTX.1)?;
+        cuda_dispatch!(op, dt, T => {
+            let x = view::<T>(op, xs, xl)?;
+            let w = view::<T>(op, ws, wl)?;
+            let bv = b.map(|(s, l)| view::<T>(op, s, l)).transpose()?;
+            let mut y = output::<T>(&dev, len)?;
+            if len > 0 {
+                let (rows64, c64, eps) = (rows as u64, c as u64, self.eps as f32);
+                let (rms, has_b) = (self.rms as i32, bv.is_some() as i32);
+                let mut bld = func.builder();
+                // Without a bias the kernel reads none, and w stands in for the pointer.
+                bld.arg(&x).arg(&w).arg(bv.as_ref().unwrap_or(&w)).arg(&mut y);
+                bld.arg(&rows64).arg(&c64).arg(&rms).arg(&has_b).arg(&eps);
+                // SAFETY: norm_fwd takes (x, w, b, y, rows, c, rms, has_b, eps) and writes all rows x c of y.
+                unsafe { bld.launch(per_row(rows, NORM_THREADS)) }.w()?;
+            }
+            Ok((candle_core::CudaStorage::wrap_cuda_slice(y, dev.clone()), xl.shape().clone()))
+        })
+    }
+
     /// (dx, dw, db) for the rows of x (N, C) and their incoming gradient, packed as (N + 2, C).
     fn backward(&self, x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let n = x.dim(0)?;
@@ -147,6 +201,17 @@ impl CustomOp2 for NormOp {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         dispatch!(NormOp::name(self), s1, T => self.fwd::<T>(s1, l1, s2, l2, None))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda_run(s1, l1, s2, l2, None)
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -170,6 +235,19 @@ impl CustomOp3 for NormOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         dispatch!(NormOp::name(self), s1, T => self.fwd::<T>(s1, l1, s2, l2, Some((s3, l3))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda_run(s1, l1, s2, l2, Some((s3, l3)))
     }
 
     fn bwd(
@@ -277,4 +355,81 @@ impl CustomOp3 for NormBwd {
     ) -> Result<(CpuStorage, Shape)> {
         dispatch!(self.name(), s1, T => self.run::<T>(s1, l1, s2, l2, s3, l3))
     }
+
+    /// The backward on the GPU, packed as on the CPU: dx row by row (which also leaves each
+    /// row's mean and rstd in an f32 scratch), then dw and db in two passes, partial sums over
+    /// fixed chunks of rows and their sum in chunk order, so that a run is reproducible.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{cuda_dispatch, output, per_element, per_row, suffix, view};
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        let op = self.name();
+        let (dev, dt) = (xs.device().clone(), xs.dtype());
+        let c = wl.shape().elem_count();
+        let len = xl.shape().elem_count();
+        let n = cuda_rows(op, len, c)?;
+        if gl.shape().elem_count() != len {
+            return Err(crate::bad(op, "x and its gradient of different sizes"));
+        }
+        let sfx = suffix(op, dt)?;
+        let load = |name: &str| dev.get_or_load_custom_func(&format!("{name}_{sfx}"), NORM_PTX.0, NORM_PTX.1);
+        let (rows_f, partial_f, cols_f) = (load("norm_bwd_rows")?, load("norm_bwd_partial")?, load("norm_bwd_cols")?);
+        let chunks = n.div_ceil(NORM_GRAD_ROWS);
+        let (n64, c64, chunks64, rms, eps) = (n as u64, c as u64, chunks as u64, self.rms as i32, self.eps as f32);
+        cuda_dispatch!(op, dt, T => {
+            let x = view::<T>(op, xs, xl)?;
+            let w = view::<T>(op, ws, wl)?;
+            let g = view::<T>(op, gs, gl)?;
+            let mut out = output::<T>(&dev, (n + 2) * c)?; // (N + 2, C)
+            if c > 0 {
+                let mut stats = output::<f32>(&dev, 2 * n)?; // (N, 2)
+                let mut partial = output::<f32>(&dev, chunks * 2 * c)?; // (chunks, 2, C)
+                if n > 0 {
+                    let mut bld = rows_f.builder();
+                    bld.arg(&x).arg(&w).arg(&g).arg(&mut out).arg(&mut stats);
+                    bld.arg(&n64).arg(&c64).arg(&rms).arg(&eps);
+                    // SAFETY: norm_bwd_rows takes (x, w, g, dx, stats, rows, c, rms, eps) and writes
+                    // the first N x C of out and all of stats.
+                    unsafe { bld.launch(per_row(n, NORM_THREADS)) }.w()?;
+                    let cfg = LaunchConfig {
+                        grid_dim: (chunks as u32, c.div_ceil(NORM_THREADS as usize) as u32, 1),
+                        block_dim: (NORM_THREADS, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    let mut bld = partial_f.builder();
+                    bld.arg(&x).arg(&g).arg(&stats).arg(&mut partial).arg(&n64).arg(&c64);
+                    // SAFETY: norm_bwd_partial takes (x, g, stats, partial, rows, c) and writes
+                    // every (chunk, 2, column) of partial.
+                    unsafe { bld.launch(cfg) }.w()?;
+                }
+                let mut tail = out.slice_mut(n * c..);
+                let mut bld = cols_f.builder();
+                bld.arg(&partial).arg(&mut tail).arg(&chunks64).arg(&c64);
+                // SAFETY: norm_bwd_cols takes (partial, out, chunks, c) and writes the 2 x C of
+                // [dw; db] (zeros when there are no rows).
+                unsafe { bld.launch(per_element(op, 2 * c)?) }.w()?;
+            }
+            Ok((candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((n + 2, c))))
+        })
+    }
+}
+
+/// The rows of `len` elements of width `c`, for the CUDA kernels (0 when c is 0, as on the CPU).
+#[cfg(feature = "cuda")]
+fn cuda_rows(op: &'static str, len: usize, c: usize) -> Result<usize> {
+    let n = len.checked_div(c).unwrap_or(0);
+    if n * c != len {
+        return Err(crate::bad(op, format!("{len} elements are not rows of {c}")));
+    }
+    Ok(n)
 }

@@ -1,14 +1,19 @@
 //! Rotary embedding in the rotate-half layout (HF Llama): y = x cos + rotate_half(x) sin,
 //! rotate_half(x) = [-x2, x1] for the halves x1, x2 of each head vector.
 
-use crate::float::{dispatch, fused, rows_per_task, slice, Float};
+use crate::float::{dispatch, fused, rows_per_task, slice, twin, Float};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
+
+/// The CUDA twins' module, cuda/rope.cu.
+#[cfg(feature = "cuda")]
+const ROPE_PTX: (&str, &str) = ("taper_rope", crate::ptx::ROPE);
 
 /// x: (B, H, T, D); cos, sin: (T, D), or (B, 1, T, D) for rows with positions of their own
 /// (packed sequences). cos and sin are constants: they get no gradient.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let tables = if fused(&[x, cos, sin]) && !cos.track_op() && !sin.track_op() { tables(x, cos)? } else { None };
+    let kernel = fused(&[x, cos, sin]) || twin(&[x, cos, sin]);
+    let tables = if kernel && !cos.track_op() && !sin.track_op() { tables(x, cos)? } else { None };
     let Some(shape) = tables else {
         let d = x.dim(D::Minus1)?;
         let x1 = x.narrow(D::Minus1, 0, d / 2)?;
@@ -143,6 +148,51 @@ impl CustomOp3 for Rope {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         dispatch!(self.name(), s1, T => self.run::<T>(s1, l1, s2, l2, s3, l3))
+    }
+
+    /// One thread per pair (i, i + D/2) of a head vector.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        cs: &candle_core::CudaStorage,
+        cl: &Layout,
+        ss: &candle_core::CudaStorage,
+        sl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{cuda_dispatch, output, suffix, view};
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        use candle_core::cuda_backend::WrapErr;
+        let op = self.name();
+        let (dev, dt) = (xs.device().clone(), xs.dtype());
+        let (b, h, t, d) = xl.shape().dims4()?;
+        let (cb, ct, cd) = cl.shape().dims3()?;
+        if d % 2 != 0 || (ct, cd) != (t, d) || !(cb == 1 || cb == b) || sl.shape() != cl.shape() {
+            return Err(crate::bad(op, format!("tables {:?} for heads {:?}", cl.dims(), xl.dims())));
+        }
+        let len = xl.shape().elem_count();
+        let rows = b * h * t;
+        let cfg = crate::cuda::per_element(op, rows * (d / 2))?;
+        let func = dev.get_or_load_custom_func(&format!("rope_{}", suffix(op, dt)?), ROPE_PTX.0, ROPE_PTX.1)?;
+        cuda_dispatch!(op, dt, T => {
+            let x = view::<T>(op, xs, xl)?;
+            let cos = view::<T>(op, cs, cl)?;
+            let sin = view::<T>(op, ss, sl)?;
+            let mut y = output::<T>(&dev, len)?;
+            if len > 0 {
+                let (rows64, h64, t64, d64, cb64) = (rows as u64, h as u64, t as u64, d as u64, cb as u64);
+                let backward = self.backward as i32;
+                let mut bld = func.builder();
+                bld.arg(&x).arg(&cos).arg(&sin).arg(&mut y);
+                bld.arg(&rows64).arg(&h64).arg(&t64).arg(&d64).arg(&cb64).arg(&backward);
+                // SAFETY: rope takes (x, cos, sin, y, rows, h, t, d, cb, backward); its rows x D/2
+                // threads each write both elements of their pair, all of y.
+                unsafe { bld.launch(cfg) }.w()?;
+            }
+            Ok((candle_core::CudaStorage::wrap_cuda_slice(y, dev.clone()), xl.shape().clone()))
+        })
     }
 
     fn bwd(

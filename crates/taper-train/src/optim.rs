@@ -5,7 +5,7 @@ use crate::{Result, TrainError};
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use taper_kernels::{adamw_step, lion_step, AdamW, Lion};
+use taper_kernels::{adamw_step_many, lion_step_many, AdamW, Lion};
 use taper_model::ParamKind;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,25 +135,49 @@ impl Optimizer {
         self.step += 1;
         let c = &self.cfg;
         let t = self.step as i32;
-        for ((p, g), slots) in self.params.iter().zip(grads).zip(self.slots.iter_mut()) {
+        // On the CPU in f32, and on CUDA with taper's kernels switched on, AdamW and Lion are
+        // written in place by taper-kernels (same operations, bit for bit): no new parameter or
+        // state tensor per step, and on CUDA one launch for all the parameters of a decay group.
+        let in_place: Vec<bool> = self
+            .params
+            .iter()
+            .zip(grads)
+            .zip(&self.slots)
+            .map(|((p, g), slots)| {
+                let w = p.var.as_tensor();
+                matches!(c.name, OptimKind::Adamw | OptimKind::Lion)
+                    && (taper_kernels::fused_on(w.device()) || taper_kernels::cuda_kernels_on(w.device()))
+                    && w.dtype() == DType::F32
+                    && g.dtype() == DType::F32
+                    && w.is_contiguous()
+                    && slots.iter().all(|s| s.is_contiguous() && s.dtype() == DType::F32)
+            })
+            .collect();
+        for decay in [true, false] {
+            let wd = if decay { c.weight_decay } else { 0.0 };
+            let group = (self.params.iter().zip(grads).zip(&self.slots).zip(&in_place))
+                .filter(|(((p, _), _), &fast)| fast && p.decay == decay)
+                .map(|(((p, g), slots), _)| (p.var.as_tensor(), g, slots));
+            match c.name {
+                OptimKind::Adamw => {
+                    let h = AdamW { lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: wd, step: self.step };
+                    let group: Vec<_> = group.map(|(w, g, s)| (w, &s[0], &s[1], g)).collect();
+                    adamw_step_many(&group, &h)?;
+                }
+                OptimKind::Lion => {
+                    let h = Lion { lr, beta1: c.beta1, beta2: c.beta2, weight_decay: wd };
+                    let group: Vec<_> = group.map(|(w, g, s)| (w, &s[0], g)).collect();
+                    lion_step_many(&group, &h)?;
+                }
+                OptimKind::Sgd => {}
+            }
+        }
+        for (((p, g), slots), _) in
+            self.params.iter().zip(grads).zip(self.slots.iter_mut()).zip(&in_place).filter(|(_, &fast)| !fast)
+        {
             let wd = if p.decay { c.weight_decay } else { 0.0 };
             let w = p.var.as_tensor();
-            // On the CPU in f32 the update is written in place by taper-kernels (same
-            // operations, bit for bit): no new parameter or state tensor per step.
-            let in_place = taper_kernels::fused_on(w.device())
-                && w.dtype() == DType::F32
-                && g.dtype() == DType::F32
-                && w.is_contiguous()
-                && slots.iter().all(|s| s.is_contiguous() && s.dtype() == DType::F32);
             match c.name {
-                OptimKind::Adamw if in_place => {
-                    let h = AdamW { lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: wd, step: self.step };
-                    adamw_step(w, &slots[0], &slots[1], g, &h)?;
-                }
-                OptimKind::Lion if in_place => {
-                    let h = Lion { lr, beta1: c.beta1, beta2: c.beta2, weight_decay: wd };
-                    lion_step(w, &slots[0], g, &h)?;
-                }
                 OptimKind::Adamw => {
                     // torch.optim.AdamW (single-tensor path), term for term.
                     let m = (&slots[0] + ((g - &slots[0])? * (1.0 - c.beta1))?)?;
