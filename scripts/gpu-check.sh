@@ -25,6 +25,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 BATCHES=${BATCHES:-"32 24 16 12 8 4"}
 logs=$(mktemp -d /tmp/gpu-check.XXXXXX)
+target=${CARGO_TARGET_DIR:-target}
 failed=0
 have_gpu=0
 
@@ -80,7 +81,7 @@ if [ -n "${TAPER_BIN:-}" ]; then
 elif [ "$have_gpu" = 1 ]; then
   run build cargo build --release -p taper-cli --features cuda
   run build-kernel-tests cargo test --release -p taper-kernels --features cuda "${kernel_tests[@]}" --no-run
-  taper=target/release/taper
+  taper=$target/release/taper
 else
   # Linking needs libcuda, which only a machine with the driver has: check what compiles.
   run build-check cargo check -p taper-cli --features cuda
@@ -156,7 +157,7 @@ else
   say SKIP resume-cuda "no GPU"
   if command -v cargo >/dev/null; then
     cargo build --release -q -p taper-cli >"$logs/build-cpu.log" 2>&1 &&
-      run resume-cpu resume_check target/release/taper cpu 0
+      run resume-cpu resume_check "$target/release/taper" cpu 0
   fi
 fi
 
