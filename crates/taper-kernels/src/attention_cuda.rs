@@ -33,10 +33,13 @@ pub(crate) fn attention(
     let [b, hq, hkv, tq, tk, d] = sizes;
     // Nothing for a kernel to do (and no empty grids to launch): the composed path's zeros; or
     // more batch rows or heads than a grid's y and z take.
-    if b * hq * tq * d == 0 || tk == 0 || b.max(hq).max(hkv) > GRID_YZ {
+    // Grids' x dims (query rows, key tiles) are u32 counts of blocks, capped at 2^31 - 1.
+    let too_long = (b * hq * tq).max(tk) > i32::MAX as usize;
+    if b * hq * tq * d == 0 || tk == 0 || b.max(hq).max(hkv) > GRID_YZ || too_long {
         return Ok(None);
     }
-    if !matches!(d, 64 | 128) || opts.dropout.is_some() {
+    // Dropout at p = 0 drops nothing: the kernel takes it.
+    if !matches!(d, 64 | 128) || opts.dropout.is_some_and(|(p, _)| p > 0.0) {
         static SAID: std::sync::Once = std::sync::Once::new();
         SAID.call_once(|| {
             eprintln!(
@@ -189,7 +192,8 @@ mod imp {
             q_st: q_st as i64,
             k_sh: k_sh as i64,
             k_st: k_st as i64,
-            window: opts.window as i64,
+            // A window past any position is none, as on the CPU.
+            window: opts.window.min(i64::MAX as usize) as i64,
             causal: i32::from(opts.causal),
             scale: opts.scale as f32,
         };

@@ -50,9 +50,13 @@ pub(crate) fn per_element(op: &'static str, n: usize) -> Result<LaunchConfig> {
     Ok(LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 })
 }
 
-/// One block of `threads` per row (rows of a norm, a softmax, a cross-entropy).
-pub(crate) fn per_row(rows: usize, threads: u32) -> LaunchConfig {
-    LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+/// One block of `threads` per row (rows of a norm, a softmax, a cross-entropy); an error past
+/// the grid's limit rather than rows left unwritten.
+pub(crate) fn per_row(op: &'static str, rows: usize, threads: u32) -> Result<LaunchConfig> {
+    if rows > i32::MAX as usize {
+        return Err(crate::bad(op, format!("{rows} rows are too many for one launch")));
+    }
+    Ok(LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 })
 }
 
 /// Runs `$body` with `$T` bound to the Rust element type of `$dt` (f32, bf16 or f16).

@@ -99,7 +99,7 @@ impl CustomOp2 for RowsNll {
             b.arg(&x).arg(&targets).arg(&mut lse).arg(&mut nll).arg(&m64).arg(&v64).arg(&ignore);
             // SAFETY: ce_rows takes (x, targets, out, loss, n, v, ignore) and writes out[1..=m]
             // and the m losses.
-            unsafe { b.launch(per_row(m, 256)) }.w()?;
+            unsafe { b.launch(per_row(op, m, 256)?) }.w()?;
             let lse_rows = lse.slice(1..);
             let mut b = bwd_f.builder();
             b.arg(&x).arg(&targets).arg(&lse_rows).arg(&mut dlogits).arg(&m64).arg(&v64).arg(&ignore).arg(&scale);
@@ -238,11 +238,11 @@ impl CustomOp2 for CrossEntropy {
                 b.arg(&x).arg(&targets).arg(&mut out).arg(&mut loss).arg(&n64).arg(&v64).arg(&ignore);
                 // SAFETY: ce_rows takes (x, targets, out, loss, n, v, ignore) and writes out[1..=N]
                 // and all of loss.
-                unsafe { b.launch(per_row(n, 256)) }.w()?;
+                unsafe { b.launch(per_row(op, n, 256)?) }.w()?;
                 let mut b = mean_f.builder();
                 b.arg(&loss).arg(&mut out).arg(&n64).arg(&count);
                 // SAFETY: ce_mean takes (loss, out, n, count), one block of 256 threads, and writes out[0].
-                unsafe { b.launch(per_row(1, 256)) }.w()?;
+                unsafe { b.launch(per_row(op, 1, 256)?) }.w()?;
                 Ok(())
             })?;
         }

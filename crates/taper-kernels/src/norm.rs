@@ -180,7 +180,7 @@ impl NormOp {
                 bld.arg(&x).arg(&w).arg(bv.as_ref().unwrap_or(&w)).arg(&mut y);
                 bld.arg(&rows64).arg(&c64).arg(&rms).arg(&has_b).arg(&eps);
                 // SAFETY: norm_fwd takes (x, w, b, y, rows, c, rms, has_b, eps) and writes all rows x c of y.
-                unsafe { bld.launch(per_row(rows, NORM_THREADS)) }.w()?;
+                unsafe { bld.launch(per_row(op, rows, NORM_THREADS)?) }.w()?;
             }
             Ok((candle_core::CudaStorage::wrap_cuda_slice(y, dev.clone()), xl.shape().clone()))
         })
@@ -400,7 +400,7 @@ impl CustomOp3 for NormBwd {
                     bld.arg(&n64).arg(&c64).arg(&rms).arg(&eps);
                     // SAFETY: norm_bwd_rows takes (x, w, g, dx, stats, rows, c, rms, eps) and writes
                     // the first N x C of out and all of stats.
-                    unsafe { bld.launch(per_row(n, NORM_THREADS)) }.w()?;
+                    unsafe { bld.launch(per_row(op, n, NORM_THREADS)?) }.w()?;
                     let cfg = LaunchConfig {
                         grid_dim: (chunks as u32, c.div_ceil(NORM_THREADS as usize) as u32, 1),
                         block_dim: (NORM_THREADS, 1, 1),

@@ -180,7 +180,7 @@ fn cuda_rows(
             }
             b.arg(&mut out).arg(&rows64).arg(&c64).arg(&log);
             // SAFETY: the softmax kernels take (inputs..., out, rows, c, log) and write all rows x c of out.
-            unsafe { b.launch(per_row(rows, 256)) }.w()?;
+            unsafe { b.launch(per_row(op, rows, 256)?) }.w()?;
         }
         Ok(candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone()))
     })

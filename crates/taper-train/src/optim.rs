@@ -217,8 +217,8 @@ impl Optimizer {
     }
 
     /// The state as named tensors (`{param}.{slot}`, and the update count as `updates`), for a
-    /// safetensors file. On the CPU the tensors share storage with the live state, which the
-    /// next step updates in place: write them out (or copy them) before stepping again.
+    /// safetensors file. On the CPU (and on CUDA with taper's kernels on) the tensors share
+    /// storage with the live state, which the next step updates in place: write them out (or copy them) before stepping again.
     /// The names of the state slots each parameter has (`exp_avg`, ...).
     pub fn slot_names(&self) -> &'static [&'static str] {
         slot_names(self.cfg.name)
