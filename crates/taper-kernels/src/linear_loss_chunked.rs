@@ -48,8 +48,8 @@ pub fn linear_cross_entropy_chunked(
         let tc = targets.narrow(0, r0, m)?;
         // Each row's loss, and with `want` the gradient of its logits (unscaled), from the
         // cross-entropy twin on CUDA, else from composed ops.
-        let (nll, dlogits) = match crate::loss::rows_nll_and_grad(&logits, &tc, ignore_index, 1.0)? {
-            Some((nll, dlogits)) => (nll, want.then_some(dlogits)),
+        let (nll, dlogits) = match crate::loss::rows_nll_and_grad(&logits, &tc, ignore_index, want)? {
+            Some(rows) => rows,
             None => {
                 let max = logits.max_keepdim(D::Minus1)?;
                 let shifted = logits.broadcast_sub(&max)?;

@@ -30,17 +30,17 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: i64) -> Re
     Ok((out.get(0)?, count))
 }
 
-/// Each row's loss and the gradient of its logits, for the chunked LM head on CUDA with the
-/// kernels on: f32 logits (m, V) and i64 targets (m,) give nll (m,) and dlogits (m, V) =
-/// (softmax - onehot) x `scale`, both 0 on ignored rows, from two launches (the row pass of
-/// the cross-entropy twin and its backward) instead of a dozen composed ops and their (m, V)
+/// Each row's loss and, with `grad`, the gradient of its logits, for the chunked LM head on
+/// CUDA with the kernels on: f32 logits (m, V) and i64 targets (m,) give nll (m,) and dlogits
+/// (m, V) = softmax - onehot, both 0 on ignored rows, from two launches (the row pass of the
+/// cross-entropy twin and its backward) instead of a dozen composed ops and their (m, V)
 /// temporaries. None where the twin does not take them.
 pub(crate) fn rows_nll_and_grad(
     logits: &Tensor,
     targets: &Tensor,
     ignore_index: i64,
-    scale: f64,
-) -> Result<Option<(Tensor, Tensor)>> {
+    grad: bool,
+) -> Result<Option<(Tensor, Option<Tensor>)>> {
     let usable = twin(&[logits])
         && logits.dtype() == DType::F32
         && targets.dtype() == DType::I64
@@ -49,15 +49,19 @@ pub(crate) fn rows_nll_and_grad(
         return Ok(None);
     }
     let (m, v) = logits.dims2()?;
-    let packed = logits.contiguous()?.apply_op2_no_bwd(&targets.contiguous()?, &RowsNll { ignore_index, scale })?;
-    Ok(Some((packed.narrow(0, 0, m)?, packed.narrow(0, m, m * v)?.reshape((m, v))?)))
+    let packed = logits.contiguous()?.apply_op2_no_bwd(&targets.contiguous()?, &RowsNll { ignore_index, grad })?;
+    let dlogits = match grad {
+        true => Some(packed.narrow(0, m, m * v)?.reshape((m, v))?),
+        false => None,
+    };
+    Ok(Some((packed.narrow(0, 0, m)?, dlogits)))
 }
 
-/// [nll (m); dlogits (m, V)] flattened; see [`rows_nll_and_grad`]. CUDA only.
+/// nll (m), then with `grad` dlogits (m, V), flattened; see [`rows_nll_and_grad`]. CUDA only.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct RowsNll {
     ignore_index: i64,
-    scale: f64,
+    grad: bool,
 }
 
 impl CustomOp2 for RowsNll {
@@ -87,27 +91,31 @@ impl CustomOp2 for RowsNll {
         if tl.shape().elem_count() != m {
             return Err(crate::bad(op, format!("{} targets for {m} rows", tl.shape().elem_count())));
         }
-        let mut packed = crate::cuda::zeros::<f32>(&dev, m * (v + 1))?;
+        let len = if self.grad { m * (v + 1) } else { m };
+        let mut packed = crate::cuda::zeros::<f32>(&dev, len)?;
         if m > 0 && v > 0 {
             let rows_f = dev.get_or_load_custom_func("ce_rows_f32", LOSS_PTX.0, LOSS_PTX.1)?;
             let bwd_f = dev.get_or_load_custom_func("ce_bwd_f32", LOSS_PTX.0, LOSS_PTX.1)?;
             let (x, targets) = (view::<f32>(op, ls, ll)?, view::<i64>(op, ts, tl)?);
             let mut lse = output::<f32>(&dev, m + 1)?; // [unused; lse (m)], as ce_rows writes it
-            let (m64, v64, ignore, scale) = (m as u64, v as u64, self.ignore_index, self.scale as f32);
+                                                       // Unscaled: the chunked head applies f16's loss scale itself.
+            let (m64, v64, ignore, scale) = (m as u64, v as u64, self.ignore_index, 1f32);
             let (mut nll, mut dlogits) = packed.split_at_mut(m);
             let mut b = rows_f.builder();
             b.arg(&x).arg(&targets).arg(&mut lse).arg(&mut nll).arg(&m64).arg(&v64).arg(&ignore);
             // SAFETY: ce_rows takes (x, targets, out, loss, n, v, ignore) and writes out[1..=m]
             // and the m losses.
             unsafe { b.launch(per_row(op, m, 256)?) }.w()?;
-            let lse_rows = lse.slice(1..);
-            let mut b = bwd_f.builder();
-            b.arg(&x).arg(&targets).arg(&lse_rows).arg(&mut dlogits).arg(&m64).arg(&v64).arg(&ignore).arg(&scale);
-            // SAFETY: ce_bwd takes (x, targets, lse, dx, n, v, ignore, scale) and writes all
-            // m x V of dx.
-            unsafe { b.launch(per_element(op, m * v)?) }.w()?;
+            if self.grad {
+                let lse_rows = lse.slice(1..);
+                let mut b = bwd_f.builder();
+                b.arg(&x).arg(&targets).arg(&lse_rows).arg(&mut dlogits).arg(&m64).arg(&v64).arg(&ignore).arg(&scale);
+                // SAFETY: ce_bwd takes (x, targets, lse, dx, n, v, ignore, scale) and writes all
+                // m x V of dx.
+                unsafe { b.launch(per_element(op, m * v)?) }.w()?;
+            }
         }
-        Ok((candle_core::CudaStorage::wrap_cuda_slice(packed, dev), Shape::from(m * (v + 1))))
+        Ok((candle_core::CudaStorage::wrap_cuda_slice(packed, dev), Shape::from(len)))
     }
 }
 

@@ -101,7 +101,7 @@ fn cross_entropy_matches_the_composed_ops() {
 /// The chunked LM head and loss with the rows' losses and logit gradients from the
 /// cross-entropy twin: loss, dh and dW against the composed chunks, over several chunks (a
 /// vocabulary of 70 000 leaves 59 rows to a chunk) with ignored rows, at loss scales 1 and
-/// 1024 (f16's loss scaling forms the gradients at the scale).
+/// 1024 (f16's loss scaling forms the gradients at the scale), and without gradients.
 #[test]
 fn chunked_linear_cross_entropy_matches_the_composed_ops() {
     let Some(dev) = gpu() else { return };
@@ -126,5 +126,13 @@ fn chunked_linear_cross_entropy_matches_the_composed_ops() {
             assert_close(&format!("{what}: dh"), dt, &dh1, &dh0);
             assert_close(&format!("{what}: dW"), dt, &dw1, &dw0);
         }
+        // Without a gradient to form (inputs that track nothing), the losses alone.
+        let (h, w) = (xs[0].as_tensor().detach(), xs[1].as_tensor().detach());
+        let loss = |on: bool| {
+            taper_kernels::with_cuda_kernels(on, || {
+                taper_kernels::linear_cross_entropy_chunked(&h, &w, &targets, ignore).unwrap()
+            })
+        };
+        assert_close("chunked linear + cross-entropy without gradients: loss", dt, &loss(true), &loss(false));
     }
 }
