@@ -99,7 +99,7 @@ impl CustomOp1 for Gelu {
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
         let name = if self.tanh { "gelu_tanh_fwd" } else { "gelu_erf_fwd" };
-        Ok((crate::cuda::map(self.name(), ACT_PTX, name, &[(s, l)], 1)?, l.shape().clone()))
+        Ok((crate::cuda::map(self.name(), ACT_PTX, name, &[(s, l)], 1, None)?, l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -134,7 +134,7 @@ impl CustomOp2 for GeluBwd {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let name = if self.tanh { "gelu_tanh_bwd" } else { "gelu_erf_bwd" };
-        Ok((crate::cuda::map(self.name(), ACT_PTX, name, &[(s1, l1), (s2, l2)], 1)?, l1.shape().clone()))
+        Ok((crate::cuda::map(self.name(), ACT_PTX, name, &[(s1, l1), (s2, l2)], 1, None)?, l1.shape().clone()))
     }
 }
 
@@ -235,7 +235,7 @@ impl CustomOp2 for Swiglu {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((crate::cuda::map(self.name(), ACT_PTX, "swiglu_fwd", &[(s1, l1), (s2, l2)], 1)?, l1.shape().clone()))
+        Ok((crate::cuda::map(self.name(), ACT_PTX, "swiglu_fwd", &[(s1, l1), (s2, l2)], 1, None)?, l1.shape().clone()))
     }
 
     fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -310,7 +310,7 @@ impl CustomOp3 for SwigluBwd {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = crate::cuda::map(self.name(), ACT_PTX, "swiglu_bwd", &[(s1, l1), (s2, l2), (s3, l3)], 2)?;
+        let out = crate::cuda::map(self.name(), ACT_PTX, "swiglu_bwd", &[(s1, l1), (s2, l2), (s3, l3)], 2, None)?;
         let mut dims = vec![2];
         dims.extend_from_slice(l1.dims());
         Ok((out, Shape::from(dims)))

@@ -85,33 +85,52 @@ pub(crate) use cuda_dispatch;
 
 /// Runs the element-wise kernel `<name>_<suffix>` of `module` (its PTX `ptx`): one thread per
 /// element of the n-element inputs (all contiguous, one dtype), which writes `outputs` x n
-/// elements of one fresh buffer; the kernel's arguments are the inputs, the output and n.
+/// elements of one fresh buffer; the kernel's arguments are the inputs, the output and n. With
+/// `bias = Some(i)`, input i is instead one row of o elements repeated along the n (o dividing
+/// n), and the kernel takes o after n.
 pub(crate) fn map(
     op: &'static str,
     (module, ptx): (&'static str, &'static str),
     name: &str,
     inputs: &[(&CudaStorage, &Layout)],
     outputs: usize,
+    bias: Option<usize>,
 ) -> Result<CudaStorage> {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     use candle_core::cuda_backend::WrapErr;
     let (first, l0) = inputs.first().ok_or_else(|| crate::bad(op, "no inputs"))?;
     let (dev, dt, n) = (first.device().clone(), first.dtype(), l0.shape().elem_count());
+    let o = match bias {
+        Some(i) => {
+            let (_, bl) = inputs.get(i).ok_or_else(|| crate::bad(op, "no bias input"))?;
+            let o = bl.shape().elem_count();
+            if o == 0 || n % o != 0 {
+                return Err(crate::bad(op, format!("a bias of {o} for a product of {n} elements")));
+            }
+            Some(o)
+        }
+        None => None,
+    };
     let func = dev.get_or_load_custom_func(&format!("{name}_{}", suffix(op, dt)?), module, ptx)?;
     cuda_dispatch!(op, dt, T => {
         let views = inputs.iter().map(|(s, l)| view::<T>(op, s, l)).collect::<Result<Vec<_>>>()?;
-        if views.iter().any(|v| v.len() != n) {
+        let want = |i: usize| if bias == Some(i) { o.unwrap_or(n) } else { n };
+        if views.iter().enumerate().any(|(i, v)| v.len() != want(i)) {
             return Err(crate::bad(op, "inputs of different sizes"));
         }
         let mut out = output::<T>(&dev, outputs * n)?;
-        let n64 = n as u64;
+        let (n64, o64) = (n as u64, o.unwrap_or(0) as u64);
         let mut b = func.builder();
         for v in &views {
             b.arg(v);
         }
         b.arg(&mut out).arg(&n64);
-        // SAFETY: the kernels `map` launches take (inputs..., out, n) and write outputs x n elements.
+        if o.is_some() {
+            b.arg(&o64);
+        }
+        // SAFETY: the kernels `map` launches take (inputs..., out, n[, o]), read the bias at
+        // i % o < o and the other inputs at i < n, and write outputs x n elements.
         unsafe { b.launch(per_element(op, n)?) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     })

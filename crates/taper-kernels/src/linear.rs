@@ -451,9 +451,6 @@ impl CustomOp2 for LinearBwd {
 /// path of [`linear_gelu`] with a bias (cuda/linear.cu).
 #[cfg(feature = "cuda")]
 mod cuda {
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-    use candle_core::cuda_backend::WrapErr;
     use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
     const LINEAR_PTX: (&str, &str) = ("taper_linear", crate::ptx::LINEAR);
@@ -475,40 +472,6 @@ mod cuda {
         }
     }
 
-    /// Runs `<name>_<dtype>(inputs..., out, n, o)` over u's n elements, the last of the inputs
-    /// being b (o) and the others of u's size; returns the output, of u's size.
-    fn launch(op: &'static str, name: &str, inputs: &[(&CudaStorage, &Layout)]) -> Result<CudaStorage> {
-        let (u, ul) = inputs[0];
-        let (_, bl) = inputs[1];
-        let (dev, dt, n, o) = (u.device().clone(), u.dtype(), ul.shape().elem_count(), bl.shape().elem_count());
-        if o == 0 || n % o != 0 {
-            return Err(crate::bad(op, format!("a bias of {o} for a product of {n} elements")));
-        }
-        let func = dev.get_or_load_custom_func(
-            &format!("{name}_{}", crate::cuda::suffix(op, dt)?),
-            LINEAR_PTX.0,
-            LINEAR_PTX.1,
-        )?;
-        crate::cuda::cuda_dispatch!(op, dt, T => {
-            let views =
-                inputs.iter().map(|(s, l)| crate::cuda::view::<T>(op, s, l)).collect::<Result<Vec<_>>>()?;
-            if views.iter().enumerate().any(|(i, v)| v.len() != if i == 1 { o } else { n }) {
-                return Err(crate::bad(op, "inputs of different sizes"));
-            }
-            let mut out = crate::cuda::output::<T>(&dev, n)?;
-            let (n64, o64) = (n as u64, o as u64);
-            let mut b = func.builder();
-            for v in &views {
-                b.arg(v);
-            }
-            b.arg(&mut out).arg(&n64).arg(&o64);
-            // SAFETY: the kernel takes (inputs..., out, n, o), reads b at i % o < o and the others
-            // at i < n, and writes out's n elements.
-            unsafe { b.launch(crate::cuda::per_element(op, n)?) }.w()?;
-            Ok(CudaStorage::wrap_cuda_slice(out, dev))
-        })
-    }
-
     impl CustomOp2 for BiasGelu {
         fn name(&self) -> &'static str {
             "taper-bias-gelu"
@@ -526,7 +489,10 @@ mod cuda {
             l2: &Layout,
         ) -> Result<(CudaStorage, Shape)> {
             let name = format!("bias_gelu_{}_fwd", form(self.tanh));
-            Ok((launch(self.name(), &name, &[(s1, l1), (s2, l2)])?, l1.shape().clone()))
+            Ok((
+                crate::cuda::map(self.name(), LINEAR_PTX, &name, &[(s1, l1), (s2, l2)], 1, Some(1))?,
+                l1.shape().clone(),
+            ))
         }
 
         fn bwd(&self, u: &Tensor, b: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -564,7 +530,10 @@ mod cuda {
             l3: &Layout,
         ) -> Result<(CudaStorage, Shape)> {
             let name = format!("bias_gelu_{}_bwd", form(self.tanh));
-            Ok((launch(self.name(), &name, &[(s1, l1), (s2, l2), (s3, l3)])?, l1.shape().clone()))
+            Ok((
+                crate::cuda::map(self.name(), LINEAR_PTX, &name, &[(s1, l1), (s2, l2), (s3, l3)], 1, Some(1))?,
+                l1.shape().clone(),
+            ))
         }
     }
 }
